@@ -1,0 +1,43 @@
+// gptoss_kernels._C: build facts, then every family's bindings (see binding.h).
+#include <stdexcept>
+#include <string>
+
+#include "binding.h"
+
+namespace gptoss_py {
+
+std::vector<std::pair<const char*, BindFn>>& registry() {
+  static std::vector<std::pair<const char*, BindFn>> r;
+  return r;
+}
+
+void check(gptoss_status status) {
+  if (status == GPTOSS_OK) return;
+  const std::string msg = gptoss_last_error_message();
+  if (status == GPTOSS_ERROR_CUDA) throw std::runtime_error(msg);
+  throw py::value_error(msg);
+}
+
+}  // namespace gptoss_py
+
+PYBIND11_MODULE(_C, m) {
+  namespace py = pybind11;
+  m.doc() = "gptoss-kernels compiled kernels (thin wrappers over the torch-free C ABI)";
+  m.attr("abi_version") = gptoss_abi_version();
+  m.attr("version") = gptoss_version();
+  m.attr("cuda_archs") = std::string(gptoss_cuda_archs());
+  m.attr("cuda_build_version") = gptoss_cuda_build_version();
+  m.def("cuda_device_count", []() {
+    int n = 0;
+    const gptoss_status st = gptoss_device_count(&n);
+    return py::make_tuple(n, std::string(st == GPTOSS_OK ? "" : gptoss_last_error_message()));
+  }, "(count, error message or '') as seen by the library's own (static) CUDA runtime");
+  py::module_ host = m.def_submodule(
+      "host", "Host builds of the kernels' __host__ __device__ math, for CPU tests");
+  std::vector<std::string> families;
+  for (auto& [name, fn] : gptoss_py::registry()) {
+    fn(m);
+    families.emplace_back(name);
+  }
+  m.attr("families") = families;
+}
