@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 PY=${PYTHON:-.venv/bin/python}
+CUDA_INC=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}/include
 out=$(mktemp -d)
 for f in "$@"; do
   case "$f" in
@@ -13,11 +14,11 @@ for f in "$@"; do
       "$NVCC" -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/include --expt-relaxed-constexpr \
         -lineinfo -Xptxas=-v -Xcompiler=-fPIC -c "$f" -o "$out/$(basename "$f").o" ;;
     *.cpp)
-      c++ -std=c++17 -fPIC -fsyntax-only -Icsrc -Icsrc/include -I"$(dirname "$NVCC")/../include" \
+      c++ -std=c++17 -fPIC -fsyntax-only -Icsrc -Icsrc/include -I"$CUDA_INC" \
         $("$PY" -m pybind11 --includes) "$f" ;;
     *.h)
-      cc -std=c99 -fsyntax-only -Icsrc/include -I"$(dirname "$NVCC")/../include" -x c "$f"
-      c++ -std=c++17 -fsyntax-only -Icsrc/include -I"$(dirname "$NVCC")/../include" -x c++ "$f" ;;
+      cc -std=c99 -fsyntax-only -Icsrc/include -I"$CUDA_INC" -x c "$f"
+      c++ -std=c++17 -fsyntax-only -Icsrc/include -I"$CUDA_INC" -x c++ "$f" ;;
     *) echo "skip $f" ;;
   esac
   echo "ok: $f"
