@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 PY=${PYTHON:-.venv/bin/python}
-CUDA_INC=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}/include
+CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
 out=$(mktemp -d)
 for f in "$@"; do
   case "$f" in
