@@ -29,3 +29,21 @@ GPTOSS_PY_BIND(mxfp4) {
   });
   host.def("fp4_e2m1_to_float", [](uint32_t code) { return gptoss::fp4_e2m1_to_float(code); });
 }
+
+#include "activation.cuh"
+
+GPTOSS_PY_BIND(activation) {
+  using namespace gptoss_py;
+  py::module_ host = m.attr("host").cast<py::module_>();
+  host.def("swiglu_clamped", [](py::array_t<float, py::array::c_style> z, float alpha, float limit) {
+    // z float32 [N, 2I] interleaved -> [N, I]
+    if (z.ndim() != 2 || z.shape(1) % 2) throw py::value_error("z must be [N, 2I]");
+    const int64_t N = z.shape(0), I = z.shape(1) / 2;
+    py::array_t<float> out({N, I});
+    auto o = out.mutable_unchecked<2>();
+    auto zi = z.unchecked<2>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < I; ++j) o(n, j) = gptoss::swiglu_clamped(zi(n, 2 * j), zi(n, 2 * j + 1), alpha, limit);
+    return out;
+  }, py::arg("z"), py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f);
+}

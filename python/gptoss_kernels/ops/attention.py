@@ -4,8 +4,8 @@ import torch
 
 from .. import _checks, _lib, reference
 
-# Owners of the CUDA paths: decode + RoPE/cache append (csrc/kernels/attention_decode.cu,
-# csrc/kernels/rope.cu, issue 8) and prefill (csrc/kernels/attention_prefill.cu, issue 9).
+# Owner of the CUDA paths: decode + RoPE/cache append (csrc/kernels/attention_decode.cu,
+# csrc/kernels/rope.cu, issue 8). Prefill lives in ops/attention_prefill.py (issue 9).
 #
 # KV-cache layout (one pair of tensors per layer): k_cache, v_cache bf16 [B, S, nkv, d];
 # position p of sequence b lives in slot p % S (reference.cache_slots). Full layers use
@@ -40,73 +40,6 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _lib.warn_reference_fallback("attention_decode")
     out.copy_(reference.attention_decode(q, k_cache, v_cache, cache_seqlens, sinks,
                                          sliding_window=sliding_window, sm_scale=sm_scale))
-    return out
-
-
-def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, *,
-                      cu_seqlens_q: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
-                      v_cache: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-                      sliding_window: int | None, sm_scale: float = 0.125,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of a chunk of new tokens per sequence (spec §4.2 steps 4-7).
-
-    q bf16 [Tq, nq, d]; k, v bf16 [Tq, nkv, d]: the chunk's own (rotated) keys/values, packed
-    over sequences by cu_seqlens_q int32 [B+1] (default: one sequence). Sequence b's chunk starts
-    at position p0_b = cache_seqlens[b] (default 0); keys at positions < p0_b are read from
-    k_cache/v_cache [B, S, nkv, d] (slot p % S), keys >= p0_b from k/v. The chunk is appended to
-    the cache by the caller *after* this call (a ring buffer may not hold the whole chunk).
-    returns bf16 [Tq, nq, d].
-    """
-    _checks.tensor("q", q, dtype=torch.bfloat16, ndim=3)
-    Tq, nq, d = q.shape
-    _checks.tensor("k", k, dtype=torch.bfloat16, shape=(Tq, None, d))
-    nkv = k.shape[1]
-    _checks.tensor("v", v, dtype=torch.bfloat16, shape=(Tq, nkv, d))
-    _checks.tensor("sinks", sinks, dtype=torch.bfloat16, shape=(nq,))
-    if nq % nkv:
-        raise ValueError(f"q has {nq} heads, not a multiple of k's {nkv} KV heads")
-    if cu_seqlens_q is None:
-        cu_seqlens_q = torch.tensor([0, Tq], dtype=torch.int32, device=q.device)
-    _checks.tensor("cu_seqlens_q", cu_seqlens_q, dtype=torch.int32, ndim=1)
-    B = cu_seqlens_q.shape[0] - 1
-    if (k_cache is None) != (v_cache is None) or (k_cache is None) != (cache_seqlens is None):
-        raise ValueError("k_cache, v_cache and cache_seqlens go together: give all three or none")
-    if k_cache is not None:
-        _checks.tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=(B, None, nkv, d))
-        _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=tuple(k_cache.shape))
-        _checks.tensor("cache_seqlens", cache_seqlens, dtype=torch.int32, shape=(B,))
-    if sliding_window is not None:
-        _checks.positive_int("sliding_window", sliding_window)
-    dev = _checks.same_device(q=q, k=k, v=v, sinks=sinks, cu_seqlens_q=cu_seqlens_q, k_cache=k_cache,
-                              v_cache=v_cache, cache_seqlens=cache_seqlens, out=out)
-    out = _checks.out_tensor("out", out, shape=(Tq, nq, d), dtype=torch.bfloat16, device=dev)
-    if dev.type == "cuda":
-        _lib.warn_reference_fallback("attention_prefill")
-    out.copy_(_prefill_reference(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens,
-                                 sliding_window, sm_scale))
-    return out
-
-
-def _prefill_reference(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens, sliding_window, sm_scale):
-    out = torch.empty_like(q)
-    cu = cu_seqlens_q.tolist()
-    p0s = cache_seqlens.tolist() if cache_seqlens is not None else [0] * (len(cu) - 1)
-    for b in range(len(cu) - 1):
-        s, e, p0 = cu[b], cu[b + 1], p0s[b]
-        if e == s:
-            continue
-        first = 0 if sliding_window is None else max(0, p0 - (sliding_window - 1))
-        if p0 > first:
-            S = k_cache.shape[1]
-            if p0 - first > S:
-                raise ValueError(f"sequence {b}: {p0 - first} cached positions are needed but the cache has {S} slots")
-            slots = reference.cache_slots(torch.arange(first, p0, device=q.device), S)
-            kk = torch.cat((k_cache[b, slots], k[s:e]))
-            vv = torch.cat((v_cache[b, slots], v[s:e]))
-        else:
-            kk, vv = k[s:e], v[s:e]
-        out[s:e] = reference.attention(q[s:e], kk, vv, sinks, sm_scale=sm_scale, sliding_window=sliding_window,
-                                       q_offset=p0 - first)
     return out
 
 
