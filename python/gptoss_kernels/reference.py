@@ -126,16 +126,20 @@ class YarnParams:
 
 
 def yarn_inv_freq(p: YarnParams = YarnParams()) -> torch.Tensor:
-    """float32 [head_dim/2]: NTK-by-parts inverse frequencies, unrounded ramp bounds."""
+    """float32 [head_dim/2]: NTK-by-parts inverse frequencies, unrounded ramp bounds.
+
+    The float32 operation order is that of transformers' YaRN (so tables agree bit for bit)."""
     d = p.head_dim
-    freq = p.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    pos_freqs = p.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    extrapolated = 1.0 / pos_freqs
     if p.factor <= 1.0:
-        return 1.0 / freq
-    low = (d / 2) * math.log(p.original_context / (p.beta_fast * 2 * math.pi)) / math.log(p.theta)
-    high = (d / 2) * math.log(p.original_context / (p.beta_slow * 2 * math.pi)) / math.log(p.theta)
+        return extrapolated
+    interpolated = 1.0 / (p.factor * pos_freqs)
+    low = max(d * math.log(p.original_context / (p.beta_fast * 2 * math.pi)) / (2 * math.log(p.theta)), 0)
+    high = min(d * math.log(p.original_context / (p.beta_slow * 2 * math.pi)) / (2 * math.log(p.theta)), d - 1)
     ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    extrapolation = 1.0 - ramp
-    return extrapolation / freq + (1.0 - extrapolation) / (p.factor * freq)
+    keep = 1 - ramp  # weight of the original (extrapolated) frequency
+    return interpolated * (1 - keep) + extrapolated * keep
 
 
 def rope_cos_sin(positions: torch.Tensor, p: YarnParams = YarnParams()) -> tuple[torch.Tensor, torch.Tensor]:
