@@ -1,0 +1,79 @@
+"""The build system without a GPU: nvcc discovery and its error message, the reference-only
+build, the C header compiling as C and C++."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CMAKE = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_HOME", "CUDA_PATH")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.skipif(CMAKE is None, reason="cmake not installed")
+def test_missing_nvcc_names_the_fix(tmp_path):
+    env = _clean_env(PATH="/usr/bin:/bin")
+    r = subprocess.run([CMAKE, "-S", str(REPO), "-B", str(tmp_path / "b"), "-DGPTOSS_NVCC_HINTS=/nonexistent"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    msg = r.stdout + r.stderr
+    assert "nvcc" in msg and "CUDA_HOME" in msg and "GPTOSS_REFERENCE_ONLY=1 pip install" in msg
+
+
+@pytest.mark.slow
+def test_reference_only_wheel(tmp_path):
+    env = _clean_env(GPTOSS_REFERENCE_ONLY="1", PATH="/usr/bin:/bin:" + os.path.dirname(sys.executable))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+                        "-w", str(tmp_path), str(REPO)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = tmp_path.glob("gptoss_kernels-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "gptoss_kernels/reference.py" in names
+    assert not [n for n in names if n.endswith(".so")], names
+    info = zipfile.ZipFile(wheel).read("gptoss_kernels/_build_info.py").decode()
+    assert "REFERENCE_ONLY = True" in info
+
+
+def test_reference_only_package_says_so(tmp_path):
+    """With _build_info saying reference-only, the package imports, reports no kernels and runs ops."""
+    code = (
+        "import sys, types\n"
+        "fake = types.ModuleType('gptoss_kernels._build_info')\n"
+        "fake.REFERENCE_ONLY = True; fake.CUDA_VERSION = None; fake.CUDA_ARCHS = []\n"
+        "sys.modules['gptoss_kernels._build_info'] = fake\n"
+        "import torch, gptoss_kernels as g\n"
+        "assert not g.kernels_built() and not g.cuda_available()\n"
+        "assert 'reference-only' in g.kernels_error(), g.kernels_error()\n"
+        "b = torch.randint(0, 255, (2, 1, 16), dtype=torch.uint8); s = torch.full((2, 1), 127, dtype=torch.uint8)\n"
+        "print(g.mxfp4_dequantize(b, s).shape)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "torch.Size([2, 32])" in r.stdout
+
+
+@pytest.mark.parametrize("lang,compiler", [("c", "cc"), ("c++", "c++")])
+def test_public_header_compiles(lang, compiler, tmp_path):
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} not found")
+    cuda_inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    if not os.path.exists(os.path.join(cuda_inc, "cuda_runtime_api.h")):
+        pytest.skip("CUDA headers not found")
+    src = tmp_path / ("t.c" if lang == "c" else "t.cpp")
+    src.write_text('#include "gptoss/gptoss.h"\nint main(void) { return GPTOSS_ABI_VERSION == 0; }\n')
+    std = "-std=c99" if lang == "c" else "-std=c++17"
+    r = subprocess.run([compiler, std, "-Wall", "-Werror", "-fsyntax-only", f"-I{REPO}/csrc/include",
+                        f"-I{cuda_inc}", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
