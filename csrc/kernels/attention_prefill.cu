@@ -1,0 +1,360 @@
+// Prefill flash attention with sinks, causal / sliding-window mask, GQA 8:1, head_dim 64, varlen
+// and a KV-cache prefix (gptoss/attention_prefill.h). Tensor cores: mma.sync m16n8k16 bf16 with
+// ldmatrix (HMMA in SASS); fp32 accumulation and online softmax (csrc/flash_prefill.cuh).
+//
+// Work decomposition ("packed GQA"): one block of 8 warps per (q-tile of 16 consecutive positions
+// of one sequence, KV head g). Its 128 MMA rows are (position, query head of group g):
+// row r = 8 * position_in_tile + head_in_group. The 8 query heads that share KV head g are
+// contiguous in memory (q[t, 8g .. 8g+7, :] = 1 KB), so the Q tile and the output tile are 16
+// contiguous 1 KB runs, and each K/V tile is loaded into shared memory once for all 8 heads.
+// Warp w owns rows 16w .. 16w+15 = positions 2w, 2w+1; in the mma accumulator layout a lane
+// holds rows lane/4 (position 2w) and lane/4 + 8 (position 2w+1), both of head lane/4. Small
+// query tiles (16 positions) keep sliding-window layers tight: a tile visits
+// ceil-ish((16 + 127) / 64) = 3 KV tiles of 64 keys, ~2/3 of the computed logits are visible.
+//
+// KV tiles are 64 absolute key positions (aligned to 64), from the first visible key of the
+// q-tile's range to its last (flash::kv_tile_range); tiles outside are never visited, masking
+// runs only on tiles with a causal or window edge (flash::tile_needs_mask). A key position
+// < p0_b is read from the cache (slot p % S), >= p0_b from the chunk's k/v; key rows outside the
+// visible range of the q-tile are zero-filled (never garbage: P = 0 times a NaN would be NaN).
+// K/V tiles are double-buffered with cp.async (the next tile loads while this one computes).
+// Shared memory rows are 128 bytes (64 bf16) with the 16-byte chunk index XOR-ed with (row & 7),
+// so ldmatrix's 8 row addresses of one 8x8 matrix hit 8 different bank groups.
+//
+// Grid: x = q-tiles over all sequences (over-allocated as ceil(total_q / 16) + batch, extra blocks
+// exit), visited last-first so the long causal tiles start first; y = KV head. No host sync.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "flash_prefill.cuh"
+#include "gptoss/attention_prefill.h"
+
+namespace {
+
+namespace fl = gptoss::flash;
+
+constexpr int kHeadDim = 64;
+constexpr int kGroup = 8;                      // query heads per KV head
+constexpr int kQPos = 16;                      // query positions per block
+constexpr int kRows = kQPos * kGroup;          // 128 MMA rows
+constexpr int kWarps = kRows / 16;             // 8
+constexpr int kThreads = kWarps * 32;          // 256
+constexpr int kKeys = 64;                      // keys per KV tile
+constexpr int kRowBytes = kHeadDim * 2;        // 128
+constexpr int kTileBytes = kKeys * kRowBytes;  // 8 KB per K or V tile
+constexpr int kQBytes = kRows * kRowBytes;     // 16 KB
+constexpr int kSmemBytes = kQBytes + 2 * 2 * kTileBytes;  // Q + 2 stages x (K, V) = 48 KB
+constexpr float kLog2e = 1.4426950408889634f;
+
+static_assert(kSmemBytes <= 48 * 1024, "fits the default dynamic shared-memory limit");
+
+struct Params {
+  const __nv_bfloat16* q;
+  const __nv_bfloat16* k;
+  const __nv_bfloat16* v;
+  const __nv_bfloat16* sinks;
+  const int32_t* cu_seqlens;
+  const __nv_bfloat16* k_cache;
+  const __nv_bfloat16* v_cache;
+  const int32_t* cache_seqlens;
+  __nv_bfloat16* out;
+  int64_t cache_slots;
+  int batch;
+  int nkv;
+  int window;        // 0 = full causal
+  float scale_log2;  // sm_scale * log2(e)
+};
+
+// Byte offset of 16-byte chunk c (0..7) of row r in a swizzled [rows][64] bf16 tile.
+__device__ __forceinline__ uint32_t swz(int r, int c) {
+  return static_cast<uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  // src-size 0 zero-fills the 16 bytes without reading src.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+// c += a(16x16, row) * b(16x8, col), bf16 in, fp32 accumulate.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__global__ void __launch_bounds__(kThreads, 2) attention_prefill_mma_kernel(const Params p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t s_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t sQ = s_base;
+  const uint32_t sKV = s_base + kQBytes;  // stage s: K at sKV + s*2*kTileBytes, V after it
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = blockIdx.y;
+  const int nq = p.nkv * kGroup;
+
+  int b, t0;
+  if (!fl::locate_q_tile(p.cu_seqlens, p.batch, static_cast<int>(gridDim.x - 1 - blockIdx.x), kQPos, &b, &t0))
+    return;
+  const int row0 = p.cu_seqlens[b];  // packed row of the sequence's first chunk token
+  const int seq_len = p.cu_seqlens[b + 1] - row0;
+  const int p0 = p.cache_seqlens != nullptr ? p.cache_seqlens[b] : 0;
+  const int n_valid = min(kQPos, seq_len - t0);
+  const int q_first = p0 + t0;  // position of the tile's row 0 (rows past n_valid are not stored)
+  const int q_last = q_first + n_valid - 1;
+  const int key_lo = fl::range_first_key(q_first, p.window);
+  const int key_hi = fl::range_last_key(q_last);
+  int kt_first, kt_last;
+  fl::kv_tile_range(q_first, q_last, p.window, kKeys, &kt_first, &kt_last);
+
+  // ---- Q tile (cp.async group 0) ----
+#pragma unroll
+  for (int i = 0; i < kRows * 8 / kThreads; ++i) {
+    const int idx = tid + i * kThreads;
+    const int r = idx >> 3, c = idx & 7;
+    const int pos = r >> 3, h = r & 7;
+    const bool valid = pos < n_valid;
+    const __nv_bfloat16* src =
+        valid ? p.q + ((static_cast<int64_t>(row0 + t0 + pos) * nq + g * kGroup + h) * kHeadDim + c * 8) : p.q;
+    cp_async16(sQ + swz(r, c), src, valid);
+  }
+  cp_async_commit();
+
+  auto load_kv = [&](int kt, int stage) {
+    const uint32_t sK = sKV + stage * 2 * kTileBytes;
+    const uint32_t sV = sK + kTileBytes;
+#pragma unroll
+    for (int i = 0; i < kKeys * 8 / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
+      const int j = idx >> 3, c = idx & 7;
+      const int kp = kt * kKeys + j;
+      const bool valid = kp >= key_lo && kp <= key_hi;
+      const __nv_bfloat16* ks = p.k;
+      const __nv_bfloat16* vs = p.v;
+      if (valid) {
+        int64_t off;
+        if (kp < p0) {
+          off = ((static_cast<int64_t>(b) * p.cache_slots + kp % p.cache_slots) * p.nkv + g) * kHeadDim + c * 8;
+          ks = p.k_cache + off;
+          vs = p.v_cache + off;
+        } else {
+          off = (static_cast<int64_t>(row0 + kp - p0) * p.nkv + g) * kHeadDim + c * 8;
+          ks = p.k + off;
+          vs = p.v + off;
+        }
+      }
+      cp_async16(sK + swz(j, c), ks, valid);
+      cp_async16(sV + swz(j, c), vs, valid);
+    }
+    cp_async_commit();
+  };
+
+  load_kv(kt_first, 0);
+
+  // Per-lane state: rows A (position 2w, head lane/4) and B (position 2w + 1, same head).
+  const float sink_log2 = __bfloat162float(p.sinks[g * kGroup + (lane >> 2)]) * kLog2e;
+  float m[2] = {fl::online_init_max(sink_log2), fl::online_init_max(sink_log2)};
+  float l[2] = {0.f, 0.f};  // this lane's partial sums (its 16 columns of each tile)
+  float o[8][4];            // O: 8 n-tiles of 8 dims x (row A: 0,1; row B: 2,3)
+#pragma unroll
+  for (int d = 0; d < 8; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
+  const int qpos_a = q_first + 2 * warp;
+
+  for (int kt = kt_first; kt <= kt_last; ++kt) {
+    const int stage = (kt - kt_first) & 1;
+    cp_async_wait_all();
+    __syncthreads();  // tile kt visible to all; everyone is done with the other stage
+    if (kt < kt_last) load_kv(kt + 1, stage ^ 1);
+    const uint32_t sK = sKV + stage * 2 * kTileBytes;
+    const uint32_t sV = sK + kTileBytes;
+
+    // ---- S = Q K^T (16 rows x 64 keys per warp) ----
+    float s[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      // Q A-fragment of this k-step, re-read from shared memory each tile (keeps 16 registers free)
+      uint32_t qf[4];
+      ldsm_x4(sQ + swz(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * kk + (lane >> 4)), qf[0], qf[1], qf[2],
+              qf[3]);
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int mat = lane >> 3;
+        const int key = (2 * jj + (mat >> 1)) * 8 + (lane & 7);
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4(sK + swz(key, 2 * kk + (mat & 1)), b0, b1, b2, b3);
+        mma_bf16(s[2 * jj], qf, b0, b1);
+        mma_bf16(s[2 * jj + 1], qf, b2, b3);
+      }
+    }
+
+    // ---- scale, mask, online softmax ----
+    const int kbase = kt * kKeys;
+    const bool masked = fl::tile_needs_mask(kbase, kKeys, q_first, q_last, p.window);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e] * p.scale_log2;
+        if (masked) {
+          const int key = kbase + 8 * j + 2 * (lane & 3) + (e & 1);
+          if (!fl::key_visible(key, qpos_a + (e >> 1), p.window)) x = -INFINITY;
+        }
+        s[j][e] = x;
+      }
+    float factor[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * rr], s[j][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      m[rr] = fl::online_update_max(m[rr], mx, &factor[rr]);
+    }
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = fl::fast_exp2(s[j][e] - m[e >> 1]);
+        s[j][e] = pe;
+        rs[e >> 1] += pe;
+      }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) l[rr] = l[rr] * factor[rr] + rs[rr];
+#pragma unroll
+    for (int d = 0; d < 8; ++d) {
+      o[d][0] *= factor[0];
+      o[d][1] *= factor[0];
+      o[d][2] *= factor[1];
+      o[d][3] *= factor[1];
+    }
+
+    // ---- O += P V (P rounded to bf16 as the A operand) ----
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                             pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dd = 0; dd < 4; ++dd) {
+        const int mat = lane >> 3;
+        const int key = 16 * kk + (mat & 1) * 8 + (lane & 7);
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4_t(sV + swz(key, 2 * dd + (mat >> 1)), b0, b1, b2, b3);
+        mma_bf16(o[2 * dd], a, b0, b1);
+        mma_bf16(o[2 * dd + 1], a, b2, b3);
+      }
+    }
+  }
+
+  // ---- finish: O / (sum + sink term), stage through this warp's own Q rows, 16-byte stores ----
+  float inv[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float lt = l[rr];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    inv[rr] = 1.0f / fl::online_finish(lt, m[rr], sink_log2);
+  }
+  {
+    uint8_t* sq_gen = smem;  // generic pointer of the Q region
+    const int ra = warp * 16 + (lane >> 2);
+#pragma unroll
+    for (int d = 0; d < 8; ++d) {
+      *reinterpret_cast<uint32_t*>(sq_gen + swz(ra, d) + (lane & 3) * 4) = pack_bf16(o[d][0] * inv[0], o[d][1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(sq_gen + swz(ra + 8, d) + (lane & 3) * 4) =
+          pack_bf16(o[d][2] * inv[1], o[d][3] * inv[1]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = lane + 32 * i;
+      const int r = warp * 16 + (idx >> 3), c = idx & 7;
+      const int pos = r >> 3, h = r & 7;
+      if (pos < n_valid) {
+        const uint4 val = *reinterpret_cast<const uint4*>(sq_gen + swz(r, c));
+        *reinterpret_cast<uint4*>(p.out + ((static_cast<int64_t>(row0 + t0 + pos) * nq + g * kGroup + h) * kHeadDim +
+                                           c * 8)) = val;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+GPTOSS_API gptoss_status gptoss_attention_prefill_bf16(
+    const void* q, const void* k, const void* v, const void* sinks, const int32_t* cu_seqlens_q, int32_t batch,
+    int64_t total_q, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, const void* k_cache,
+    const void* v_cache, const int32_t* cache_seqlens, int64_t cache_slots, int32_t sliding_window, float sm_scale,
+    void* out, cudaStream_t stream) {
+  GPTOSS_REQUIRE(batch >= 0 && total_q >= 0, "attention_prefill: batch and total_q must be >= 0");
+  GPTOSS_REQUIRE(num_kv_heads > 0 && num_q_heads > 0 && head_dim > 0,
+                 "attention_prefill: head counts and head_dim must be positive");
+  GPTOSS_REQUIRE(sliding_window >= 0, "attention_prefill: sliding_window must be >= 0 (0 = full causal)");
+  GPTOSS_REQUIRE((k_cache == nullptr) == (v_cache == nullptr) && (k_cache == nullptr) == (cache_seqlens == nullptr),
+                 "attention_prefill: k_cache, v_cache and cache_seqlens go together");
+  GPTOSS_REQUIRE(k_cache == nullptr || cache_slots > 0, "attention_prefill: cache_slots must be > 0 with a cache");
+  if (head_dim != kHeadDim || num_q_heads != kGroup * num_kv_heads)
+    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED,
+                             "attention_prefill: only head_dim 64 and 8 query heads per KV head are supported");
+  GPTOSS_REQUIRE(num_kv_heads <= 65535, "attention_prefill: too many KV heads");
+  if (total_q == 0 || batch == 0) return GPTOSS_OK;
+  GPTOSS_REQUIRE(q && k && v && sinks && cu_seqlens_q && out, "attention_prefill: null pointer");
+  GPTOSS_REQUIRE(gptoss::aligned(q, 16) && gptoss::aligned(k, 16) && gptoss::aligned(v, 16) &&
+                     gptoss::aligned(out, 16) && gptoss::aligned(k_cache, 16) && gptoss::aligned(v_cache, 16),
+                 "attention_prefill: q, k, v, out and the caches must be 16-byte aligned");
+  GPTOSS_REQUIRE(total_q * num_q_heads * kHeadDim < (int64_t(1) << 62) && total_q < (int64_t(1) << 30),
+                 "attention_prefill: total_q too large");
+  const int64_t tiles = (total_q + kQPos - 1) / kQPos + batch;
+  GPTOSS_REQUIRE(tiles < (int64_t(1) << 31), "attention_prefill: too many query tiles");
+  Params prm;
+  prm.q = static_cast<const __nv_bfloat16*>(q);
+  prm.k = static_cast<const __nv_bfloat16*>(k);
+  prm.v = static_cast<const __nv_bfloat16*>(v);
+  prm.sinks = static_cast<const __nv_bfloat16*>(sinks);
+  prm.cu_seqlens = cu_seqlens_q;
+  prm.k_cache = static_cast<const __nv_bfloat16*>(k_cache);
+  prm.v_cache = static_cast<const __nv_bfloat16*>(v_cache);
+  prm.cache_seqlens = cache_seqlens;
+  prm.out = static_cast<__nv_bfloat16*>(out);
+  prm.cache_slots = k_cache ? cache_slots : 1;
+  prm.batch = batch;
+  prm.nkv = num_kv_heads;
+  prm.window = sliding_window;
+  prm.scale_log2 = sm_scale * kLog2e;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(num_kv_heads));
+  attention_prefill_mma_kernel<<<grid, kThreads, kSmemBytes, stream>>>(prm);
+  GPTOSS_RETURN_LAUNCH_STATUS("attention_prefill_mma_kernel launch");
+}
