@@ -11,3 +11,5 @@ from .ops import __all__ as _ops_all
 __version__ = "0.1.0"
 __all__ = ["build_info", "cuda_available", "include_path", "kernels_built", "kernels_error",
            "library_path", "__version__", *_ops_all]
+from .model import GptOss, GptOssConfig  # noqa: E402  (model class, issue 4)
+__all__ += ["GptOss", "GptOssConfig"]
