@@ -5,5 +5,6 @@
 #define GPTOSS_GPTOSS_H_
 #include "gptoss/common.h"
 #include "gptoss/mxfp4.h"
+#include "gptoss/router.h"
 #include "gptoss/attention_prefill.h"
 #endif /* GPTOSS_GPTOSS_H_ */

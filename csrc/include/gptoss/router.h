@@ -1,0 +1,55 @@
+/* MoE router (spec §4.3 steps 2-4) and the grouping of routed rows by expert. */
+#ifndef GPTOSS_ROUTER_H_
+#define GPTOSS_ROUTER_H_
+#include "gptoss/common.h"
+
+/* How gptoss_router_topk_bf16 computes (AUTO picks from T, E, H; the others are for tests and
+ * benchmarks, and give the same results):
+ *   FUSED: one kernel; each block takes 64 tokens and ALL experts (mma.sync bf16 -> fp32, x and
+ *          weight tiles streamed through shared memory), then top-k + softmax in its epilogue.
+ *          Best for large T (every block re-reads the whole E x H weight from L2).
+ *   SPLIT: two kernels; the first spreads (64-token tile, 32-expert group, slice of H) over many
+ *          blocks and writes fp32 partial logits to the workspace, the second (one warp per
+ *          token) sums the slices + bias and selects. Best for small T: the E x H weight is
+ *          read once, by ~hundreds of blocks (T = 1: about a weight read at memory bandwidth
+ *          plus two launch latencies). Deterministic: no atomics. */
+#define GPTOSS_ROUTER_PATH_AUTO 0
+#define GPTOSS_ROUTER_PATH_FUSED 1
+#define GPTOSS_ROUTER_PATH_SPLIT 2
+
+/* Bytes of workspace gptoss_router_topk_bf16 needs for these sizes and path (0 for FUSED).
+ * Depends only on its arguments (not on the device). */
+GPTOSS_API size_t gptoss_router_topk_workspace_size(int64_t T, int64_t H, int64_t E, int k, int path);
+
+/* Router logits (fp32 accumulation), top-k and softmax over the k selected logits.
+ *   x       : bf16 [T, H]   weight : bf16 [E, H]   bias : bf16 [E]
+ *   topk_ids     : int32   [T, k]  experts in descending logit order, ties to the LOWER expert
+ *                                  index; a NaN logit ranks below every number (it ties with
+ *                                  -inf), so ids are always in [0, E).
+ *   topk_weights : float32 [T, k]  softmax of the k selected logits with torch.softmax's rules:
+ *                                  all NaN if a selected logit is NaN or +inf, or if all are -inf.
+ * T >= 0; H a positive multiple of 8; 1 <= E <= 256; 1 <= k <= min(E, 8). x and weight 16-byte
+ * aligned. workspace: at least gptoss_router_topk_workspace_size(T, H, E, k, path) bytes,
+ * 16-byte aligned (may be NULL when that is 0). No state is kept between calls (graph-safe). */
+GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weight, const void* bias,
+                                                 int32_t* topk_ids, float* topk_weights, int64_t T,
+                                                 int64_t H, int64_t E, int k, int path,
+                                                 void* workspace, size_t workspace_bytes,
+                                                 cudaStream_t stream);
+
+/* Bytes of workspace gptoss_route needs for n_rows = T * k routed rows and E experts. */
+GPTOSS_API size_t gptoss_route_workspace_size(int64_t n_rows, int64_t E);
+
+/* Group routed rows by expert (= reference.route_metadata), with no host synchronization:
+ *   topk_ids    : int32 [n_rows] (a [T, k] tensor read flat; row r = t*k + j)
+ *   counts      : int32 [E]      rows routed to each expert
+ *   offsets     : int32 [E+1]    exclusive prefix sum of counts (offsets[E] = rows counted)
+ *   permutation : int32 [n_rows] row ids sorted by expert, stable (token order within an
+ *                                expert): rows of expert e are permutation[offsets[e]:offsets[e+1]].
+ * Rows whose id is outside [0, E) are not counted; the tail permutation[offsets[E]:] is -1.
+ * Three small kernels (per-chunk histogram, scan, stable scatter); 1 <= E <= 256. */
+GPTOSS_API gptoss_status gptoss_route(const int32_t* topk_ids, int64_t n_rows, int64_t E,
+                                      int32_t* counts, int32_t* offsets, int32_t* permutation,
+                                      void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+#endif /* GPTOSS_ROUTER_H_ */
