@@ -7,4 +7,5 @@
 #include "gptoss/mxfp4.h"
 #include "gptoss/router.h"
 #include "gptoss/attention_prefill.h"
+#include "gptoss/moe_prefill.h"
 #endif /* GPTOSS_GPTOSS_H_ */

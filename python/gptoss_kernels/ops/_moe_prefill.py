@@ -1,0 +1,97 @@
+"""MoE prefill regime (many routed rows): grouped GEMMs over experts on the GPU.
+
+Called by ops/moe.py (moe_mxfp4) when T*k is large; takes tensors already validated by
+ops.moe.check_moe_args (and expert ids in range). Kernels: csrc/kernels/moe_prefill.cu, C ABI
+gptoss/moe_prefill.h. Pipeline (one stream, no host sync, CUDA-graph capturable): route (group
+rows by expert on the device) -> mlp1 grouped GEMM + bias + clamped SwiGLU -> mlp2 grouped GEMM +
+bias, x routing weight -> deterministic combine of the k slots in slot order (no float atomics:
+the same inputs give bit-identical outputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks, _lib
+
+# Kernel variants of the two GEMMs (gptoss/moe_prefill.h).
+AUTO, MMA_SYNC, WGMMA = 0, 1, 2
+# Workspace parts (GPTOSS_MOE_WS_*), for tests and debugging.
+WS_PARTS = ("counts", "offsets", "tile_offsets", "perm", "chunk_base", "act", "y")
+
+FAMILY = "moe_prefill"
+
+
+def available() -> bool:
+    """True when this build has the prefill kernels and they can run on this machine's GPU."""
+    C = _lib.C()
+    return C is not None and FAMILY in getattr(C, "families", ()) and _lib.cuda_available()
+
+
+def workspace_bytes(T: int, k: int, E: int, H: int, I: int) -> int:  # noqa: E741
+    """Bytes of device workspace one call needs (grouping metadata, act bf16 [T*k, I], y bf16 [T*k, H])."""
+    return int(_lib.C().moe_prefill_workspace_layout(T, k, E, H, I)[0])
+
+
+def workspace_layout(T: int, k: int, E: int, H: int, I: int) -> dict[str, int]:  # noqa: E741
+    """Byte offset of each workspace part (see WS_PARTS)."""
+    _, offs = _lib.C().moe_prefill_workspace_layout(T, k, E, H, I)
+    return dict(zip(WS_PARTS, (int(o) for o in offs)))
+
+
+def _args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+          swiglu_alpha, swiglu_limit, out, workspace, variant):
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E, two_i = w1_blocks.shape[0], w1_blocks.shape[1]
+    return (x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), w1_blocks.data_ptr(), w1_scales.data_ptr(),
+            w1_bias.data_ptr(), w2_blocks.data_ptr(), w2_scales.data_ptr(), w2_bias.data_ptr(), float(swiglu_alpha),
+            float(swiglu_limit), out.data_ptr(), T, H, two_i // 2, E, k, workspace.data_ptr(), workspace.numel(),
+            int(variant), _checks.stream_of(x.device))
+
+
+def new_workspace(x: torch.Tensor, topk_ids: torch.Tensor, w1_blocks: torch.Tensor) -> torch.Tensor:
+    T, H = x.shape
+    n = workspace_bytes(T, topk_ids.shape[1], w1_blocks.shape[0], H, w1_blocks.shape[1] // 2)
+    return torch.empty(max(n, 1), dtype=torch.uint8, device=x.device)
+
+
+def run(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+        swiglu_alpha, swiglu_limit, out, *, workspace: torch.Tensor | None = None, variant: int = AUTO):
+    """out bf16 [T, H] = moe(x, ...) (see ops.moe.moe_mxfp4). Arguments must already be checked
+    (ops.moe.check_moe_args, ids in [0, E)); `workspace` (uint8, >= workspace_bytes) is allocated
+    from torch's caching allocator when not given."""
+    if x.shape[0] == 0:
+        return out
+    if workspace is None:
+        workspace = new_workspace(x, topk_ids, w1_blocks)
+    with torch.cuda.device(x.device):
+        _lib.C().moe_prefill_mxfp4(*_args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks,
+                                          w2_scales, w2_bias, swiglu_alpha, swiglu_limit, out, workspace, variant))
+    return out
+
+
+def run_step(step: int, x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+             swiglu_alpha, swiglu_limit, out, *, workspace: torch.Tensor, variant: int = AUTO) -> None:
+    """One step of the pipeline (1 route, 2 mlp1, 3 mlp2, 4 combine) into `workspace` (tests)."""
+    with torch.cuda.device(x.device):
+        _lib.C().moe_prefill_step(step, *_args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks,
+                                               w2_scales, w2_bias, swiglu_alpha, swiglu_limit, out, workspace,
+                                               variant))
+
+
+def workspace_views(workspace: torch.Tensor, T: int, k: int, E: int, H: int, I: int) -> dict[str, torch.Tensor]:  # noqa: E741
+    """Typed views of the workspace parts (tests): counts, offsets, tile_offsets, perm, act, y."""
+    off = workspace_layout(T, k, E, H, I)
+    R = T * k
+
+    def view(name, dtype, shape):
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        return workspace[off[name]:off[name] + nbytes].view(dtype).view(*shape)
+
+    return {"counts": view("counts", torch.int32, (E,)), "offsets": view("offsets", torch.int32, (E + 1,)),
+            "tile_offsets": view("tile_offsets", torch.int32, (E + 1,)), "perm": view("perm", torch.int32, (R,)),
+            "act": view("act", torch.bfloat16, (R, I)), "y": view("y", torch.bfloat16, (R, H))}

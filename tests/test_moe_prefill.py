@@ -1,0 +1,371 @@
+"""MoE prefill regime (csrc/kernels/moe_prefill.cu, ops/_moe_prefill.py).
+
+CPU: the kernels' host-built arithmetic (grouping algorithm, tile schedule, MXFP4 -> bf16 bit
+conversion) against the reference; workspace layout; SASS of the GEMM kernels (HMMA for the
+mma.sync variant, no local memory).
+GPU (marked gpu): each pipeline step against the reference, in correctness order (grouping, mlp1,
+mlp2, combine), then the whole op over shapes, skewed routing, experts without tokens, poisoned
+outputs, determinism and CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gptoss_kernels as gk
+from gptoss_kernels import _lib
+from gptoss_kernels import reference as R
+from gptoss_kernels.ops import _moe_prefill as P
+
+from . import sass
+
+BM, BN = 128, 128  # tile of the mma.sync GEMMs (csrc/kernels/moe_prefill.cu, namespace mma)
+
+
+def _has_family() -> bool:
+    C = _lib.C()
+    return C is not None and P.FAMILY in getattr(C, "families", ())
+
+
+needs_family = pytest.mark.skipif(not _has_family(), reason="this build's _C has no moe_prefill family (rebuild)")
+
+
+# ---------------------------------------------------------------------------------------------
+# routing inputs
+# ---------------------------------------------------------------------------------------------
+
+def make_routing(T: int, E: int, k: int, *, skew: bool = False, used: int | None = None,
+                 device="cpu", gen: torch.Generator | None = None):
+    """topk_ids int32 [T, k] (distinct experts per token), topk_weights f32 [T, k] (softmax).
+
+    skew: half the tokens have expert 0 among their k (one expert with ~T/2 rows).
+    used: only experts 0, 2, 4, ... (the first `used` even ones) get tokens: the others are empty.
+    """
+    pool = torch.arange(0, E, 2)[:used] if used is not None else torch.arange(E)
+    assert pool.numel() >= k
+    keys = torch.rand(T, pool.numel(), generator=gen)
+    ids = pool[keys.argsort(dim=1)[:, :k]]
+    if skew:
+        half = torch.arange(T) < T // 2
+        has0 = (ids == 0).any(1)
+        fix = half & ~has0
+        ids[fix, 0] = 0
+    logits = torch.randn(T, k, generator=gen)
+    return ids.to(torch.int32).to(device), torch.softmax(logits, -1).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: host-built kernel arithmetic
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def host():
+    if not _has_family():
+        pytest.skip("this build's _C has no moe_prefill family (rebuild)")
+    return _lib.C().host
+
+
+@pytest.mark.parametrize("T,E,k,chunk,kw", [
+    (1, 1, 1, 1024, {}),
+    (37, 32, 4, 7, {}),                 # many chunks, ragged last chunk
+    (500, 32, 4, 1024, {"skew": True}),
+    (1000, 128, 4, 64, {"used": 20}),   # 108 experts without tokens
+    (4096, 128, 4, 1024, {}),
+    (3000, 256, 8, 1000, {"skew": True}),
+])
+def test_host_grouping_matches_route_metadata(host, T, E, k, chunk, kw):
+    ids, _ = make_routing(T, E, k, **kw)
+    counts, offsets, perm, tile_off = host.moe_prefill_route(ids.numpy(), E, BM, chunk)
+    rc, ro, rp = R.route_metadata(ids, E)
+    assert torch.equal(torch.from_numpy(counts), rc)
+    assert torch.equal(torch.from_numpy(offsets), ro)
+    assert torch.equal(torch.from_numpy(perm), rp)  # stable: rows of an expert in increasing t*k+j
+    want_tiles = torch.zeros(E + 1, dtype=torch.int64)
+    want_tiles[1:] = torch.cumsum((rc.long() + BM - 1) // BM, 0)
+    assert torch.equal(torch.from_numpy(tile_off).long(), want_tiles)
+
+
+@pytest.mark.parametrize("E,n_tiles", [(1, 1), (32, 45), (128, 23)])
+def test_host_tile_schedule(host, E, n_tiles):
+    counts = torch.randint(0, 400, (E,))
+    counts[::3] = 0  # experts without rows own no tiles
+    tile_off = torch.zeros(E + 1, dtype=torch.int32)
+    tile_off[1:] = torch.cumsum((counts + BM - 1) // BM, 0)
+    got = torch.from_numpy(host.moe_prefill_decode_tiles(tile_off.numpy(), n_tiles))
+    want = [(e, m, n) for e in range(E) for m in range(int(tile_off[e + 1] - tile_off[e])) for n in range(n_tiles)]
+    assert got.tolist() == [list(w) for w in want]
+
+
+def test_host_dequant_bits_exact(host):
+    # every byte (two codes) x every scale byte 0..254: the main loop's bf16 bit conversion equals
+    # the reference exactly (infinities included: 2^127 * |code| >= 2 overflows in both).
+    # Scale byte 255 is excluded: the kernel's bf16 2^128 is inf where the fp32 reference's ldexp
+    # gives a finite 2^128 * 0.5 (and 0 * inf = NaN): no real checkpoint has it.
+    scales = torch.arange(255, dtype=torch.uint8).repeat_interleave(16).view(-1, 1)       # [255*16, 1]
+    blocks = torch.arange(256, dtype=torch.uint8).view(16, 16).repeat(255, 1).view(-1, 1, 16)
+    got = torch.from_numpy(host.moe_prefill_dequant(blocks.numpy(), scales.numpy()))
+    want = R.mxfp4_dequantize(blocks, scales, torch.float32).view(got.shape)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+@needs_family
+def test_workspace_layout():
+    T, k, E, H, I = 1000, 4, 128, 2880, 2880
+    off = P.workspace_layout(T, k, E, H, I)
+    total = P.workspace_bytes(T, k, E, H, I)
+    sizes = {"counts": 4 * E, "offsets": 4 * (E + 1), "tile_offsets": 4 * (E + 1), "perm": 4 * T * k,
+             "chunk_base": 4 * E * math.ceil(T * k / 1024), "act": 2 * T * k * I, "y": 2 * T * k * H}
+    names = list(P.WS_PARTS)
+    for a, b in zip(names, names[1:]):
+        assert off[a] % 256 == 0 and off[a] + sizes[a] <= off[b]
+    assert off["y"] + sizes["y"] <= total
+    assert P.workspace_bytes(0, 4, E, H, I) < 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: SASS and resources of the compiled kernels
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prefill_kernels():
+    if not _has_family():
+        pytest.skip("this build's _C has no moe_prefill family (rebuild)")
+    if sass.cuobjdump() is None:
+        pytest.skip("cuobjdump not found (pip install triton)")
+    ks = {n: k for n, k in sass.kernels(gk.library_path()).items()
+          if any(s in k.name for s in ("grouped_gemm", "route_", "combine_kernel")) and "moe_prefill" in n}
+    if not ks:
+        pytest.fail("no moe_prefill kernels in libgptoss_kernels.so")
+    return ks
+
+
+def test_prefill_resources(prefill_kernels):
+    for k in sorted(prefill_kernels.values(), key=lambda k: k.name):
+        print(f"{k.name[:100]:100s} REG={k.reg:3d} SHARED={k.shared} STACK={k.stack} LOCAL={k.local}")
+        assert k.local == 0 and k.stack == 0, f"{k.name} uses local memory"
+        assert "LDL" not in k.sass and "STL" not in k.sass, f"{k.name} has LDL/STL"
+
+
+def test_mma_sync_gemm_uses_hmma(prefill_kernels):
+    # The mma.sync variant (grouped_gemm_mma_kernel) must issue bf16 tensor-core HMMA in its main
+    # loop (HMMA.16816.F32.BF16); no FFMA-only fallback.
+    gemms = [k for k in prefill_kernels.values() if "grouped_gemm_mma_kernel" in k.name]
+    assert len(gemms) == 2, [k.name for k in prefill_kernels.values()]  # mlp1 (SwiGLU) and mlp2 epilogues
+    for k in gemms:
+        assert "HMMA.16816.F32.BF16" in k.sass, f"{k.name}: no bf16 HMMA"
+        assert "LDSM" in k.sass, f"{k.name}: no ldmatrix"
+        assert "LDGSTS" in k.sass, f"{k.name}: no cp.async"
+
+
+def test_wgmma_gemm_uses_hgmma(prefill_kernels):
+    gemms = [k for k in prefill_kernels.values() if "grouped_gemm_wgmma_kernel" in k.name]
+    if not gemms:
+        pytest.skip("no wgmma variant in this build")
+    for k in gemms:
+        assert "HGMMA" in k.sass, f"{k.name}: no HGMMA"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+# Tolerance: relative Frobenius error 1e-2. The kernels take the same bf16 x and exact (MXFP4 ->
+# bf16 is exact) weights as the fp32 reference and accumulate in fp32, so the error comes from
+# bf16 roundings only: act stored as bf16 between the GEMMs (<= 2^-9 relative per element,
+# ~1.1e-3 rms), y stored as bf16 per (token, slot) (~1.1e-3 rms) and the bf16 output (~1.1e-3 rms):
+# about 2e-3 expected; 1e-2 leaves 5x margin while any indexing/layout error gives O(1).
+
+TOL = 1e-2
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    assert not torch.isnan(got).any(), "NaN in output"
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def make_problem(T, E, H, I, k=4, *, device="cuda", seed=0, **routing):  # noqa: E741
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    # weights ~ N(0, 1/fan_in) so z = W1 x is O(1): SwiGLU's clamp and curve both matter
+    w1 = torch.randn(E, 2 * I, H, generator=g) / math.sqrt(H)
+    w2 = torch.randn(E, H, I, generator=g) / math.sqrt(I)
+    w1b, w1s = R.mxfp4_quantize(w1)
+    w2b, w2s = R.mxfp4_quantize(w2)
+    b1 = (0.5 * torch.randn(E, 2 * I, generator=g)).to(torch.bfloat16)
+    b2 = (0.5 * torch.randn(E, H, generator=g)).to(torch.bfloat16)
+    ids, wts = make_routing(T, E, k, gen=g, **routing)
+    t = dict(x=x, topk_ids=ids, topk_weights=wts, w1_blocks=w1b, w1_scales=w1s, w1_bias=b1, w2_blocks=w2b,
+             w2_scales=w2s, w2_bias=b2)
+    return {n: v.to(device) for n, v in t.items()}
+
+
+ORDER = ("x", "topk_ids", "topk_weights", "w1_blocks", "w1_scales", "w1_bias", "w2_blocks", "w2_scales", "w2_bias")
+
+
+def args(p):
+    return [p[n] for n in ORDER]
+
+
+def run_kernel(p, variant=P.AUTO, out=None, workspace=None):
+    T, H = p["x"].shape
+    if out is None:
+        out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=p["x"].device)
+    return P.run(*args(p), 1.702, 7.0, out, workspace=workspace, variant=variant)
+
+
+def variants():
+    return [pytest.param(P.MMA_SYNC, id="mma_sync"), pytest.param(P.WGMMA, id="wgmma")]
+
+
+def skip_if_variant_missing(variant, p):
+    """wgmma may not be in this build: the op then raises ValueError (GPTOSS_ERROR_UNSUPPORTED)."""
+    if variant != P.WGMMA:
+        return
+    try:
+        run_kernel(p, variant)
+    except ValueError as e:
+        if "not in this build" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", variants())
+@pytest.mark.parametrize("T,E,H,I,kw", [
+    (500, 32, 2880, 2880, {}),
+    (1024, 128, 288, 160, {"skew": True, "used": 40}),  # K tails (288 = 4.5 x 64), N tail, empty experts
+])
+def test_steps_in_order(variant, T, E, H, I, kw):  # noqa: E741
+    """Each step against the reference, in the order a failure must be looked at."""
+    k = 4
+    p = make_problem(T, E, H, I, k, **kw)
+    skip_if_variant_missing(variant, p)
+    ws = P.new_workspace(p["x"], p["topk_ids"], p["w1_blocks"]).fill_(0xFF)  # poison: NaN bf16, -1 ints
+    out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device="cuda")
+    v = P.workspace_views(ws, T, k, E, H, I)
+    step = lambda s: P.run_step(s, *args(p), 1.702, 7.0, out, workspace=ws, variant=variant)  # noqa: E731
+
+    # 1. grouping: exact
+    step(1)
+    rc, ro, rp = R.route_metadata(p["topk_ids"], E)
+    assert torch.equal(v["counts"], rc), "grouping: counts"
+    assert torch.equal(v["offsets"], ro), "grouping: offsets"
+    assert torch.equal(v["perm"], rp), "grouping: permutation (stable order)"
+    tiles = torch.zeros(E + 1, dtype=torch.int32, device="cuda")
+    tiles[1:] = torch.cumsum((rc + BM - 1) // BM, 0)
+    assert torch.equal(v["tile_offsets"], tiles), "grouping: m-tile offsets"
+
+    # 2. mlp1 + bias + SwiGLU, rows in grouped order p (row p = routed row perm[p])
+    step(2)
+    perm = rp.long()
+    tok = perm // k
+    act_ref = torch.empty(T * k, I, device="cuda")
+    xf = p["x"].float()
+    for e in range(E):
+        s, t = int(ro[e]), int(ro[e + 1])
+        if s == t:
+            continue
+        w1 = R.mxfp4_dequantize(p["w1_blocks"][e], p["w1_scales"][e], torch.float32)
+        act_ref[s:t] = R.swiglu(xf[tok[s:t]] @ w1.t() + p["w1_bias"][e].float())
+    err1 = rel_err(v["act"], act_ref)
+    print(f"mlp1 act rel err {err1:.2e}")
+    assert err1 < TOL
+
+    # 3. mlp2 + bias, x routing weight, row r = t*k+j (from the kernel's own act, so this checks mlp2 alone)
+    step(3)
+    y_ref = torch.empty(T * k, H, device="cuda")
+    act = v["act"].float()
+    wflat = p["topk_weights"].reshape(-1)
+    for e in range(E):
+        s, t = int(ro[e]), int(ro[e + 1])
+        if s == t:
+            continue
+        w2 = R.mxfp4_dequantize(p["w2_blocks"][e], p["w2_scales"][e], torch.float32)
+        y_ref[perm[s:t]] = (act[s:t] @ w2.t() + p["w2_bias"][e].float()) * wflat[perm[s:t]].unsqueeze(1)
+    err2 = rel_err(v["y"], y_ref)
+    print(f"mlp2 y rel err {err2:.2e}")
+    assert err2 < TOL
+
+    # 4. combine: sum of the k slots in slot order, fp32 -> bf16
+    step(4)
+    want = v["y"].float().view(T, k, H).sum(1).to(torch.bfloat16)
+    assert torch.equal(out, want) or rel_err(out, want) < 4e-3
+    err = rel_err(out, R.moe(*args(p)))
+    print(f"moe rel err {err:.2e}")
+    assert err < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", variants())
+@pytest.mark.parametrize("T", [128, 500, 1024, 4096])
+@pytest.mark.parametrize("E", [32, 128])
+def test_moe_prefill_vs_reference(variant, T, E):
+    p = make_problem(T, E, 2880, 2880, seed=T + E)
+    skip_if_variant_missing(variant, p)
+    out = run_kernel(p, variant)
+    err = rel_err(out, R.moe(*args(p)))
+    print(f"T={T} E={E} rel err {err:.2e}")
+    assert err < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", variants())
+@pytest.mark.parametrize("case", ["skew", "empty_experts", "big_small_hidden"])
+def test_moe_prefill_routing_cases(variant, case):
+    if case == "skew":            # half the tokens on expert 0: one expert with many m-tiles
+        p = make_problem(2048, 128, 2880, 2880, skew=True, seed=1)
+    elif case == "empty_experts":  # only 8 of 128 experts have tokens
+        p = make_problem(1000, 128, 2880, 2880, used=8, seed=2)
+    else:                          # T = 8192 at small H/I with K and N tails
+        p = make_problem(8192, 32, 288, 160, seed=3)
+    skip_if_variant_missing(variant, p)
+    out = run_kernel(p, variant)
+    err = rel_err(out, R.moe(*args(p)))
+    print(f"{case}: rel err {err:.2e}")
+    assert err < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", variants())
+def test_deterministic_and_graph_replay(variant):
+    p = make_problem(1536, 128, 2880, 2880, skew=True, seed=4)
+    skip_if_variant_missing(variant, p)
+    T, H = p["x"].shape
+    a = run_kernel(p, variant)
+    b = run_kernel(p, variant)
+    assert torch.equal(a, b), "two runs differ: the op must be deterministic (no float atomics)"
+
+    ws = P.new_workspace(p["x"], p["topk_ids"], p["w1_blocks"])
+    out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device="cuda")
+    run_kernel(p, variant, out=out, workspace=ws)  # warm-up (function attributes) outside the capture
+    torch.cuda.synchronize()
+    out.fill_(float("nan"))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run_kernel(p, variant, out=out, workspace=ws)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, a), "graph replay differs from eager"
+    # new routing in place, replay again: the graph has no host-side sizes baked in except T
+    ids, wts = make_routing(T, 128, 4, gen=torch.Generator().manual_seed(9), device="cuda")
+    p["topk_ids"].copy_(ids)
+    p["topk_weights"].copy_(wts)
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, R.moe(*args(p))) < TOL
+
+
+@pytest.mark.gpu
+def test_empty_batch_is_noop():
+    p = make_problem(0, 32, 288, 160)
+    out = torch.empty(0, 288, dtype=torch.bfloat16, device="cuda")
+    assert run_kernel(p, out=out) is out
+
+
+@pytest.mark.gpu
+def test_available():
+    assert P.available()
