@@ -7,5 +7,6 @@
 #include "gptoss/mxfp4.h"
 #include "gptoss/router.h"
 #include "gptoss/attention_prefill.h"
+#include "gptoss/attention.h" /* includes gptoss/rope.h */
 #include "gptoss/moe_prefill.h"
 #endif /* GPTOSS_GPTOSS_H_ */

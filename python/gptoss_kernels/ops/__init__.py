@@ -2,11 +2,11 @@
 the CUDA kernel for CUDA tensors when this build has kernels, or the PyTorch reference
 (gptoss_kernels.reference) for CPU tensors and reference-only builds."""
 
-from .attention import attention_decode, cache_append, rope_qkv
+from .attention import attention_decode, cache_append, rope_and_cache_append, rope_qkv
 from .attention_prefill import attention_prefill
 from .moe import moe_mxfp4
 from .mxfp4 import mxfp4_dequantize, mxfp4_quantize
 from .router import RouteMetadata, route, router_topk
 
-__all__ = ["attention_decode", "attention_prefill", "cache_append", "rope_qkv", "moe_mxfp4",
+__all__ = ["attention_decode", "attention_prefill", "cache_append", "rope_and_cache_append", "rope_qkv", "moe_mxfp4",
            "mxfp4_dequantize", "mxfp4_quantize", "RouteMetadata", "route", "router_topk"]

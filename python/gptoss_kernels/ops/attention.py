@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _checks, _lib, reference
@@ -11,6 +13,25 @@ from .. import _checks, _lib, reference
 # position p of sequence b lives in slot p % S (reference.cache_slots). Full layers use
 # S >= the longest sequence (identity), sliding layers S = window = 128 (a ring buffer).
 # cache_seqlens int32 [B]: for decode, positions written including the new token.
+#
+# CUDA paths (gptoss/attention.h, gptoss/rope.h):
+# - attention_decode: split-KV kernel + combine; its workspace (size from the C ABI, a pure
+#   function of B, S, heads, window) is allocated here with torch, so the op is CUDA-graph safe
+#   (no host sync: the device-side cache_seqlens are never read on the host). Shapes the kernel
+#   does not cover (head_dim != 64, q heads != 8 x KV heads) run the reference.
+# - RoPE: the kernels compute cos/sin from the d/2 inverse frequencies passed by value; this module
+#   passes reference.yarn_inv_freq's fp32 table, so the kernel's fp32 angle t * inv_freq_j is
+#   bit-identical to the reference's, and only the cos/sin evaluation differs (< 1e-6 abs).
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_table(rope: reference.YarnParams) -> tuple[list[float], float]:
+    """(inv_freq as a list of head_dim/2 floats, concentration) for the RoPE kernels."""
+    return reference.yarn_inv_freq(rope).tolist(), float(rope.concentration)
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -36,6 +57,17 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _checks.positive_int("sliding_window", sliding_window)
     dev = _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, sinks=sinks, out=out)
     out = _checks.out_tensor("out", out, shape=(B, nq, d), dtype=torch.bfloat16, device=dev)
+    if dev.type == "cuda" and _lib.cuda_available() and d == 64 and nq == 8 * nkv and 0 < S < 2 ** 31 \
+            and B <= 65535:
+        window = 0 if sliding_window is None else sliding_window
+        C = _lib.C()
+        ws_bytes = C.attention_decode_workspace_size(B, S, nq, nkv, d, window)
+        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev) if ws_bytes else None
+        with torch.cuda.device(dev):
+            C.attention_decode_bf16(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cache_seqlens.data_ptr(),
+                                    sinks.data_ptr(), out.data_ptr(), ws.data_ptr() if ws is not None else 0,
+                                    ws_bytes, B, S, nq, nkv, d, window, float(sm_scale), _checks.stream_of(dev))
+        return out
     if dev.type == "cuda":
         _lib.warn_reference_fallback("attention_decode")
     out.copy_(reference.attention_decode(q, k_cache, v_cache, cache_seqlens, sinks,
@@ -54,6 +86,16 @@ def rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, *, num_q_heads: int = 6
     T = qkv.shape[0]
     _checks.tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(T,))
     dev = _checks.same_device(qkv=qkv, positions=positions)
+    if dev.type == "cuda" and _lib.cuda_available() and head_dim == 64 and rope.head_dim == head_dim:
+        q = torch.empty(T, num_q_heads, head_dim, dtype=torch.bfloat16, device=dev)
+        k = torch.empty(T, num_kv_heads, head_dim, dtype=torch.bfloat16, device=dev)
+        v = torch.empty(T, num_kv_heads, head_dim, dtype=torch.bfloat16, device=dev)
+        inv, conc = _rope_table(rope)
+        pos = _int32(positions)
+        with torch.cuda.device(dev):
+            _lib.C().rope_qkv_bf16(qkv.data_ptr(), pos.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), T,
+                                   num_q_heads, num_kv_heads, head_dim, inv, conc, _checks.stream_of(dev))
+        return q, k, v
     if dev.type == "cuda":
         _lib.warn_reference_fallback("rope_qkv")
     q = qkv[:, : num_q_heads * head_dim].view(T, num_q_heads, head_dim)
@@ -76,7 +118,57 @@ def cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=tuple(k_cache.shape))
     _checks.tensor("seq_ids", seq_ids, dtype=(torch.int32, torch.int64), shape=(T,))
     _checks.tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(T,))
-    _checks.same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_ids=seq_ids, positions=positions)
+    dev = _checks.same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_ids=seq_ids, positions=positions)
+    if k_cache.shape[1] < 1:
+        raise ValueError(f"k_cache must have at least one slot, got shape {tuple(k_cache.shape)}")
+    if dev.type == "cuda" and _lib.cuda_available() and d % 8 == 0:
+        sid, pos = _int32(seq_ids), _int32(positions)
+        with torch.cuda.device(dev):
+            _lib.C().cache_append_bf16(k.data_ptr(), v.data_ptr(), sid.data_ptr(), pos.data_ptr(), k_cache.data_ptr(),
+                                       v_cache.data_ptr(), T, nkv, d, k_cache.shape[0], k_cache.shape[1],
+                                       _checks.stream_of(dev))
+        return
+    if dev.type == "cuda":
+        _lib.warn_reference_fallback("cache_append")
     slots = reference.cache_slots(positions.long(), k_cache.shape[1])
     k_cache[seq_ids.long(), slots] = k
     v_cache[seq_ids.long(), slots] = v
+
+
+def rope_and_cache_append(qkv: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, *, q_out: torch.Tensor | None = None, num_q_heads: int = 64,
+                          num_kv_heads: int = 8, head_dim: int = 64,
+                          rope: reference.YarnParams = reference.YarnParams()) -> torch.Tensor:
+    """rope_qkv + cache_append in one kernel: rotate q (returned, or written into q_out) and write
+    the rotated k and the v of token t into k_cache/v_cache[seq_ids[t], positions[t] % S].
+
+    qkv bf16 [T, (nq + 2 nkv) d] (bias added); seq_ids, positions int32 [T]; k_cache, v_cache
+    bf16 [B, S, nkv, d]; q_out bf16 [T, nq, d] -> q bf16 [T, nq, d].
+    """
+    _checks.tensor("qkv", qkv, dtype=torch.bfloat16, shape=(None, (num_q_heads + 2 * num_kv_heads) * head_dim))
+    T = qkv.shape[0]
+    _checks.tensor("seq_ids", seq_ids, dtype=(torch.int32, torch.int64), shape=(T,))
+    _checks.tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(T,))
+    _checks.tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=(None, None, num_kv_heads, head_dim))
+    _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=tuple(k_cache.shape))
+    if k_cache.shape[1] < 1:
+        raise ValueError(f"k_cache must have at least one slot, got shape {tuple(k_cache.shape)}")
+    dev = _checks.same_device(qkv=qkv, seq_ids=seq_ids, positions=positions, k_cache=k_cache, v_cache=v_cache,
+                              q_out=q_out)
+    q_out = _checks.out_tensor("q_out", q_out, shape=(T, num_q_heads, head_dim), dtype=torch.bfloat16, device=dev)
+    if dev.type == "cuda" and _lib.cuda_available() and head_dim == 64 and rope.head_dim == head_dim:
+        inv, conc = _rope_table(rope)
+        sid, pos = _int32(seq_ids), _int32(positions)
+        with torch.cuda.device(dev):
+            _lib.C().rope_cache_append_bf16(qkv.data_ptr(), sid.data_ptr(), pos.data_ptr(), q_out.data_ptr(),
+                                            k_cache.data_ptr(), v_cache.data_ptr(), T, num_q_heads, num_kv_heads,
+                                            head_dim, k_cache.shape[0], k_cache.shape[1], inv, conc,
+                                            _checks.stream_of(dev))
+        return q_out
+    if dev.type == "cuda":
+        _lib.warn_reference_fallback("rope_and_cache_append")
+    q, k, v = rope_qkv(qkv, positions, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       rope=rope)
+    cache_append(k, v, k_cache, v_cache, seq_ids, positions)
+    q_out.copy_(q)
+    return q_out

@@ -1,0 +1,408 @@
+// Decode attention over the KV cache with sinks, sliding window and GQA (gptoss/attention.h).
+//
+// Work decomposition: one CTA per (key split, KV head, sequence). The CTA reads that KV head's
+// keys and values of its split ONCE and serves all 8 query heads of the group with them. Four
+// warps take the split's 16-key tiles round-robin; each warp streams its tiles through a private
+// 3-stage cp.async pipeline (16-byte copies, zero-filled past the end of the range).
+//
+// Lane mapping inside a warp (g = lane / 8 selects one of 4 keys, c = lane % 8 one 16-byte chunk
+// of 8 dims): in step r of a tile the lane holds dims 8c..8c+7 of key 4r+g.
+//   Q.K : the lane keeps q[h][8c..8c+7] for the 8 heads in registers (fp32, pre-scaled by
+//         sm_scale * log2 e) and forms 8 partial dot products; a transpose-reduction over the 8
+//         lanes of its group (7 shuffles) leaves the full logit of head c in lane (g, c).
+//   softmax: lane (g, c) keeps the running (m, l) of head c (m is shared by the 4 groups through
+//         two xor-shuffles of the tile max), base-2 exponentials (softmax.cuh).
+//   P.V : the lane accumulates o[h][8c..8c+7] for the 8 heads over the keys of its group; the 8
+//         probabilities of its key come from the 8 lanes of its group by shuffles.
+// At the end the 4 groups and the 4 warps are merged through shared memory (softmax_merge). With
+// one split the CTA applies the sink and writes bf16; with several, it writes its partial
+// (m, l, o) to the workspace and attention_decode_combine_kernel merges the splits and applies
+// the sink once. All math is fp32; only the output is rounded to bf16.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "gptoss/attention.h"
+#include "softmax.cuh"
+
+namespace {
+
+constexpr int kHeadDim = 64;
+constexpr int kGroup = 8;                 // query heads per KV head
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kSteps = 4;                 // 4 keys per warp per step
+constexpr int kTile = 4 * kSteps;         // 16 keys per warp tile
+constexpr int kStages = 3;
+constexpr int kChunkQuantum = 64;         // split sizes are multiples of this many keys
+constexpr int kMinChunk = 64;
+constexpr int kMaxChunk = 2048;
+constexpr int kTargetCtas = 2 * 132;      // two CTAs per H100 SM
+constexpr int kPartialFloats = kGroup * kHeadDim;  // o of one (sequence, KV head, split)
+
+struct DecodeParams {
+  const __nv_bfloat16* q;
+  const __nv_bfloat16* k_cache;
+  const __nv_bfloat16* v_cache;
+  const int32_t* seqlens;
+  const __nv_bfloat16* sinks;
+  __nv_bfloat16* out;
+  float* ws_o;      // [B][nkv][splits][8][64]
+  float2* ws_ml;    // [B][nkv][splits][8]  (m, l)
+  int S;            // cache slots
+  int nkv;
+  int window;       // 0 = full
+  int chunk;        // keys per split
+  int splits;
+  float qk_scale;   // sm_scale * log2(e)
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// 8 bf16 (one 16-byte chunk) -> 8 floats (exact).
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+  }
+}
+
+// Sum acc[h] over the 8 lanes of a group (xor 4, 2, 1); lane c of the group returns the sum of
+// acc[c]. 7 shuffles instead of 8 x 3.
+__device__ __forceinline__ float transpose_reduce8(float (&acc)[8], int c) {
+  const bool up4 = c & 4, up2 = c & 2, up1 = c & 1;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float send = up4 ? acc[i] : acc[i + 4];
+    const float keep = up4 ? acc[i + 4] : acc[i];
+    acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float send = up2 ? acc[i] : acc[i + 2];
+    const float keep = up2 ? acc[i + 2] : acc[i];
+    acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+  }
+  const float send = up1 ? acc[0] : acc[1];
+  const float keep = up1 ? acc[1] : acc[0];
+  return keep + __shfl_xor_sync(0xffffffffu, send, 1);
+}
+
+struct __align__(16) PipeSmem {
+  uint4 kv[kWarps][kStages][2][kSteps][32];  // [warp][stage][K|V][step][lane] 16-byte chunks
+};
+struct __align__(16) MergeSmem {
+  float o[kWarps][4][kGroup][kHeadDim];  // [warp][group][head][dim]
+  float m[kWarps][kGroup];
+  float l[kWarps][kGroup];
+};
+static_assert(sizeof(MergeSmem) <= sizeof(PipeSmem), "merge scratch reuses the pipeline buffers");
+
+__global__ void __launch_bounds__(kThreads) attention_decode_kernel(const DecodeParams p) {
+  __shared__ PipeSmem smem;
+  const int split = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 3, c = lane & 7;
+
+  // visible positions [start, end) of this sequence, then this split's part [k0, k1)
+  const int L = p.seqlens[b];
+  const int end = L > 0 ? L : 0;
+  int start = 0;
+  if (p.window > 0) start = max(start, end - p.window);
+  start = max(start, end - p.S);  // never more keys than slots (contract: S >= min(L, W))
+  const int k0 = start + split * p.chunk;
+  const int k1 = min(end, k0 + p.chunk);
+  const int n = max(0, k1 - k0);
+  const int n_tiles = (n + kTile - 1) / kTile;
+
+  // q rows of the 8 heads, dims 8c..8c+7, fp32 scaled into the base-2 logit domain
+  float qf[kGroup][8];
+  {
+    const uint4* qrow = reinterpret_cast<const uint4*>(p.q + (b * (kGroup * p.nkv) + kvh * kGroup) * kHeadDim);
+#pragma unroll
+    for (int h = 0; h < kGroup; ++h) {
+      unpack8(__ldg(qrow + h * (kHeadDim / 8) + c), qf[h]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) qf[h][i] *= p.qk_scale;
+    }
+  }
+
+  float o[kGroup][8];
+#pragma unroll
+  for (int h = 0; h < kGroup; ++h)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[h][i] = 0.0f;
+  gptoss::SoftmaxState st = gptoss::softmax_empty();  // of head c, keys of this warp
+
+  const int64_t slot_stride = static_cast<int64_t>(p.nkv) * kHeadDim;  // elements between slots
+  const __nv_bfloat16* kbase = p.k_cache + (b * p.S * p.nkv + kvh) * kHeadDim + c * 8;
+  const __nv_bfloat16* vbase = p.v_cache + (b * p.S * p.nkv + kvh) * kHeadDim + c * 8;
+
+  // this warp's tiles: warp, warp + 4, ...
+  const int my_tiles = n_tiles > warp ? (n_tiles - warp + kWarps - 1) / kWarps : 0;
+  auto issue = [&](int i) {
+    if (i < my_tiles) {
+      const int stage = i % kStages;
+      const int pos0 = k0 + (warp + kWarps * i) * kTile + g;
+#pragma unroll
+      for (int r = 0; r < kSteps; ++r) {
+        const int pos = pos0 + 4 * r;
+        const bool valid = pos < k1;
+        const int64_t slot = valid ? static_cast<int64_t>(static_cast<uint32_t>(pos) % static_cast<uint32_t>(p.S)) : 0;
+        cp_async16(&smem.kv[warp][stage][0][r][lane], kbase + slot * slot_stride, valid ? 16 : 0);
+        cp_async16(&smem.kv[warp][stage][1][r][lane], vbase + slot * slot_stride, valid ? 16 : 0);
+      }
+    }
+    cp_async_commit();  // always commit (possibly empty) so group counting stays uniform
+  };
+
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+
+  for (int i = 0; i < my_tiles; ++i) {
+    issue(i + kStages - 1);
+    cp_async_wait<kStages - 1>();  // tile i has landed (each lane reads only what it copied)
+    const int stage = i % kStages;
+    const int pos0 = k0 + (warp + kWarps * i) * kTile + g;
+
+    // logits of head c for keys 4r + g
+    float s[kSteps];
+#pragma unroll
+    for (int r = 0; r < kSteps; ++r) {
+      float kf[8];
+      unpack8(smem.kv[warp][stage][0][r][lane], kf);
+      float acc[kGroup];
+#pragma unroll
+      for (int h = 0; h < kGroup; ++h) {
+        float a = qf[h][0] * kf[0];
+#pragma unroll
+        for (int j = 1; j < 8; ++j) a = fmaf(qf[h][j], kf[j], a);
+        acc[h] = a;
+      }
+      const float logit = transpose_reduce8(acc, c);
+      s[r] = (pos0 + 4 * r < k1) ? logit : -INFINITY;
+    }
+
+    // online softmax of head c over the tile (max shared by the 4 key groups)
+    float tmax = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
+    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 8));
+    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16));
+    const float alpha = gptoss::softmax_update_max(st, tmax);
+    float pr[kSteps];
+#pragma unroll
+    for (int r = 0; r < kSteps; ++r) {
+      pr[r] = gptoss::softmax_prob(s[r], st.m);
+      st.l += pr[r];
+    }
+    if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+#pragma unroll
+      for (int h = 0; h < kGroup; ++h) {
+        const float a = __shfl_sync(0xffffffffu, alpha, h);  // lane h holds head h's factor
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[h][j] *= a;
+      }
+    }
+
+    // o[h][8c..8c+7] += p[h] * v of key 4r + g
+#pragma unroll
+    for (int r = 0; r < kSteps; ++r) {
+      float vf[8];
+      unpack8(smem.kv[warp][stage][1][r][lane], vf);
+#pragma unroll
+      for (int h = 0; h < kGroup; ++h) {
+        const float ph = __shfl_sync(0xffffffffu, pr[r], (g << 3) | h);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[h][j] = fmaf(ph, vf[j], o[h][j]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // l of head c over the whole warp (the 4 groups share m)
+  st.l += __shfl_xor_sync(0xffffffffu, st.l, 8);
+  st.l += __shfl_xor_sync(0xffffffffu, st.l, 16);
+
+  __syncthreads();  // every warp is done with the pipeline buffers
+  MergeSmem& ms = *reinterpret_cast<MergeSmem*>(&smem);
+#pragma unroll
+  for (int h = 0; h < kGroup; ++h) {
+    float4* dst = reinterpret_cast<float4*>(&ms.o[warp][g][h][8 * c]);
+    dst[0] = make_float4(o[h][0], o[h][1], o[h][2], o[h][3]);
+    dst[1] = make_float4(o[h][4], o[h][5], o[h][6], o[h][7]);
+  }
+  if (g == 0) {
+    ms.m[warp][c] = st.m;
+    ms.l[warp][c] = st.l;
+  }
+  __syncthreads();
+
+  // thread t: head h = t / 16, dims 4 (t % 16) .. +3
+  const int h = threadIdx.x >> 4;
+  const int d0 = (threadIdx.x & 15) * 4;
+  gptoss::SoftmaxState acc_st = gptoss::softmax_empty();
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    float sa, sb;
+    acc_st = gptoss::softmax_merge(acc_st, gptoss::SoftmaxState{ms.m[w][h], ms.l[w][h]}, &sa, &sb);
+    float4 part = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int gg = 0; gg < 4; ++gg) {
+      const float4 v = *reinterpret_cast<const float4*>(&ms.o[w][gg][h][d0]);
+      part.x += v.x; part.y += v.y; part.z += v.z; part.w += v.w;
+    }
+    acc.x = acc.x * sa + part.x * sb;
+    acc.y = acc.y * sa + part.y * sb;
+    acc.z = acc.z * sa + part.z * sb;
+    acc.w = acc.w * sa + part.w * sb;
+  }
+
+  const int qh = kvh * kGroup + h;
+  if (p.splits == 1) {
+    const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
+    const float f = gptoss::softmax_sink_normalizer(acc_st, sink2);
+    __nv_bfloat162 r01 = __floats2bfloat162_rn(acc.x * f, acc.y * f);
+    __nv_bfloat162 r23 = __floats2bfloat162_rn(acc.z * f, acc.w * f);
+    uint2 packed;
+    packed.x = *reinterpret_cast<uint32_t*>(&r01);
+    packed.y = *reinterpret_cast<uint32_t*>(&r23);
+    *reinterpret_cast<uint2*>(p.out + (b * (kGroup * p.nkv) + qh) * kHeadDim + d0) = packed;
+  } else {
+    const int64_t part_idx = (b * p.nkv + kvh) * p.splits + split;
+    *reinterpret_cast<float4*>(p.ws_o + part_idx * kPartialFloats + h * kHeadDim + d0) = acc;
+    if ((threadIdx.x & 15) == 0) p.ws_ml[part_idx * kGroup + h] = make_float2(acc_st.m, acc_st.l);
+  }
+}
+
+// Merge the split partials of one (sequence, KV head) and apply the sink once.
+// 256 threads: head h = t / 32, dims 2 (t % 32), +1.
+__global__ void __launch_bounds__(256) attention_decode_combine_kernel(const DecodeParams p) {
+  const int kvh = blockIdx.x;
+  const int64_t b = blockIdx.y;
+  const int h = threadIdx.x >> 5;
+  const int d0 = (threadIdx.x & 31) * 2;
+  const int64_t base = (b * p.nkv + kvh) * p.splits;
+  gptoss::SoftmaxState st = gptoss::softmax_empty();
+  float2 acc = make_float2(0.f, 0.f);
+  for (int s = 0; s < p.splits; ++s) {
+    const float2 ml = p.ws_ml[(base + s) * kGroup + h];
+    const float2 v = *reinterpret_cast<const float2*>(p.ws_o + (base + s) * kPartialFloats + h * kHeadDim + d0);
+    float sa, sb;
+    st = gptoss::softmax_merge(st, gptoss::SoftmaxState{ml.x, ml.y}, &sa, &sb);
+    acc.x = acc.x * sa + v.x * sb;
+    acc.y = acc.y * sa + v.y * sb;
+  }
+  const int qh = kvh * kGroup + h;
+  const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
+  const float f = gptoss::softmax_sink_normalizer(st, sink2);
+  *reinterpret_cast<__nv_bfloat162*>(p.out + (b * (kGroup * p.nkv) + qh) * kHeadDim + d0) =
+      __floats2bfloat162_rn(acc.x * f, acc.y * f);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Keys per split and number of splits: a pure function of the sizes (graph-safe). Aim for about
+// kTargetCtas CTAs when batch * nkv is small, keep splits between kMinChunk and kMaxChunk keys.
+void plan_splits(int64_t batch, int64_t S, int nkv, int window, int* chunk_out, int* splits_out) {
+  const int64_t n = (window > 0 && window < S) ? window : S;  // most keys one query can see
+  const int64_t heads = batch * nkv > 0 ? batch * nkv : 1;
+  const int64_t want = ceil_div(kTargetCtas, heads);
+  int64_t chunk = ceil_div(ceil_div(n, want), kChunkQuantum) * kChunkQuantum;
+  if (chunk < kMinChunk) chunk = kMinChunk;
+  if (chunk > kMaxChunk) chunk = kMaxChunk;
+  *chunk_out = static_cast<int>(chunk);
+  *splits_out = static_cast<int>(ceil_div(n > 0 ? n : 1, chunk));
+}
+
+bool supported(int nq, int nkv, int d) { return d == kHeadDim && nkv > 0 && nq == kGroup * nkv; }
+
+}  // namespace
+
+GPTOSS_API int gptoss_attention_decode_num_splits(int64_t batch, int64_t cache_size, int num_q_heads,
+                                                  int num_kv_heads, int head_dim, int sliding_window) {
+  (void)num_q_heads;
+  (void)head_dim;
+  int chunk = 0, splits = 0;
+  plan_splits(batch, cache_size, num_kv_heads, sliding_window, &chunk, &splits);
+  return splits;
+}
+
+GPTOSS_API size_t gptoss_attention_decode_workspace_size(int64_t batch, int64_t cache_size, int num_q_heads,
+                                                         int num_kv_heads, int head_dim, int sliding_window) {
+  const int splits = gptoss_attention_decode_num_splits(batch, cache_size, num_q_heads, num_kv_heads, head_dim,
+                                                        sliding_window);
+  if (splits <= 1 || batch <= 0 || num_kv_heads <= 0) return 0;
+  const size_t parts = static_cast<size_t>(batch) * num_kv_heads * splits;
+  return parts * kPartialFloats * sizeof(float) + parts * kGroup * sizeof(float2);
+}
+
+GPTOSS_API gptoss_status gptoss_attention_decode_bf16(const void* q, const void* k_cache, const void* v_cache,
+                                                      const int32_t* cache_seqlens, const void* sinks, void* out,
+                                                      void* workspace, size_t workspace_bytes, int64_t batch,
+                                                      int64_t cache_size, int num_q_heads, int num_kv_heads,
+                                                      int head_dim, int sliding_window, float sm_scale,
+                                                      cudaStream_t stream) {
+  GPTOSS_REQUIRE(batch >= 0, "attention_decode: batch must be >= 0");
+  GPTOSS_REQUIRE(cache_size > 0 && cache_size < (int64_t(1) << 31),
+                 "attention_decode: cache_size must be in [1, 2^31)");
+  GPTOSS_REQUIRE(sliding_window >= 0, "attention_decode: sliding_window must be >= 0 (0 = full attention)");
+  if (!supported(num_q_heads, num_kv_heads, head_dim))
+    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED,
+                             "attention_decode: supports head_dim 64 with 8 query heads per KV head (got head_dim " +
+                                 std::to_string(head_dim) + ", " + std::to_string(num_q_heads) + " query heads, " +
+                                 std::to_string(num_kv_heads) + " KV heads)");
+  GPTOSS_REQUIRE(num_kv_heads <= 65535, "attention_decode: num_kv_heads must be <= 65535");
+  GPTOSS_REQUIRE(batch <= 65535, "attention_decode: batch must be <= 65535");
+  if (batch == 0) return GPTOSS_OK;
+  GPTOSS_REQUIRE(q && k_cache && v_cache && cache_seqlens && sinks && out, "attention_decode: null pointer");
+  GPTOSS_REQUIRE(gptoss::aligned(q, 16) && gptoss::aligned(k_cache, 16) && gptoss::aligned(v_cache, 16) &&
+                     gptoss::aligned(out, 16),
+                 "attention_decode: q, k_cache, v_cache and out must be 16-byte aligned");
+  const size_t need = gptoss_attention_decode_workspace_size(batch, cache_size, num_q_heads, num_kv_heads,
+                                                             head_dim, sliding_window);
+  GPTOSS_REQUIRE(workspace_bytes >= need,
+                 "attention_decode: workspace too small (" + std::to_string(workspace_bytes) + " bytes, needs " +
+                     std::to_string(need) + ")");
+  GPTOSS_REQUIRE(need == 0 || (workspace && gptoss::aligned(workspace, 16)),
+                 "attention_decode: workspace must be a 16-byte aligned device pointer");
+
+  DecodeParams p;
+  p.q = static_cast<const __nv_bfloat16*>(q);
+  p.k_cache = static_cast<const __nv_bfloat16*>(k_cache);
+  p.v_cache = static_cast<const __nv_bfloat16*>(v_cache);
+  p.seqlens = cache_seqlens;
+  p.sinks = static_cast<const __nv_bfloat16*>(sinks);
+  p.out = static_cast<__nv_bfloat16*>(out);
+  p.S = static_cast<int>(cache_size);
+  p.nkv = num_kv_heads;
+  p.window = sliding_window;
+  plan_splits(batch, cache_size, num_kv_heads, sliding_window, &p.chunk, &p.splits);
+  p.qk_scale = sm_scale * gptoss::kLog2e;
+  const size_t parts = static_cast<size_t>(batch) * num_kv_heads * p.splits;
+  p.ws_o = need ? static_cast<float*>(workspace) : nullptr;
+  p.ws_ml = need ? reinterpret_cast<float2*>(static_cast<float*>(workspace) + parts * kPartialFloats) : nullptr;
+
+  const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(batch));
+  attention_decode_kernel<<<grid, kThreads, 0, stream>>>(p);
+  if (p.splits > 1) {
+    GPTOSS_CUDA_TRY(cudaGetLastError(), "attention_decode launch");
+    attention_decode_combine_kernel<<<dim3(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(batch)), 256, 0,
+                                      stream>>>(p);
+  }
+  GPTOSS_RETURN_LAUNCH_STATUS("attention_decode launch");
+}

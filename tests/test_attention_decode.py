@@ -1,0 +1,349 @@
+"""Decode attention over the KV cache (sinks, sliding window, GQA; spec §4.2 steps 4-7).
+
+CPU: the online-softmax state and merge with the sink (softmax.cuh via _C.host) against a float64
+one-pass sink softmax, the split plan (pure function of the sizes), the op's argument checks,
+the bindings' argument errors, the kernel's SASS (16-byte loads, no local memory).
+GPU: the kernel against reference.attention_decode over context lengths, windows (ring buffer of
+128 slots), ragged batches, strongly positive/negative sinks, poisoned outputs and unused cache
+slots, CUDA-graph replay.
+
+Tolerance: q, k, v and sinks are bf16, the kernel computes logits, softmax and P.V in fp32 (the
+reference in fp32 too) and rounds only the output to bf16: 2^-9 relative per element, at most
+~4e-3 on a norm; rel-norm 1e-2 (DEVELOPERS.md) leaves margin for fp32 summation-order effects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gptoss_kernels as gk
+from gptoss_kernels import _lib
+from gptoss_kernels import reference as R
+
+from . import sass
+
+
+def _C():
+    if not gk.kernels_built():
+        pytest.skip(f"kernels not built: {gk.kernels_error()}")
+    C = _lib.C()
+    if not hasattr(C.host, "softmax_merge"):
+        pytest.skip("this build predates the attention bindings (rebuild the package)")
+    return C
+
+
+# ---- online softmax with the sink (softmax.cuh, host build) ----
+
+def _sink_softmax_f64(s: np.ndarray, v: np.ndarray, sink: float) -> np.ndarray:
+    s = s.astype(np.float64)
+    m = max(s.max(initial=-np.inf), sink)
+    p = np.exp(s - m)
+    return (p @ v.astype(np.float64)) / (p.sum() + np.exp(sink - m))
+
+
+def _merge_all(C, parts, order):
+    m, l, o = parts[order[0]]
+    for i in order[1:]:
+        m, l, o = C.host.softmax_merge(m, l, o, *parts[i])
+    return m, l, o
+
+
+@pytest.mark.parametrize("sink", [-20.0, -1.0, 0.0, 3.0, 20.0])
+@pytest.mark.parametrize("n", [1, 7, 100, 1000])
+def test_host_merge_any_split_any_order_equals_one_pass(n, sink):
+    C = _C()
+    rng = np.random.default_rng(n * 7 + int(sink))
+    s = (rng.standard_normal(n) * 4).astype(np.float32)
+    v = rng.standard_normal((n, 64)).astype(np.float32)
+    want = _sink_softmax_f64(s, v, sink)
+    scale = np.abs(want).max() + 1e-30
+    for trial in range(4):
+        cuts = np.sort(rng.integers(0, n + 1, size=rng.integers(0, 6)))
+        bounds = [0, *cuts.tolist(), n]  # repeated cuts give empty partials
+        parts = [C.host.softmax_partial(s[a:b], v[a:b].reshape(b - a, 64), tile=int(rng.integers(1, 20)))
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+        order = rng.permutation(len(parts))
+        m, l, o = _merge_all(C, parts, order)
+        got = C.host.softmax_finalize(m, l, o, sink)
+        assert np.abs(got - want).max() / scale < 1e-5, (bounds, order)
+
+
+def test_host_empty_partial_is_identity():
+    C = _C()
+    e = C.host.softmax_partial(np.zeros(0, np.float32), np.zeros((0, 4), np.float32))
+    assert e[0] == -np.inf and e[1] == 0.0 and np.all(e[2] == 0)
+    p = C.host.softmax_partial(np.array([1.0, 2.0], np.float32), np.ones((2, 4), np.float32))
+    for merged in (C.host.softmax_merge(*e, *p), C.host.softmax_merge(*p, *e)):
+        assert merged[0] == p[0] and merged[1] == p[1] and np.array_equal(merged[2], p[2])
+    ee = C.host.softmax_merge(*e, *e)
+    assert ee[0] == -np.inf and ee[1] == 0.0 and not np.isnan(ee[2]).any()
+    # no keys at all: the sink takes all the mass, output 0 (never NaN), also for a -inf sink
+    assert np.all(C.host.softmax_finalize(*e, 5.0) == 0)
+    assert np.all(C.host.softmax_finalize(*e, -np.inf) == 0)
+
+
+def test_host_partial_masked_logits_and_large_values():
+    C = _C()
+    s = np.array([-np.inf, 50.0, -np.inf, 49.0], np.float32)
+    v = np.eye(4, dtype=np.float32)
+    m, l, o = C.host.softmax_partial(s, v, tile=1)
+    got = C.host.softmax_finalize(m, l, o, -20.0)
+    want = np.zeros(4)
+    w = np.exp([0.0, -1.0]) / (np.exp(0.0) + np.exp(-1.0) + np.exp(-70.0))
+    want[1], want[3] = w
+    assert np.abs(got - want).max() < 1e-6
+
+
+# ---- split plan ----
+
+def test_split_plan_is_a_function_of_sizes():
+    C = _C()
+    for B in (1, 2, 8, 64):
+        for S in (1, 128, 1000, 8193, 32768, 131072):
+            for W in (0, 128):
+                splits = C.attention_decode_num_splits(B, S, 64, 8, 64, W)
+                ws = C.attention_decode_workspace_size(B, S, 64, 8, 64, W)
+                assert splits >= 1
+                assert (ws == 0) == (splits == 1)
+                if splits > 1:
+                    assert ws == B * 8 * splits * (8 * 64 + 8 * 2) * 4
+    # long single sequences are spread over the SMs; the window needs few splits
+    assert 1 * 8 * C.attention_decode_num_splits(1, 8192, 64, 8, 64, 0) >= 132
+    assert 1 * 8 * C.attention_decode_num_splits(1, 131072, 64, 8, 64, 0) >= 132
+    assert C.attention_decode_num_splits(64, 131072, 64, 8, 64, 128) == C.attention_decode_num_splits(64, 128, 64, 8, 64, 0)
+    assert C.attention_decode_num_splits(1, 128, 64, 8, 64, 128) <= 2
+
+
+# ---- op argument checks (CPU) ----
+
+def _decode_args(B=2, S=16, L=5):
+    q = torch.randn(B, 64, 64).to(torch.bfloat16)
+    kc = torch.randn(B, S, 8, 64).to(torch.bfloat16)
+    vc = torch.randn(B, S, 8, 64).to(torch.bfloat16)
+    lens = torch.full((B,), L, dtype=torch.int32)
+    sinks = torch.randn(64).to(torch.bfloat16)
+    return q, kc, vc, lens, sinks
+
+
+def test_op_cpu_equals_reference():
+    q, kc, vc, lens, sinks = _decode_args()
+    for w in (None, 4):
+        got = gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=w)
+        assert torch.equal(got, R.attention_decode(q, kc, vc, lens, sinks, sliding_window=w))
+
+
+def test_op_argument_checks():
+    q, kc, vc, lens, sinks = _decode_args()
+    with pytest.raises(TypeError, match="q must have dtype bfloat16"):
+        gk.attention_decode(q.float(), kc, vc, lens, sinks, sliding_window=None)
+    with pytest.raises(ValueError, match="k_cache must have shape"):
+        gk.attention_decode(q, kc[:, :, :, :32].contiguous(), vc, lens, sinks, sliding_window=None)
+    with pytest.raises(ValueError, match="v_cache must have shape"):
+        gk.attention_decode(q, kc, vc[:, :8].contiguous(), lens, sinks, sliding_window=None)
+    with pytest.raises(TypeError, match="cache_seqlens must have dtype int32"):
+        gk.attention_decode(q, kc, vc, lens.long(), sinks, sliding_window=None)
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        gk.attention_decode(q, kc, vc, lens, sinks[:8].contiguous(), sliding_window=None)
+    with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+        gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=0)
+    with pytest.raises(ValueError, match="not a multiple"):
+        gk.attention_decode(q[:, :60].contiguous(), kc, vc, lens, sinks[:60].contiguous(), sliding_window=None)
+    with pytest.raises(ValueError, match="out must have shape"):
+        gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=None, out=torch.empty(2, 64, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        gk.attention_decode(q.transpose(1, 2), kc, vc, lens, sinks, sliding_window=None)
+    with pytest.raises(ValueError, match="is on meta"):
+        gk.attention_decode(q, kc, vc, lens.to("meta"), sinks, sliding_window=None)
+
+
+def test_bindings_reject_bad_arguments_before_touching_cuda():
+    C = _C()
+    ok = dict(batch=1, cache_size=16, num_q_heads=64, num_kv_heads=8, head_dim=64, sliding_window=0, sm_scale=0.125,
+              stream=0)
+    ptrs = dict(q=16, k_cache=16, v_cache=16, cache_seqlens=16, sinks=16, out=16, workspace=0, workspace_bytes=0)
+    with pytest.raises(ValueError, match="head_dim 64"):
+        C.attention_decode_bf16(**ptrs, **{**ok, "head_dim": 128})
+    with pytest.raises(ValueError, match="8 query heads per KV head"):
+        C.attention_decode_bf16(**ptrs, **{**ok, "num_q_heads": 32})
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        C.attention_decode_bf16(**{**ptrs, "q": 18}, **ok)
+    with pytest.raises(ValueError, match="null pointer"):
+        C.attention_decode_bf16(**{**ptrs, "sinks": 0}, **ok)
+    big = {**ok, "cache_size": 8192}
+    need = C.attention_decode_workspace_size(1, 8192, 64, 8, 64, 0)
+    with pytest.raises(ValueError, match="workspace too small"):
+        C.attention_decode_bf16(**{**ptrs, "workspace": 16, "workspace_bytes": need - 1}, **big)
+    with pytest.raises(ValueError, match="cache_size"):
+        C.attention_decode_bf16(**ptrs, **{**ok, "cache_size": 0})
+    C.attention_decode_bf16(**ptrs, **{**ok, "batch": 0})  # nothing to do, no CUDA call
+
+
+@pytest.mark.skipif(not gk.kernels_built(), reason="kernels not built")
+def test_binding_without_gpu_raises_clear_error():
+    C = _C()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="no usable NVIDIA GPU"):
+        C.attention_decode_bf16(16, 16, 16, 16, 16, 16, 0, 0, 1, 16, 64, 8, 64, 0, 0.125, 0)
+
+
+# ---- SASS (no GPU) ----
+
+@pytest.fixture(scope="module")
+def decode_kernels():
+    if not gk.kernels_built():
+        pytest.skip(f"kernels not built: {gk.kernels_error()}")
+    if sass.cuobjdump() is None:
+        pytest.skip("cuobjdump not found (pip install triton)")
+    ks = {k.name: k for k in sass.kernels(gk.library_path()).values()
+          if "attention_decode" in k.name or "rope_kernel" in k.name or "cache_append_kernel" in k.name}
+    if not any("attention_decode_kernel" in n for n in ks):
+        pytest.skip("this build predates the decode kernel (rebuild the package)")
+    return ks
+
+
+def test_decode_kernel_sass(decode_kernels):
+    main = [k for n, k in decode_kernels.items() if "attention_decode_kernel" in n]
+    assert len(main) == 1
+    k = main[0]
+    assert "LDGSTS.E.BYPASS.128" in k.sass  # K/V tiles: 16-byte cp.async copies
+    assert "LDG.E.128" in k.sass            # q rows: 16-byte loads
+    assert "LDL" not in k.sass and "STL" not in k.sass and k.local == 0 and k.stack == 0
+    assert k.reg <= 168, f"{k.reg} registers: fewer than 3 CTAs of 128 threads per SM"
+
+
+def test_rope_and_append_kernels_sass(decode_kernels):
+    for n, k in decode_kernels.items():
+        assert "LDL" not in k.sass and "STL" not in k.sass and k.local == 0, n
+        if "rope_kernel" in n or "cache_append_kernel" in n:
+            assert "STG.E.128" in k.sass, n
+
+
+# ---- GPU ----
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _make_case(lengths, window, *, S=None, sinks=None, device="cuda"):
+    """Cache with the visible positions of each sequence filled, every other slot NaN."""
+    B = len(lengths)
+    if S is None:
+        S = 128 if window is not None else max(lengths) + 3
+    q = torch.randn(B, 64, 64, device=device).to(torch.bfloat16)
+    kc = torch.full((B, S, 8, 64), float("nan"), dtype=torch.bfloat16, device=device)
+    vc = torch.full((B, S, 8, 64), float("nan"), dtype=torch.bfloat16, device=device)
+    for b, L in enumerate(lengths):
+        lo = max(0, L - (window or L), L - S)
+        slots = R.cache_slots(torch.arange(lo, L, device=device), S)
+        kc[b, slots] = (torch.randn(L - lo, 8, 64, device=device) * 1.5).to(torch.bfloat16)
+        vc[b, slots] = torch.randn(L - lo, 8, 64, device=device).to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    if sinks is None:
+        sinks = torch.randn(64, device=device) * 2
+    return q, kc, vc, lens, sinks.to(torch.bfloat16).to(device)
+
+
+def _check(q, kc, vc, lens, sinks, window, tol=1e-2):
+    out = torch.full_like(q, float("nan"))
+    got = gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=window, out=out)
+    torch.cuda.synchronize()
+    assert got is out
+    # the reference must not see the NaN slots: it reads only the visible ones
+    want = R.attention_decode(q, kc, vc, lens, sinks, sliding_window=window)
+    assert not torch.isnan(got).any()
+    # per (sequence, head): a +20 sink makes a head's output tiny, judge it on its own scale
+    for b in range(q.shape[0]):
+        for h in range(64):
+            r = _rel(got[b, h], want[b, h])
+            assert r < tol, f"b={b} L={lens[b].item()} h={h}: rel {r:.2e}"
+    return _rel(got, want)
+
+
+LENGTHS = [1, 2, 127, 128, 129, 1000, 8193]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128])
+@pytest.mark.parametrize("L", LENGTHS)
+def test_decode_matches_reference(L, window):
+    _check(*_make_case([L], window), window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128])
+def test_decode_ragged_batch(window):
+    lengths = [1, 129, 1000, 8193, 5, 128, 2, 4096]
+    _check(*_make_case(lengths, window), window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128])
+def test_decode_strong_sinks(window):
+    sinks = torch.where(torch.arange(64) % 2 == 0, 20.0, -20.0)
+    sinks[5] = 0.0
+    _check(*_make_case([3, 300, 2000], window, sinks=sinks), window)
+
+
+@pytest.mark.gpu
+def test_decode_large_preallocated_cache_mostly_empty_splits():
+    # S from the allocation (many splits), lengths short: most splits are empty partials
+    _check(*_make_case([1, 100, 700], None, S=32768), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 64])
+def test_decode_batch_sizes(B):
+    lengths = torch.randint(1, 3000, (B,)).tolist()
+    _check(*_make_case(lengths, None), None)
+
+
+@pytest.mark.gpu
+def test_decode_longest_context():
+    _check(*_make_case([131072], None), None)
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_replay_equals_eager():
+    q, kc, vc, lens, sinks = _make_case([700, 3000], None, S=4096)
+    # fill the rest of the cache so that changing the lengths stays within written slots
+    kc[torch.isnan(kc)] = 0.5
+    vc[torch.isnan(vc)] = -0.25
+    out = torch.empty_like(q)
+    gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=None, out=out)  # warm-up
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=None, out=out)
+    for new in ([1, 4096], [2049, 17], [700, 3000]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        q.copy_(torch.randn_like(q, dtype=torch.float32).to(torch.bfloat16))
+        out.fill_(float("nan"))
+        g.replay()
+        eager = gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=None)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), new
+        assert _rel(out, R.attention_decode(q, kc, vc, lens, sinks)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_decode_after_fused_append_matches_reference_pipeline():
+    # the decode step as the model runs it: RoPE + append, then attention over the cache
+    B, S = 3, 512
+    lengths = [5, 200, 512]
+    q0, kc, vc, _, sinks = _make_case([L - 1 if L > 1 else 1 for L in lengths], None, S=S)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    qkv = (torch.randn(B, (64 + 16) * 64, device="cuda") * 2).to(torch.bfloat16)
+    pos = torch.tensor([L - 1 for L in lengths], dtype=torch.int32, device="cuda")
+    seq = torch.arange(B, dtype=torch.int32, device="cuda")
+    q = gk.rope_and_cache_append(qkv, seq, pos, kc, vc)
+    lens = pos + 1
+    got = gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=None)
+    qr, kr, vr = gk.rope_qkv(qkv.cpu(), pos.cpu())
+    kc_ref, vc_ref = kc_ref.cpu(), vc_ref.cpu()
+    gk.cache_append(kr, vr, kc_ref, vc_ref, seq.cpu(), pos.cpu())
+    want = R.attention_decode(qr, kc_ref, vc_ref, lens.cpu(), sinks.cpu())
+    torch.cuda.synchronize()
+    assert _rel(got.cpu(), want) < 1e-2
