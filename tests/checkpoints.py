@@ -145,3 +145,47 @@ def _save(tensors: dict, folder: str, shards: int, stem: str) -> None:
         total += sum(t.numel() * t.element_size() for t in part.values())
     _write_json(os.path.join(folder, f"{stem}.safetensors.index.json"),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+# ----------------------------------------------------------------------------------------------
+# writers from a GptOss object (no transformers needed): round trips and CLI checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def model_original_tensors(model) -> dict:
+    """GptOss weights under the original names (bf16 / uint8, CPU)."""
+    from gptoss_kernels.loader import original_names
+
+    out = {}
+    for name, tgt in original_names(model.config).items():
+        src = model.weights if tgt.layer is None else model.layers[tgt.layer]
+        t = src[tgt.key].detach().cpu()
+        out[name] = t.contiguous() if t.dtype == torch.uint8 else _bf16(t)
+    return out
+
+
+def save_model_original(model, folder) -> str:
+    os.makedirs(folder, exist_ok=True)
+    _write_json(os.path.join(folder, "config.json"), model.config.to_original_dict())
+    save_file(model_original_tensors(model), os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+def save_model_hf_mxfp4(model, folder, shards: int = 1) -> str:
+    """GptOss weights in the HF MXFP4 layout (q/k/v split), config from GptOssConfig.to_hf_dict."""
+    from gptoss_kernels.loader import hf_names
+
+    os.makedirs(folder, exist_ok=True)
+    c = model.config
+    nq, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    spans = {"q": (0, nq * d), "k": (nq * d, (nq + nkv) * d), "v": ((nq + nkv) * d, (nq + 2 * nkv) * d)}
+    tensors = {}
+    for name, tgt in hf_names(c).items():
+        src = model.weights if tgt.layer is None else model.layers[tgt.layer]
+        t = src[tgt.key].detach().cpu()
+        if tgt.part is not None:
+            a, b = spans[tgt.part]
+            t = t[a:b]
+        tensors[name] = t.contiguous() if t.dtype == torch.uint8 else _bf16(t)
+    _write_json(os.path.join(folder, "config.json"), c.to_hf_dict(mxfp4=True))
+    _save(tensors, folder, shards, "model")
+    return folder
