@@ -1,0 +1,1 @@
+"""Worked integrations of the kernels into other engines (see each module's docstring)."""
