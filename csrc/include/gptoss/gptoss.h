@@ -9,4 +9,5 @@
 #include "gptoss/attention_prefill.h"
 #include "gptoss/attention.h" /* includes gptoss/rope.h */
 #include "gptoss/moe_prefill.h"
+#include "gptoss/moe.h"
 #endif /* GPTOSS_GPTOSS_H_ */

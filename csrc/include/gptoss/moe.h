@@ -1,0 +1,47 @@
+/* MXFP4 mixture of experts, decode regime (few routed rows T*k): weight-streaming GEMVs on the
+ * tensor cores, each selected expert's bytes read once per call.
+ *
+ * out[t] = sum_j w[t,j] * (W2[e] swiglu(W1[e] x[t] + b1[e]) + b2[e]),  e = topk_ids[t,j]
+ *
+ * Three launches on `stream`, no host synchronization (CUDA-graph capturable), no allocation:
+ *   1. mlp1    : per (distinct selected expert, 8 gate/linear row pairs): z = W1 x + b1 for every
+ *                routed row (t, j) of that expert, act[t*k+j, :] = swiglu(z)   bf16 [T*k, I]
+ *   2. mlp2    : per (distinct selected expert, 16 output rows): y[t*k+j, :] = w[t,j] * (W2 act + b2)
+ *                                                                              fp32 [T*k, H]
+ *   3. combine : out[t] = sum_{j = 0..k-1} y[t*k+j] in slot order (fp32), bf16.
+ * Each block finds its expert from topk_ids itself (the u-th distinct valid id, ascending); blocks
+ * beyond the number of distinct experts exit at once, so unselected experts cost nothing.
+ * Deterministic: no float atomics; two runs give identical bits.
+ * Tokens are processed in chunks of GPTOSS_MOE_DECODE_MAX_ROUTED_ROWS / k tokens (the launcher
+ * loops; experts chosen in several chunks are read once per chunk). The op routes large T*k to the
+ * prefill regime (gptoss/moe_prefill.h).
+ *
+ * Shapes (device pointers): x bf16 [T,H]; topk_ids int32 [T,k]; topk_weights f32 [T,k];
+ * w1_blocks uint8 [E,2I,H/32,16], w1_scales uint8 [E,2I,H/32], w1_bias bf16 [E,2I] (gate row 2j,
+ * linear row 2j+1); w2_blocks [E,H,I/32,16], w2_scales [E,H,I/32], w2_bias bf16 [E,H]; out bf16 [T,H].
+ * Requirements: H, I positive multiples of 32; 1 <= E <= GPTOSS_MOE_DECODE_MAX_EXPERTS;
+ * 1 <= k <= 8; T >= 0; x, w1_blocks, w2_blocks and workspace 16-byte aligned, out 8-byte aligned.
+ * Ids outside [0, E) are not read through: the rows of tokens holding one come out NaN.
+ * workspace: gptoss_moe_mxfp4_decode_workspace_size(T, k, H, I) bytes (0 when T == 0).
+ */
+#ifndef GPTOSS_MOE_H_
+#define GPTOSS_MOE_H_
+#include "gptoss/common.h"
+
+#define GPTOSS_MOE_DECODE_MAX_ROUTED_ROWS 256 /* routed rows (t, j) per kernel chunk */
+#define GPTOSS_MOE_DECODE_MAX_EXPERTS 4096
+#define GPTOSS_MOE_DECODE_MAX_K 8
+
+/* Bytes of workspace the call needs (act bf16 [n, I] then y fp32 [n, H], n = chunk tokens * k,
+ * each part 256-byte aligned). Host-only. Returns 0 for invalid sizes. */
+GPTOSS_API size_t gptoss_moe_mxfp4_decode_workspace_size(int64_t T, int64_t k, int64_t H, int64_t I);
+
+GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
+    const void* x, const int32_t* topk_ids, const float* topk_weights,
+    const uint8_t* w1_blocks, const uint8_t* w1_scales, const void* w1_bias,
+    const uint8_t* w2_blocks, const uint8_t* w2_scales, const void* w2_bias,
+    float swiglu_alpha, float swiglu_limit, void* out,
+    int64_t T, int64_t H, int64_t I, int64_t E, int64_t k,
+    void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+#endif /* GPTOSS_MOE_H_ */

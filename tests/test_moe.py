@@ -1,0 +1,512 @@
+"""moe_mxfp4: argument checks, the regime choice, the decode kernels' host-testable decode math and
+fragment mapping (CPU), the kernels' SASS (CPU, needs a build), and the decode kernels against the
+reference (GPU).
+
+Tolerance of the GPU comparisons: relative norm error < 1e-2. The kernels read the same bf16/MXFP4
+inputs as the fp32 reference and accumulate in fp32; what differs is (1) the SwiGLU activation
+stored in bf16 between the two GEMMs (2^-9 relative per element, averaging down over the I-long
+dot products of mlp2) and (2) the bf16 rounding of the output (2^-9 per element, ~2e-3 on the
+norm). Both are far below 1e-2; a wrong index or a missing term gives errors of order 1. The
+measured errors are printed (pytest -s).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gptoss_kernels
+from gptoss_kernels import reference
+from gptoss_kernels.ops import moe as moe_ops
+from gptoss_kernels.ops import moe_mxfp4
+
+from . import sass
+
+TOL = 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def make_weights(E, H, I, device="cpu", scale_lo=119, scale_hi=124, gen=None):  # noqa: E741
+    """Random MXFP4 expert weights (checkpoint layout); scales near 2^-6 keep outputs O(1)."""
+    g = gen
+    u8 = dict(dtype=torch.uint8, generator=g)
+    w = {
+        "w1_blocks": torch.randint(0, 256, (E, 2 * I, H // 32, 16), **u8),
+        "w1_scales": torch.randint(scale_lo, scale_hi, (E, 2 * I, H // 32), **u8),
+        "w1_bias": (torch.randn((E, 2 * I), generator=g) * 0.1).to(torch.bfloat16),
+        "w2_blocks": torch.randint(0, 256, (E, H, I // 32, 16), **u8),
+        "w2_scales": torch.randint(scale_lo, scale_hi, (E, H, I // 32), **u8),
+        "w2_bias": (torch.randn((E, H), generator=g) * 0.1).to(torch.bfloat16),
+    }
+    return {k: v.to(device) for k, v in w.items()}
+
+
+def make_routing(T, E, k, device="cpu", gen=None):
+    """k distinct experts per token (uniform), softmax weights."""
+    ids = torch.rand((T, E), generator=gen).topk(k, dim=1).indices.to(torch.int32)
+    w = torch.softmax(torch.randn((T, k), generator=gen), dim=1)
+    return ids.contiguous().to(device), w.contiguous().to(device)
+
+
+def make_x(T, H, device="cpu", gen=None):
+    return torch.randn((T, H), generator=gen).to(torch.bfloat16).to(device)
+
+
+def args_of(x, ids, w, wt):
+    return (x, ids, w, wt["w1_blocks"], wt["w1_scales"], wt["w1_bias"], wt["w2_blocks"], wt["w2_scales"],
+            wt["w2_bias"])
+
+
+def rel_err(out, ref):
+    out, ref = out.float(), ref.float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks (CPU, meta)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small():
+    g = torch.Generator().manual_seed(1)
+    T, E, H, I, k = 3, 8, 64, 64, 4  # noqa: E741
+    wt = make_weights(E, H, I, gen=g)
+    ids, w = make_routing(T, E, k, gen=g)
+    return make_x(T, H, gen=g), ids, w, wt
+
+
+def test_cpu_matches_reference(small):
+    x, ids, w, wt = small
+    out = moe_mxfp4(*args_of(x, ids, w, wt))
+    ref = reference.moe(*args_of(x, ids, w, wt))
+    assert torch.equal(out, ref)
+    buf = torch.full_like(ref, float("nan"))
+    assert moe_mxfp4(*args_of(x, ids, w, wt), out=buf) is buf and torch.equal(buf, ref)
+
+
+@pytest.mark.parametrize("name,bad,exc,match", [
+    ("x", lambda a: a["x"].float(), TypeError, "x must have dtype bfloat16"),
+    ("topk_ids", lambda a: a["topk_ids"].long(), TypeError, "topk_ids must have dtype int32"),
+    ("topk_weights", lambda a: a["topk_weights"].to(torch.bfloat16), TypeError, "topk_weights must have dtype float32"),
+    ("w1_blocks", lambda a: a["w1_blocks"].to(torch.int8), TypeError, "w1_blocks must have dtype uint8"),
+    ("w1_bias", lambda a: a["w1_bias"].float(), TypeError, "w1_bias must have dtype bfloat16"),
+    ("w2_scales", lambda a: a["w2_scales"][:, :-1].contiguous(), ValueError, "w2_scales must have shape"),
+    ("topk_weights", lambda a: a["topk_weights"][:, :2].contiguous(), ValueError, "topk_weights must have shape"),
+    ("w2_blocks", lambda a: a["w2_blocks"][:-1].contiguous(), ValueError, "w2_blocks must have shape"),
+    ("x", lambda a: a["x"].t().contiguous().t(), ValueError, "x must be contiguous"),
+    ("w1_blocks", lambda a: a["w1_blocks"].transpose(0, 1).contiguous().transpose(0, 1), ValueError,
+     "w1_blocks must be contiguous"),
+    ("x", lambda a: a["x"][:, :48].contiguous(), ValueError, "multiple of 32|must have shape"),
+])
+def test_argument_errors(small, name, bad, exc, match):
+    x, ids, w, wt = small
+    a = {"x": x, "topk_ids": ids, "topk_weights": w, **wt}
+    a[name] = bad(a)
+    with pytest.raises(exc, match=match):
+        moe_mxfp4(a["x"], a["topk_ids"], a["topk_weights"], a["w1_blocks"], a["w1_scales"], a["w1_bias"],
+                  a["w2_blocks"], a["w2_scales"], a["w2_bias"])
+
+
+def test_k_limits(small):
+    x, ids, w, wt = small
+    for k in (0, 9):
+        ids_k = torch.zeros((x.shape[0], k), dtype=torch.int32)
+        w_k = torch.ones((x.shape[0], k), dtype=torch.float32)
+        with pytest.raises(ValueError, match="1 to 8 experts per token"):
+            moe_mxfp4(*args_of(x, ids_k, w_k, wt))
+
+
+def test_ids_out_of_range(small):
+    x, ids, w, wt = small
+    for v in (-1, wt["w1_blocks"].shape[0]):
+        bad = ids.clone()
+        bad[1, 2] = v
+        with pytest.raises(ValueError, match=r"topk_ids must be in \[0, 8\)"):
+            moe_mxfp4(*args_of(x, bad, w, wt))
+
+
+def test_mixed_devices_meta(small):
+    x, ids, w, wt = small
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        moe_mxfp4(*args_of(x, ids, w, {**wt, "w2_bias": wt["w2_bias"].to("meta")}))
+    with pytest.raises(ValueError, match="on one device|inputs are on"):
+        moe_mxfp4(*args_of(x, ids, w, wt), out=torch.empty(x.shape, dtype=torch.bfloat16, device="meta"))
+
+
+def test_out_checks(small):
+    x, ids, w, wt = small
+    with pytest.raises(TypeError, match="out must have dtype bfloat16"):
+        moe_mxfp4(*args_of(x, ids, w, wt), out=torch.empty(x.shape, dtype=torch.float32))
+    with pytest.raises(ValueError, match="out must have shape"):
+        moe_mxfp4(*args_of(x, ids, w, wt), out=torch.empty((x.shape[0] + 1, x.shape[1]), dtype=torch.bfloat16))
+
+
+def test_regime_choice():
+    n = moe_ops.PREFILL_MIN_ROUTED_ROWS
+    assert moe_ops.MOE_DECODE_MAX_ROWS == n  # the name bench/ops.py reads
+    assert not moe_ops.wants_prefill(n // 4, 4, 128)
+    assert moe_ops.wants_prefill(n // 4 + 1, 4, 128)
+    assert moe_ops.wants_prefill(1024, 4, 32)
+    assert not moe_ops.wants_prefill(1024, 4, 4096)  # beyond the prefill kernels' expert limit
+    # the prefill module is optional: its absence or failure means "use the decode kernels"
+    pre = moe_ops._prefill_module()
+    assert pre is None or hasattr(pre, "run")
+
+
+def test_moe_bytes_read():
+    T, k, E, H, I = 2, 4, 32, 64, 96  # noqa: E741
+    per_expert = 2 * I * (H // 32) * 17 + 2 * I * 2 + H * (I // 32) * 17 + H * 2
+    ids = torch.tensor([[0, 1, 2, 3], [3, 4, 0, 7]], dtype=torch.int32)
+    assert moe_ops.moe_bytes_read(T, k, E, H, I, ids) == 6 * per_expert + 2 * T * H * 2 + T * k * 8
+    # without ids: expected distinct experts under uniform routing
+    exp = min(E, round(E * (1 - (1 - k / E) ** T)))
+    assert moe_ops.moe_bytes_read(T, k, E, H, I) == exp * per_expert + 2 * T * H * 2 + T * k * 8
+    assert moe_ops.moe_bytes_read(1, 4, 128, 2880, 2880) == 4 * (5760 * 90 * 17 + 5760 * 2 + 2880 * 90 * 17
+                                                                 + 2880 * 2) + 2 * 2880 * 2 + 32
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode kernels' math, emulated on the CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair_bits(w: int, i: int) -> int:
+    """Python twin of gptoss::fp4x8_pair_bits (csrc/mxfp4_decode_fast.cuh)."""
+    s = 6 - 4 * i
+    mag = ((w << s) & 0xFFFFFFFF) if s >= 0 else (w >> -s)
+    sgn = (w << (12 - 4 * i)) & 0xFFFFFFFF
+    return (mag & 0x01C001C0) | (sgn & 0x80008000)
+
+
+def _scale_factors(s: int) -> tuple[float, float]:
+    """Python twin of gptoss::mxfp4_pair_scale_factors, as float values."""
+    f1 = s + 126 if s <= 128 else 254
+    f2 = 127 if s <= 128 else s - 1
+    return math.ldexp(1.0, f1 - 127), math.ldexp(1.0, f2 - 127)
+
+
+def _bf16(bits16: int) -> float:
+    return float(np.array([bits16 << 16], dtype=np.uint32).view(np.float32)[0])
+
+
+def _decode_block_py(block: bytes, s: int) -> list[float]:
+    c1, c2 = _scale_factors(s)
+    out = [0.0] * 32
+    for q in range(4):
+        w = int.from_bytes(block[4 * q:4 * q + 4], "little")
+        for i in range(4):
+            p = _pair_bits(w, i)
+            out[8 * q + i] = _bf16(p & 0xFFFF) * c1 * c2
+            out[8 * q + i + 4] = _bf16(p >> 16) * c1 * c2
+    return out
+
+
+SCALES = (0, 1, 2, 100, 127, 128, 129, 200, 254, 255)
+
+
+def _all_code_blocks():
+    """Blocks covering all 16 codes in every nibble position (low and high) of every byte."""
+    rows = []
+    for shift in range(16):
+        b = [((j + shift) % 16) | (((j + shift + 7) % 16) << 4) for j in range(16)]
+        rows.append(b)
+    return torch.tensor(rows, dtype=torch.uint8)  # [16, 16]
+
+
+def test_pair_decode_python_twin_matches_reference():
+    """The pairing/bit trick itself (Python twin) against reference.mxfp4_dequantize: all 16 codes in
+    every position, scale bytes 0/1/127/254 and more."""
+    blocks = _all_code_blocks()
+    for s in SCALES:
+        ref = reference.mxfp4_dequantize(blocks.unsqueeze(1), torch.full((16, 1), s, dtype=torch.uint8),
+                                         torch.float32)
+        got = torch.tensor([_decode_block_py(bytes(b.tolist()), s) for b in blocks], dtype=torch.float32)
+        assert torch.equal(got, ref), f"scale byte {s}"
+
+
+def _host():
+    C = gptoss_kernels._lib.C()
+    host = getattr(C, "host", None) if C is not None else None
+    if host is None or not hasattr(host, "mxfp4_decode_fast"):
+        pytest.skip("this build has no _C.host.mxfp4_decode_fast (rebuild with csrc/python/bind_moe.cpp)")
+    return host
+
+
+def test_host_decode_fast_matches_reference():
+    """gptoss::mxfp4_block_decode_fast (the C++ the kernels use) against the reference."""
+    host = _host()
+    blocks = _all_code_blocks()
+    for s in SCALES:
+        scales = torch.full((16, 1), s, dtype=torch.uint8)
+        ref = reference.mxfp4_dequantize(blocks.unsqueeze(1), scales, torch.float32)
+        got = torch.from_numpy(host.mxfp4_decode_fast(blocks.unsqueeze(1).numpy(), scales.numpy()))
+        assert torch.equal(got, ref), f"scale byte {s}"
+    g = torch.Generator().manual_seed(3)
+    b = torch.randint(0, 256, (7, 5, 16), dtype=torch.uint8, generator=g)
+    sc = torch.randint(0, 256, (7, 5), dtype=torch.uint8, generator=g)
+    ref = reference.mxfp4_dequantize(b, sc, torch.float32)
+    got = torch.from_numpy(host.mxfp4_decode_fast(b.numpy(), sc.numpy()))
+    assert torch.equal(got, ref)
+
+
+def test_host_pair_bits_matches_python_twin():
+    host = _host()
+    g = torch.Generator().manual_seed(4)
+    for w in torch.randint(0, 2**31, (64,), generator=g).tolist() + [0, 0xFFFFFFFF, 0x88888888, 0x77777777]:
+        for i in range(4):
+            assert host.fp4x8_pair_bits(w, i) == _pair_bits(w, i)
+
+
+def _emulate_warp_tile(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One warp's 16 x 8 output tile computed the way moe_decode_gemv_kernel builds its mma.sync
+    fragments (lane = 4g + tq; chunk c: lane tq owns group 4c+tq; step s = 2q+h), with the PTX
+    m16n8k16 fragment layouts, summed over all chunks. blocks [16, G, 16], scales [16, G], x [8, K]."""
+    G = blocks.shape[1]
+    K = 32 * G
+    xb = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF  # [8, K]
+    C = np.zeros((16, 8), dtype=np.float64)
+    nch = (G + 3) // 4
+    for c in range(nch):
+        for q in range(4):
+            for h in range(2):
+                A = np.zeros((16, 16))
+                B = np.zeros((16, 8))
+                for lane in range(32):
+                    g, tq = lane >> 2, lane & 3
+                    gi = 4 * c + tq
+                    if gi >= G:
+                        continue  # the kernel loads zeros
+                    def pairs(row, i):  # noqa: E306
+                        w = int.from_bytes(bytes(blocks[row, gi, 4 * q:4 * q + 4].tolist()), "little")
+                        c1, c2 = _scale_factors(int(scales[row, gi]))
+                        p = _pair_bits(w, i)
+                        return _bf16(p & 0xFFFF) * c1 * c2, _bf16(p >> 16) * c1 * c2
+                    a0, a2 = pairs(g, 2 * h), pairs(g, 2 * h + 1)
+                    a1, a3 = pairs(g + 8, 2 * h), pairs(g + 8, 2 * h + 1)
+                    X = [int(xb[g, 32 * gi + 2 * m]) | (int(xb[g, 32 * gi + 2 * m + 1]) << 16) for m in range(16)]
+                    lo, hi = X[4 * q + h], X[4 * q + h + 2]
+                    b0 = (_bf16(lo & 0xFFFF), _bf16(hi & 0xFFFF))   # __byte_perm(lo, hi, 0x5410)
+                    b1 = (_bf16(lo >> 16), _bf16(hi >> 16))         # __byte_perm(lo, hi, 0x7632)
+                    for i in range(2):  # PTX m16n8k16 .bf16 fragment layout
+                        A[g, 2 * tq + i] = a0[i]
+                        A[g + 8, 2 * tq + i] = a1[i]
+                        A[g, 2 * tq + 8 + i] = a2[i]
+                        A[g + 8, 2 * tq + 8 + i] = a3[i]
+                        B[2 * tq + i, g] = b0[i]
+                        B[2 * tq + 8 + i, g] = b1[i]
+                C += A @ B
+    return torch.from_numpy(C).float()
+
+
+@pytest.mark.parametrize("G", [4, 6])  # one full chunk; a chunk with a ragged tail (like 90 groups)
+def test_fragment_mapping_emulation(G):
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 256, (16, G, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(120, 130, (16, G), dtype=torch.uint8, generator=g)
+    x = torch.randn((8, 32 * G), generator=g).to(torch.bfloat16)
+    got = _emulate_warp_tile(blocks, scales, x)
+    ref = reference.mxfp4_dequantize(blocks, scales, torch.float32).double() @ x.double().t()
+    assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# static checks of the compiled kernels (CPU, needs a build with this family)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decode_kernels():
+    if not gptoss_kernels.kernels_built():
+        pytest.skip(f"kernels not built: {gptoss_kernels.kernels_error()}")
+    if sass.cuobjdump() is None:
+        pytest.skip("cuobjdump not found (pip install triton)")
+    ks = [k for k in sass.kernels(gptoss_kernels.library_path()).values() if "moe_decode_" in k.name]
+    if not ks:
+        pytest.skip("this build has no moe_decode kernels (rebuild)")
+    return ks
+
+
+def test_sass_decode_kernels(decode_kernels):
+    gemv = [k for k in decode_kernels if "moe_decode_gemv_kernel" in k.name]
+    assert len(gemv) == 2, [k.name for k in decode_kernels]
+    for k in decode_kernels:
+        print(f"{k.name[:90]:90s} REG={k.reg} STACK={k.stack} LOCAL={k.local} SHARED={k.shared}")
+        assert k.local == 0 and k.stack == 0, f"{k.name} uses local memory"
+        assert "LDL" not in k.sass and "STL" not in k.sass, f"{k.name} has LDL/STL"
+    for k in gemv:
+        assert "LDG.E.128" in k.sass or "LDG.E.NA.128" in k.sass, f"{k.name}: no 16-byte loads"
+        assert "HMMA.16816.F32.BF16" in k.sass, f"{k.name}: no bf16 tensor-core mma"
+        assert k.reg <= 128, f"{k.name}: {k.reg} registers (2 blocks of 256 threads per SM need <= 128)"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the decode kernels against the reference
+# ---------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _gpu_case(T, E, H, I, k=4, seed=0, **wkw):  # noqa: E741
+    g = torch.Generator().manual_seed(seed)
+    wt = make_weights(E, H, I, DEV, gen=g, **wkw)
+    ids, w = make_routing(T, E, k, DEV, gen=g)
+    return make_x(T, H, DEV, gen=g), ids, w, wt
+
+
+def _run_decode(x, ids, w, wt, out=None, **kw):
+    if out is None:
+        out = torch.full((x.shape[0], x.shape[1]), float("nan"), dtype=torch.bfloat16, device=x.device)
+    return moe_ops.run_decode(*args_of(x, ids, w, wt), 1.702, 7.0, out, **kw)
+
+
+def _check(out, x, ids, w, wt, label=""):
+    ref = reference.moe(*args_of(x, ids, w, wt))
+    assert not torch.isnan(out).any(), f"{label}: NaN in output (unwritten or bad math)"
+    err = rel_err(out, ref)
+    print(f"moe decode {label}: rel err {err:.2e}")
+    assert err < TOL, f"{label}: rel err {err:.3e}"
+    return err
+
+
+@gpu
+@pytest.mark.parametrize("E", [32, 128])
+@pytest.mark.parametrize("T", [1, 2, 3, 8, 16, 64])
+def test_gpu_decode_vs_reference(T, E):
+    x, ids, w, wt = _gpu_case(T, E, 256, 512, seed=T * 1000 + E)
+    _check(_run_decode(x, ids, w, wt), x, ids, w, wt, f"T={T} E={E} H=256 I=512")
+    # through the public op (T*k <= 256: decode regime), poisoned out
+    out = torch.full((T, 256), float("nan"), dtype=torch.bfloat16, device=DEV)
+    moe_mxfp4(*args_of(x, ids, w, wt), out=out)
+    _check(out, x, ids, w, wt, f"op T={T} E={E}")
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 4, 64])
+def test_gpu_decode_real_size(T):
+    x, ids, w, wt = _gpu_case(T, 32, 2880, 2880, seed=7 + T)
+    _check(_run_decode(x, ids, w, wt), x, ids, w, wt, f"T={T} E=32 H=I=2880")
+
+
+@gpu
+def test_gpu_odd_sizes():
+    # H, I multiples of 32 but not 64/128: ragged chunks and a partial last block of rows
+    for H, I in ((96, 160), (32, 32), (2880, 96)):  # noqa: E741
+        x, ids, w, wt = _gpu_case(5, 16, H, I, seed=H + I)
+        _check(_run_decode(x, ids, w, wt), x, ids, w, wt, f"H={H} I={I}")
+
+
+@gpu
+def test_gpu_duplicate_and_shared_experts():
+    T, E, H, I = 16, 32, 256, 256  # noqa: E741
+    x, _, w, wt = _gpu_case(T, E, H, I, seed=11)
+    # every token picks from the same 4 experts (each expert sees all 16 tokens)
+    ids = torch.stack([torch.randperm(4) * 3 + 1 for _ in range(T)]).to(torch.int32).to(DEV)
+    _check(_run_decode(x, ids, w, wt), x, ids, w, wt, "duplicates across tokens")
+    # one expert chosen by all 64 tokens (8 token tiles of one expert), the rest random
+    T = 64
+    x, ids, w, wt = _gpu_case(T, E, H, I, seed=12)
+    ids[:, 2] = 5
+    ids[:, 0] = torch.where(ids[:, 0] == 5, torch.full_like(ids[:, 0], 6), ids[:, 0])
+    ids[:, 1] = torch.where(ids[:, 1] == 5, torch.full_like(ids[:, 1], 7), ids[:, 1])
+    ids[:, 3] = torch.where(ids[:, 3] == 5, torch.full_like(ids[:, 3], 8), ids[:, 3])
+    _check(_run_decode(x, ids, w, wt), x, ids, w, wt, "one expert chosen by all tokens")
+    # the same expert twice in one token's top-k (each slot counts, like the reference)
+    ids2 = ids.clone()
+    ids2[:, 1] = ids2[:, 0]
+    _check(_run_decode(x, ids2, w, wt), x, ids2, w, wt, "same expert twice in a token")
+    # all 8 slots of every token on experts 0..7 (k = 8, the limit)
+    x8, _, w8, wt8 = _gpu_case(8, 8, H, I, k=8, seed=13)
+    ids8 = torch.stack([torch.randperm(8) for _ in range(8)]).to(torch.int32).to(DEV)
+    _check(_run_decode(x8, ids8, w8, wt8), x8, ids8, w8, wt8, "k=8")
+
+
+@gpu
+def test_gpu_extreme_scales():
+    T, E, H, I = 8, 32, 256, 256  # noqa: E741
+    x, ids, w, wt = _gpu_case(T, E, H, I, seed=21)
+    g = torch.Generator().manual_seed(22)
+    for key in ("w1_scales", "w2_scales"):
+        s = wt[key].cpu()
+        pick = torch.randint(0, 4, s.shape, generator=g)
+        choices = torch.tensor([0, 1, 140, 150], dtype=torch.uint8)  # underflow-range and huge scales
+        wt[key] = torch.where(torch.rand(s.shape, generator=g) < 0.3, choices[pick], s).to(DEV)
+    out = _run_decode(x, ids, w, wt)
+    ref = reference.moe(*args_of(x, ids, w, wt))
+    assert torch.isfinite(ref).all()
+    _check(out, x, ids, w, wt, "extreme scales")
+
+
+@gpu
+def test_gpu_deterministic_and_graph_replay():
+    T, E, H, I = 16, 32, 2880, 2880  # noqa: E741
+    x, ids, w, wt = _gpu_case(T, E, H, I, seed=31)
+    a = _run_decode(x, ids, w, wt)
+    b = _run_decode(x, ids, w, wt)
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16)), "two runs differ"
+    out = torch.full_like(a, float("nan"))
+    ws = torch.empty(moe_ops.decode_workspace_bytes(T, 4, H, I), dtype=torch.uint8, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on the capture stream
+        _run_decode(x, ids, w, wt, out=out, workspace=ws)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe_mxfp4(*args_of(x, ids, w, wt), out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.view(torch.int16), a.view(torch.int16)), "graph replay differs from eager"
+    # new routing, same buffers: the replay follows the ids (no host-side expert list)
+    g = torch.Generator().manual_seed(32)
+    ids2, w2 = make_routing(T, E, 4, DEV, gen=g)
+    ids.copy_(ids2)
+    w.copy_(w2)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out, x, ids, w, wt, "graph replay, new routing")
+
+
+@gpu
+def test_gpu_chunked_large_T_and_empty():
+    # T*k above one kernel chunk (256 routed rows): the launcher loops over token chunks
+    T, E, H, I = 150, 32, 256, 256  # noqa: E741
+    x, ids, w, wt = _gpu_case(T, E, H, I, seed=41)
+    _check(_run_decode(x, ids, w, wt), x, ids, w, wt, "T=150 chunked")
+    x0 = torch.empty((0, H), dtype=torch.bfloat16, device=DEV)
+    out0 = moe_mxfp4(*args_of(x0, ids[:0], w[:0], wt))
+    assert out0.shape == (0, H)
+
+
+@gpu
+def test_gpu_invalid_ids_give_nan_rows():
+    T, E, H, I = 4, 32, 256, 256  # noqa: E741
+    x, ids, w, wt = _gpu_case(T, E, H, I, seed=51)
+    bad = ids.clone()
+    bad[1, 2] = E
+    bad[3, 0] = -1
+    out = _run_decode(x, bad, w, wt)
+    assert torch.isnan(out[1]).all() and torch.isnan(out[3]).all()
+    good = [0, 2]
+    ref = reference.moe(*args_of(x[good], ids[good], w[good], wt))
+    assert rel_err(out[good], ref) < TOL
+    with pytest.raises(ValueError, match="topk_ids must be in"):
+        moe_mxfp4(*args_of(x, bad, w, wt), validate_ids=True)
+
+
+@gpu
+def test_gpu_workspace_too_small():
+    T, E, H, I = 2, 8, 64, 64  # noqa: E741
+    x, ids, w, wt = _gpu_case(T, E, H, I, seed=61)
+    with pytest.raises(ValueError, match="workspace"):
+        _run_decode(x, ids, w, wt, workspace=torch.empty(16, dtype=torch.uint8, device=DEV))
