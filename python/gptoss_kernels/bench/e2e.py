@@ -1,8 +1,8 @@
 """End-to-end benchmark: ``GptOss.from_config`` with random weights of the real shapes.
 
-Measured through the model's public API (``model.generate``, which prefills, then decodes with a
-KV cache in a CUDA graph): time to first token (a generate of one token), decode tok/s (the extra
-time of a generate of 1 + N tokens over one of 1 token), prefill tok/s (prompt tokens over the
+Measured through the model's public API (``model.stream`` / ``model.generate``, which prefill,
+then decode with a KV cache in a CUDA graph): time to first token, decode tok/s (seconds between
+the first and the last of N + 1 yielded tokens, per step), prefill tok/s (prompt tokens over the
 time to first token), peak GPU memory; and for every decode figure the bound it is measured
 against: bytes one step must read (``decode_bytes_per_step``) over the copy bandwidth measured in
 the same run.
@@ -55,9 +55,15 @@ def _row(case: str, batch: int, context: int, shape: ModelShape, limits: Limits 
 
 
 def plan(shape: ModelShape, limits: Limits | None, batches, contexts, prefill_tokens) -> list[dict]:
-    rows = [_row(f"decode B={B} ctx={L}", B, L, shape, limits) for L in contexts for B in batches]
-    rows += [_row(f"prefill T={T}", 1, T, shape, limits) for T in prefill_tokens]
-    return rows
+    """Rows in the order they are measured: the headline figures first (batch 1 decode at the
+    shortest context, the shortest prefill), so a time budget cuts the least useful ones."""
+    decode = [(B, L) for L in sorted(contexts) for B in sorted(batches)]
+    decode.sort(key=lambda bl: (bl[0] * bl[1] > 4 * min(contexts), bl[1], bl[0]))
+    rows = [_row(f"decode B={B} ctx={L}", B, L, shape, limits) for B, L in decode]
+    pre = [_row(f"prefill T={T}", 1, T, shape, limits) for T in sorted(prefill_tokens)]
+    if pre:
+        rows.insert(1, pre.pop(0))
+    return rows + pre
 
 
 def fits(shape: ModelShape, batch: int, context: int, device: torch.device) -> tuple[bool, str]:
@@ -66,15 +72,34 @@ def fits(shape: ModelShape, batch: int, context: int, device: torch.device) -> t
     return need <= 0.95 * total, f"needs ≈{need / 2**30:.0f} GiB (weights + KV cache + 2 GiB) of {total / 2**30:.0f} GiB"
 
 
-def _timed(fn) -> tuple[float, object]:
+def _measure(model, ids: torch.Tensor, n: int) -> tuple[float, float | None, int]:
+    """(time to first token s, seconds per decode step or None, decode steps) for a prompt batch.
+
+    Through ``model.stream`` when it exists (each yield follows the step's one host sync, so the
+    host clock between yields times the steps); else two ``generate`` calls (1 and n tokens)."""
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
+    t0 = time.perf_counter()
+    if hasattr(model, "stream"):
+        stamps = [time.perf_counter() for _ in model.stream(ids, n, temperature=0.0, stop_token_ids=[])]
+        torch.cuda.synchronize()
+        if not stamps:
+            raise RuntimeError("model.stream yielded nothing")
+        steps = len(stamps) - 1
+        return stamps[0] - t0, ((stamps[-1] - stamps[0]) / steps if steps else None), steps
+    model.generate(ids, max_new_tokens=1, temperature=0.0, stop_token_ids=[])
     torch.cuda.synchronize()
-    return time.perf_counter() - t, out
+    t1 = time.perf_counter() - t0
+    if n <= 1:
+        return t1, None, 0
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=n, temperature=0.0, stop_token_ids=[])
+    torch.cuda.synchronize()
+    tn = time.perf_counter() - t0
+    steps = (_num_new(out) or n) - 1
+    return t1, ((tn - t1) / steps if steps > 0 and tn > t1 else None), steps
 
 
-def _num_new(out, batch: int) -> int | None:
+def _num_new(out) -> int | None:
     """Tokens generated per sequence, from generate's return value (list or tensor)."""
     if isinstance(out, torch.Tensor):
         return int(out.shape[-1])
@@ -122,48 +147,53 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
     def prompt(batch: int, length: int) -> torch.Tensor:
         return torch.randint(0, vocab_hi, (batch, length), generator=gen).to(ctx.device)
 
-    def generate(ids: torch.Tensor, n: int):
-        return model.generate(ids, max_new_tokens=n, temperature=0.0, stop_token_ids=[])
-
     warmed: set[int] = set()
+    prefill_tok_s = None  # measured by the first prefill row, to skip rows that cannot finish in time
     for i, r in enumerate(rows):
         if ctx.out_of_time():
             r.update(status="skipped", reason="time budget (--max-seconds) spent")
             continue
-        B = r["batch"]
-        ok, why = fits(shape, B, r["context"] + new_tokens, ctx.device)
+        B, L = r["batch"], r["context"]
+        is_prefill = r["case"].startswith("prefill")
+        prompt_len = L if is_prefill else max(1, L - new_tokens)
+        ok, why = fits(shape, B, prompt_len + new_tokens, ctx.device)
         if not ok:
             r.update(status="skipped", reason=f"does not fit: {why}")
             continue
+        if prefill_tok_s and ctx.deadline is not None:
+            need = B * prompt_len / prefill_tok_s
+            if time.monotonic() + need > ctx.deadline:
+                r.update(status="skipped", reason=f"its prefill (≈{need:.0f} s at the measured rate) would pass --max-seconds")
+                continue
         ctx.progress(f"e2e [{i + 1}/{len(rows)}] {r['case']}")
         try:
-            if B not in warmed:  # graph capture and allocations outside the timings
-                generate(prompt(B, 16), 4)
+            if B not in warmed:  # first-use costs (module loads, handles) outside the timings
+                _measure(model, prompt(B, 16), 3)
                 warmed.add(B)
             torch.cuda.reset_peak_memory_stats(ctx.device)
-            ids = prompt(B, r["context"] if r["case"].startswith("prefill") else r["context"] - new_tokens)
-            t1, out1 = _timed(lambda: generate(ids, 1))
-            r["ttft_ms"] = t1 * 1e3
-            if r["case"].startswith("prefill"):
-                r["tok_s"] = B * ids.shape[1] / t1
+            ttft, step_s, steps = _measure(model, prompt(B, prompt_len), 1 if is_prefill else 1 + new_tokens)
+            r["ttft_ms"] = ttft * 1e3
+            if is_prefill:
+                r["tok_s"] = B * prompt_len / ttft
+                prefill_tok_s = r["tok_s"]
             else:
-                tn, outn = _timed(lambda: generate(ids, 1 + new_tokens))
-                n = (_num_new(outn, B) or 1 + new_tokens) - 1
-                if n <= 0 or tn <= t1:
-                    raise RuntimeError(f"generate returned {n + 1} tokens in {tn:.3f}s (TTFT {t1:.3f}s)")
-                r["ms_per_step"] = (tn - t1) / n * 1e3
-                r["tok_s"] = B * n / (tn - t1)
+                if not step_s:
+                    raise RuntimeError(f"no decode steps were timed ({steps} steps)")
+                r["ms_per_step"] = step_s * 1e3
+                r["tok_s"] = B / step_s
                 if r["bound_tok_s"]:
                     r["pct_of_bound"] = 100.0 * r["tok_s"] / r["bound_tok_s"]
             r["peak_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
             r["status"] = "ok"
+            ctx.progress(f"    {r['tok_s']:.1f} tok/s, TTFT {r['ttft_ms']:.1f} ms, peak {r['peak_gib']:.1f} GiB")
         except torch.cuda.OutOfMemoryError as e:
             r.update(status="error", reason=f"out of memory: {str(e).splitlines()[0][:160]}")
-        except Exception as e:  # noqa: BLE001 - e.g. generate takes no batched prompts
+        except Exception as e:  # noqa: BLE001 - one failing case must not end the run
             r.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         finally:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+    notes.append("TTFT and prefill tok/s include the decode-step CUDA graph capture that each generate call does")
     del model
     torch.cuda.empty_cache()
     return rows, notes

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The one-call device check. Runs ON the GPU machine through the device tool:
+#     run(command="bash bench/device/run.sh $OUT", carry=[".device"], timeout_s=540)
+# after `bash bench/device/prepare.sh` here. No network there. Every step is time-capped so one
+# hang cannot eat the call; the whole script keeps to GPTOSS_CHECK_BUDGET_S (default 470 s).
+#
+# Steps: install the prepared wheel into a target dir on PYTHONPATH (build from source there if
+# the wheel does not load or the C++/CUDA sources changed since prepare, and say so) -> info ->
+# every GPU test (pytest -m gpu -rs) -> compute-sanitizer memcheck and racecheck on
+# bench/device/sanitize_cases.py -> `gptoss-kernels bench all --json` -> summary.md.
+# Files in OUT (7): summary.md run.log info.json pytest.log sanitizer.log bench.log bench.json
+set -uo pipefail
+
+OUT="${1:?usage: bash bench/device/run.sh OUT_DIR}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+DEV="$REPO/.device"
+BUDGET="${GPTOSS_CHECK_BUDGET_S:-470}"
+PY="${PYTHON:-python3}"
+WORK=/tmp/gptoss-check
+SITE="$WORK/site"
+STEPS="$WORK/steps.tsv"
+T0=$(date +%s)
+rm -rf "$WORK" && mkdir -p "$WORK"
+: > "$STEPS"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+cd "$REPO"
+
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# cap WANTED RESERVE: seconds for a step, leaving RESERVE for the steps after it (0 = skip)
+cap() { local l=$(( $(left) - $2 )); (( l > $1 )) && l=$1; (( l < 15 )) && l=0; echo $l; }
+step() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >> "$STEPS"; echo "== step $1: $2 (${3}s) ${4:-}"; }
+verdict() { case $1 in 0) echo pass ;; 124|137) echo "TIMED OUT" ;; *) echo "fail (rc $1)" ;; esac; }
+
+main() {
+echo "== device check: $(date -u +%FT%TZ) repo $REPO budget ${BUDGET}s"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | head -3
+$PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
+
+# ---- 1. install ----
+t=$(date +%s)
+if [[ -f "$DEV/manifest.json" ]]; then
+  export GPTOSS_GIT_COMMIT="$($PY bench/device/helpers.py manifest-get "$DEV" git_commit)"
+  export GPTOSS_GIT_DIRTY="$($PY bench/device/helpers.py manifest-get "$DEV" git_dirty)"
+  echo "prepared: $($PY bench/device/helpers.py manifest-get "$DEV" prepared) commit $GPTOSS_GIT_COMMIT dirty=$GPTOSS_GIT_DIRTY"
+fi
+install_deps() {  # harmony and its needs, in one pip call; keep the device's own typing_extensions
+  local w skip="" wheels=()
+  $PY -c 'import typing_extensions' 2>/dev/null && skip="typing_extensions-"
+  for w in "$DEV"/wheels/*.whl; do
+    [[ -e "$w" ]] || continue
+    case "$(basename "$w")" in gptoss_kernels-*) continue ;; esac
+    [[ -n "$skip" && "$(basename "$w")" == $skip* ]] && continue
+    wheels+=("$w")
+  done
+  (( ${#wheels[@]} )) || { echo "WARNING: no dependency wheels in .device/wheels (openai-harmony tests will fail)"; return; }
+  $PY -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$1" "${wheels[@]}" \
+    || echo "WARNING: could not install ${wheels[*]##*/}"
+}
+kernels_load() { PYTHONPATH="$1" $PY -c '
+import gptoss_kernels as g, sys
+if not g.cuda_available():
+    sys.exit(f"kernels not usable: {g.kernels_error()}")
+print("kernels load:", g.build_info())'; }
+how="wheel"; why=""
+WHEEL="$(ls "$DEV"/wheels/gptoss_kernels-*.whl 2>/dev/null | head -1)"
+if [[ -z "$WHEEL" ]]; then
+  how="source build"; why="no prepared wheel in .device/wheels (run bench/device/prepare.sh here first)"
+else
+  if ! err="$($PY -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$SITE" "$WHEEL" 2>&1)"; then
+    echo "$err"
+    err="the prepared wheel does not install here: $(echo "$err" | grep -v '^\s*$' | tail -1)"
+  else
+    err=""
+    # Python sources as they are now (the wheel holds them as they were at prepare time)
+    (cd python && find gptoss_kernels -name '*.py' -exec cp --parents {} "$SITE/" \;)
+  fi
+  now="$($PY bench/device/helpers.py source-hash "$REPO")"
+  then_="$($PY bench/device/helpers.py manifest-get "$DEV" source_hash)"
+  if [[ -n "$err" ]]; then
+    how="source build"; why="$err"
+  elif [[ "$now" != "$then_" ]]; then
+    how="source build"; why="csrc/, CMakeLists.txt or pyproject.toml changed since prepare (the wheel is stale)"
+  elif ! err="$(kernels_load "$SITE" 2>&1)"; then
+    how="source build"; why="the prepared wheel does not load here: $(echo "$err" | tail -1)"
+  else
+    echo "$err"
+  fi
+fi
+if [[ "$how" == "source build" ]]; then
+  echo "FALLBACK: building from source on the device because $why"
+  rm -rf "$SITE" && mkdir -p "$SITE"
+  c=$(cap 240 200)
+  if [[ -n "${GPTOSS_CHECK_NO_BUILD:-}" ]]; then
+    echo "GPTOSS_CHECK_NO_BUILD is set: no source build (a dry run of this script)"
+  elif (( c > 0 )); then
+    GPTOSS_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=16 timeout "$c" $PY -m pip install -q --no-index --no-deps \
+      --no-build-isolation --no-compile --disable-pip-version-check --target "$SITE" \
+      --config-settings=build-dir="$WORK/build" "$REPO" 2>&1 | tail -40
+    kernels_load "$SITE" || echo "ERROR: the source build does not load either"
+  fi
+fi
+install_deps "$SITE"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -f "$DEV/vocab/o200k_base.tiktoken" ]]; then
+  export TIKTOKEN_ENCODINGS_BASE="$DEV/vocab"
+else
+  echo "WARNING: .device/vocab/o200k_base.tiktoken missing: harmony tests will fail or skip"
+fi
+if kernels_load "$SITE" >/dev/null 2>&1; then r=0; else r=1; fi
+step install "$([[ $r == 0 ]] && echo "kernels load" || echo "KERNELS DO NOT LOAD")" $(( $(date +%s) - t )) "$how${why:+: $why}"
+
+# ---- 2. info ----
+t=$(date +%s)
+timeout 60 $PY -m gptoss_kernels.cli info --json > "$OUT/info.json" 2>&1; r=$?
+timeout 60 $PY -m gptoss_kernels.cli info 2>&1
+step info "$(verdict $r)" $(( $(date +%s) - t ))
+
+# ---- 3. GPU tests ----
+t=$(date +%s)
+c=$(cap 170 230)
+if (( c > 0 )); then
+  extra=()
+  $PY -c 'import pytest_timeout' 2>/dev/null && extra=(--timeout=90)
+  timeout "$c" $PY -m pytest -m gpu -rs -q -p no:cacheprovider "${extra[@]}" tests > "$OUT/pytest.log" 2>&1; r=$?
+  tail -5 "$OUT/pytest.log"
+  case $r in 0) v=pass ;; 5) v="no GPU tests collected" ;; 124|137) v="TIMED OUT after ${c}s" ;; *) v="failures (rc $r)" ;; esac
+  step "pytest -m gpu" "$v" $(( $(date +%s) - t ))
+else
+  step "pytest -m gpu" "SKIPPED: no time left" 0
+fi
+
+# ---- 4. compute-sanitizer ----
+SAN="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+for tool in memcheck racecheck; do
+  t=$(date +%s)
+  c=$(cap 70 150)
+  if [[ ! -x "$SAN" ]]; then step "$tool" "SKIPPED: compute-sanitizer not found" 0; continue; fi
+  if (( c == 0 )); then step "$tool" "SKIPPED: no time left" 0; continue; fi
+  echo "===== $tool step: start" >> "$OUT/sanitizer.log"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$c" "$SAN" --tool "$tool" --error-exitcode 86 --print-limit 30 \
+    $PY bench/device/sanitize_cases.py >> "$OUT/sanitizer.log" 2>&1; r=$?
+  case $r in 0) v="clean" ;; 86) v="ERRORS FOUND" ;; 124|137) v="TIMED OUT after ${c}s" ;; *) v="fail (rc $r)" ;; esac
+  step "$tool" "$v" $(( $(date +%s) - t ))
+done
+
+# ---- 5. benchmarks ----
+t=$(date +%s)
+c=$(cap 400 20)
+if (( c > 0 )); then
+  timeout "$c" $PY -m gptoss_kernels.cli bench all --json "$WORK/bench.json" --max-seconds $(( c - 45 )) \
+    > "$OUT/bench.log" 2>&1; r=$?
+  [[ -f "$WORK/bench.json" ]] && cp "$WORK/bench.json" "$OUT/bench.json"
+  case $r in 0) v=pass ;; 1) v="some cases failed verification or raised" ;; 124|137) v="TIMED OUT after ${c}s (partial JSON kept)" ;; *) v="fail (rc $r)" ;; esac
+  step "bench all" "$v" $(( $(date +%s) - t ))
+else
+  step "bench all" "SKIPPED: no time left" 0
+fi
+
+# ---- 6. summary ----
+$PY bench/device/helpers.py summary "$OUT" --steps "$STEPS" > "$OUT/summary.md" 2>&1
+echo
+cat "$OUT/summary.md"
+echo "== device check done in $(( $(date +%s) - T0 ))s; files: $(ls "$OUT" | tr '\n' ' ')"
+}
+
+main 2>&1 | tee "$OUT/run.log"
