@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 
 from .. import _checks, _lib, reference
 
-# Owner of the CUDA path: the router kernel (csrc/kernels/router.cu, issue 7).
+# CUDA path: csrc/kernels/router.cu (C ABI in csrc/include/gptoss/router.h, selection math in
+# csrc/topk.cuh). Limits of the CUDA path: E <= 256, k <= 8, H % 8 == 0, x and weight 16-byte
+# aligned; other shapes run the reference on CUDA tensors too (with a one-time warning).
+
+_PATHS = {"auto": 0, "fused": 1, "split": 2}
+_MAX_E = 256
+_MAX_K = 8
 
 
 class RouteMetadata(NamedTuple):
@@ -32,21 +39,142 @@ def _check_router_args(x, weight, bias, k):
     return _checks.same_device(x=x, weight=weight, bias=bias)
 
 
-def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+_warned_shapes: set[str] = set()
+
+
+def _warn_unsupported(op: str, why: str) -> None:
+    if op not in _warned_shapes:
+        _warned_shapes.add(op)
+        warnings.warn(f"gptoss_kernels.{op}: running the PyTorch reference on CUDA tensors because {why}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _router_cuda_unsupported(x, weight, k) -> str | None:
+    E, H = weight.shape
+    if E > _MAX_E:
+        return f"E={E} > {_MAX_E} is not supported by the kernel"
+    if k > _MAX_K:
+        return f"k={k} > {_MAX_K} is not supported by the kernel"
+    if H % 8:
+        return f"H={H} is not a multiple of 8"
+    if x.data_ptr() % 16 or weight.data_ptr() % 16:
+        return "x or weight is not 16-byte aligned"
+    return None
+
+
+def _out_pair(out, T, k, device):
+    if out is None:
+        return None, None
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError("out must be a tuple (topk_ids, topk_weights)")
+    ids = _checks.out_tensor("out[0] (topk_ids)", out[0], shape=(T, k), dtype=torch.int32, device=device)
+    w = _checks.out_tensor("out[1] (topk_weights)", out[1], shape=(T, k), dtype=torch.float32, device=device)
+    return ids, w
+
+
+def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int = 4, *,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None, return_metadata: bool = False,
+                metadata_out: RouteMetadata | None = None, path: str = "auto"):
     """Router logits, top-k, softmax over the selected (spec §4.3 steps 2-4).
 
     x bf16 [T, H]; weight bf16 [E, H]; bias bf16 [E]
     -> topk_ids int32 [T, k] (descending logit; ties to the lower expert index; NaN logits rank
-       last so ids are always in [0, E)), topk_weights float32 [T, k] (softmax of the k logits).
+       last, tied with -inf, so ids are always in [0, E)), topk_weights float32 [T, k] (softmax of
+       the k selected fp32 logits, torch.softmax's rules for non-finite values: all k weights are
+       NaN when a selected logit is NaN or +inf, or when all k are -inf).
+
+    out: optional (topk_ids, topk_weights) to write into (graph-safe use: with out= and
+         metadata_out= the call allocates only its scratch workspace, through torch's allocator).
+    return_metadata: also group the routed rows by expert and return
+         (topk_ids, topk_weights, RouteMetadata) — the same as calling route(topk_ids, E) after,
+         in one call (on CUDA: the router kernel(s) then route's three small kernels, no host sync).
+    metadata_out: optional RouteMetadata of output tensors for return_metadata.
+    path: "auto" | "fused" | "split" — which CUDA kernel path (see gptoss/router.h); results are
+         the same; for tests and benchmarks.
     """
     dev = _check_router_args(x, weight, bias, k)
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {sorted(_PATHS)}, got {path!r}")
+    T, H = x.shape
+    E = weight.shape[0]
+    ids, wts = _out_pair(out, T, k, dev)
+    if metadata_out is not None and not return_metadata:
+        raise ValueError("metadata_out is given but return_metadata is False")
+
+    why = None
     if dev.type == "cuda":
-        _lib.warn_reference_fallback("router_topk")
-    return reference.router_topk(x, weight, bias, k)
+        why = _lib.kernels_error() if not _lib.cuda_available() else _router_cuda_unsupported(x, weight, k)
+    if dev.type == "cuda" and why is None:
+        if ids is None:
+            ids = torch.empty((T, k), dtype=torch.int32, device=dev)
+            wts = torch.empty((T, k), dtype=torch.float32, device=dev)
+        C = _lib.C()
+        mode = _PATHS[path]
+        nbytes = C.router_topk_workspace_size(T, H, E, k, mode)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=dev) if nbytes else None
+        with torch.cuda.device(dev):
+            C.router_topk_bf16(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), ids.data_ptr(),
+                               wts.data_ptr(), T, H, E, k, mode, ws.data_ptr() if ws is not None else 0,
+                               nbytes, _checks.stream_of(dev))
+    else:
+        if dev.type == "cuda":
+            if _lib.cuda_available():
+                _warn_unsupported("router_topk", why)
+            else:
+                _lib.warn_reference_fallback("router_topk")
+        rid, rw = reference.router_topk(x, weight, bias, k)
+        if ids is None:
+            ids, wts = rid, rw
+        else:
+            ids.copy_(rid)
+            wts.copy_(rw)
+    if return_metadata:
+        return ids, wts, route(ids, E, out=metadata_out)
+    return ids, wts
 
 
-def route(topk_ids: torch.Tensor, num_experts: int) -> RouteMetadata:
-    """Group routed rows by expert: topk_ids int32 [T, k] -> RouteMetadata (see its doc)."""
+def route(topk_ids: torch.Tensor, num_experts: int, *, out: RouteMetadata | None = None) -> RouteMetadata:
+    """Group routed rows by expert: topk_ids int32 [T, k] -> RouteMetadata (see its doc).
+
+    Ids must be in [0, num_experts): on CPU tensors a ValueError says otherwise; on CUDA (no host
+    sync) rows with such ids are left out of counts and the tail permutation[offsets[E]:] is -1.
+    out: optional RouteMetadata of int32 tensors [E], [E+1], [T*k] to write into.
+    """
     _checks.tensor("topk_ids", topk_ids, dtype=torch.int32, ndim=2)
     _checks.positive_int("num_experts", num_experts)
-    return RouteMetadata(*reference.route_metadata(topk_ids, num_experts))
+    dev = topk_ids.device
+    E, n = num_experts, topk_ids.numel()
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 3:
+            raise TypeError("out must be a RouteMetadata (counts, offsets, permutation)")
+        out = RouteMetadata(
+            _checks.out_tensor("out.counts", out[0], shape=(E,), dtype=torch.int32, device=dev),
+            _checks.out_tensor("out.offsets", out[1], shape=(E + 1,), dtype=torch.int32, device=dev),
+            _checks.out_tensor("out.permutation", out[2], shape=(n,), dtype=torch.int32, device=dev))
+    if dev.type == "cuda" and _lib.cuda_available() and E <= _MAX_E:
+        if out is None:
+            out = RouteMetadata(torch.empty(E, dtype=torch.int32, device=dev),
+                                torch.empty(E + 1, dtype=torch.int32, device=dev),
+                                torch.empty(n, dtype=torch.int32, device=dev))
+        C = _lib.C()
+        nbytes = C.route_workspace_size(n, E)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=dev) if nbytes else None
+        with torch.cuda.device(dev):
+            C.route(topk_ids.data_ptr(), n, E, out.counts.data_ptr(), out.offsets.data_ptr(),
+                    out.permutation.data_ptr(), ws.data_ptr() if ws is not None else 0, nbytes,
+                    _checks.stream_of(dev))
+        return out
+    if dev.type == "cuda":
+        if _lib.cuda_available():
+            _warn_unsupported("route", f"num_experts={E} > {_MAX_E} is not supported by the kernel")
+        else:
+            _lib.warn_reference_fallback("route")
+    elif n and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= E):
+        raise ValueError(f"topk_ids must be in [0, num_experts={E}), got values in "
+                         f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
+    res = RouteMetadata(*reference.route_metadata(topk_ids, E))
+    if out is None:
+        return res
+    for o, r in zip(out, res):
+        o.copy_(r)
+    return out
