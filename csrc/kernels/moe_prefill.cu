@@ -8,6 +8,9 @@
 // shared-memory tile, then 8 warps (2 x 4, warp tile 64x32) run mma.sync m16n8k16 bf16 with fp32
 // accumulators. A persistent grid walks the (expert, m-tile, n-tile) work list of
 // gemm_grouped.cuh. The expert weights are never dequantized to global memory.
+// GEMM variant WGMMA (grouped_gemm_wgmma_kernel, sm_90a): same structure, 2 warpgroups issuing
+// wgmma m64n128k16 from 128-byte-swizzled shared-memory tiles, 4 stages, 2 dequantized-B buffers.
+// GPTOSS_MOE_PREFILL_AUTO picks MMA_SYNC until the wgmma variant has been verified on a GPU.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -365,6 +368,209 @@ __global__ __launch_bounds__(mma::THREADS, 1) void grouped_gemm_mma_kernel(const
 }
 
 // ---------------------------------------------------------------------------------------------
+// 2/3. grouped GEMM, wgmma variant (sm_90a)
+// ---------------------------------------------------------------------------------------------
+// Same work list, tiles, gathers, dequantization and epilogues as the mma.sync variant. The bf16
+// A and B tiles ([128 rows][64] bf16, 128-byte rows, 16-byte chunk c of row r at c ^ (r & 7)) are
+// exactly wgmma's K-major 128-byte-swizzle layout when each tile starts on a 1024-byte boundary,
+// so the two warpgroups (rows 0-63, 64-127 of the tile) issue wgmma m64n128k16 with both operands
+// from shared memory. 4 A / packed-B stages with prefetch distance 2 and 2 dequantized-B buffers
+// let the wgmma group of k-tile kt-1 run while the threads dequantize k-tile kt.
+namespace wg {
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 4, DIST = 2, THREADS = 256;
+constexpr int A_STAGE = BM * BK * 2;
+constexpr int BQ_STAGE = BN * BK / 2;
+constexpr int BDQ = BN * BK * 2;
+// [A stages][Bdq x 2] (1024-aligned tiles), [Bq stages], then scales [BN][G], tile_off [E+1]
+constexpr int FIXED_SMEM = STAGES * A_STAGE + 2 * BDQ + STAGES * BQ_STAGE;
+
+__host__ __device__ constexpr int smem_bytes(int G, int E) { return 1024 + FIXED_SMEM + BN * G + 4 * (E + 1) + 16; }
+}  // namespace wg
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr) {
+  uint64_t d = static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4);  // start address, bits 0-13
+  d |= static_cast<uint64_t>(1) << 16;                               // leading byte offset (unused here)
+  d |= static_cast<uint64_t>(1024 >> 4) << 32;                       // stride byte offset
+  d |= static_cast<uint64_t>(1) << 62;                               // swizzle mode: 128 B
+  return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// d[64] += A(64x16, desc a) * B(16x128, desc b)^T, fp32 accumulators, both operands K-major.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b));
+}
+
+template <int EPI>
+__global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(const GemmParams p) {
+  using namespace wg;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wgi = warp >> 2;  // warpgroup: tile rows 64 * wgi .. +63
+  const int K = p.K, N = p.N, G = K / 32;
+  const int KT = ceil_div(K, BK), NT = ceil_div(N, BN);
+
+  // 1024-byte aligned base (128-byte swizzle atoms must start on 1024-byte boundaries)
+  const uint32_t raw_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t s_base = (raw_base + 1023u) & ~1023u;
+  uint8_t* const smem = smem_raw + (s_base - raw_base);
+  const uint32_t sA = s_base, sBdq = sA + STAGES * A_STAGE, sBq = sBdq + 2 * BDQ;
+  uint8_t* const scales = smem + FIXED_SMEM;
+  const uint32_t sS = s_base + FIXED_SMEM;
+  int32_t* const s_toff = reinterpret_cast<int32_t*>(smem + ((FIXED_SMEM + BN * G + 15) & ~15));
+
+  for (int e = tid; e <= p.E; e += THREADS) s_toff[e] = p.tile_off[e];
+  __syncthreads();
+  const int total = s_toff[p.E] * NT;
+
+  for (int work = blockIdx.x; work < total; work += gridDim.x) {
+    const Tile tile = decode_tile(s_toff, p.E, NT, work);
+    const int e = tile.expert;
+    const int group_base = p.offsets[e];
+    const int m0 = tile.mtile * BM, n0 = tile.ntile * BN;
+    const int rows = min(BM, p.counts[e] - m0);
+    const int ncols = min(BN, N - n0);
+
+    const int a_chunk = tid & 7;
+    const __nv_bfloat16* a_src[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = (tid >> 3) + 32 * i;
+      int64_t src_row = -1;
+      if (row < rows) {
+        const int gp = group_base + m0 + row;
+        src_row = EPI == kSwiglu ? p.perm[gp] / p.topk : gp;
+      }
+      a_src[i] = src_row >= 0 ? p.A + src_row * K : nullptr;
+    }
+    const int b_row = tid >> 1, b_blk = tid & 1;
+    const bool b_row_ok = b_row < ncols;
+    const uint8_t* b_src = p.Wq + (static_cast<int64_t>(e) * N + n0 + (b_row_ok ? b_row : 0)) * G * 16;
+
+    auto load_stage = [&](int stage, int kt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = (tid >> 3) + 32 * i;
+        const int col = kt * BK + a_chunk * 8;
+        const bool ok = a_src[i] != nullptr && col < K;
+        cp_async16(sA + stage * A_STAGE + swz(row, a_chunk), ok ? a_src[i] + col : p.A, ok);
+      }
+      const int kb = kt * (BK / 32) + b_blk;
+      const bool ok = b_row_ok && kb < G;
+      cp_async16(sBq + stage * BQ_STAGE + b_row * (BK / 2) + b_blk * 16, ok ? b_src + kb * 16 : p.Wq, ok);
+    };
+
+    __syncthreads();  // previous tile: every wgmma waited, every smem read done
+    {
+      const uint8_t* src = p.Ws + (static_cast<int64_t>(e) * N + n0) * G;
+      for (int i = tid * 16; i < ncols * G; i += THREADS * 16) cp_async16(sS + i, src + i, true);
+    }
+#pragma unroll
+    for (int s = 0; s < DIST; ++s) {
+      if (s < KT) load_stage(s, s);
+      cp_async_commit();
+    }
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+    for (int kt = 0; kt < KT; ++kt) {
+      const int stage = kt % STAGES, buf = kt & 1;
+      cp_async_wait<DIST - 1>();  // this thread's copies of k-tile kt (and the scales) landed
+      __syncthreads();            // ... everyone's; and every wgmma group <= kt-2 has completed
+      if (kt + DIST < KT) load_stage((kt + DIST) % STAGES, kt + DIST);
+      cp_async_commit();
+      {  // the packed block this thread dequantizes is the one it copied itself
+        const int kb = kt * (BK / 32) + b_blk;
+        uint32_t v[16];
+        if (b_row_ok && kb < G) {
+          const uint4 packed =
+              *reinterpret_cast<const uint4*>(smem + (sBq - s_base) + stage * BQ_STAGE + b_row * (BK / 2) + b_blk * 16);
+          dequant_block32(packed, scales[b_row * G + kb], v);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 16; ++i) v[i] = 0u;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          *reinterpret_cast<uint4*>(smem + (sBdq - s_base) + buf * BDQ + swz(b_row, b_blk * 4 + q)) =
+              make_uint4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+      }
+      fence_proxy_async_smem();  // generic-proxy writes (Bdq stores, A cp.async) -> wgmma's async proxy
+      __syncthreads();
+
+      wgmma_fence();
+      const uint32_t a_tile = sA + stage * A_STAGE + wgi * 64 * 128;
+      const uint32_t b_tile = sBdq + buf * BDQ;
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk)  // next 16 columns = +32 bytes inside the swizzle atom
+        wgmma_m64n128k16(acc, wgmma_desc_sw128(a_tile + kk * 32), wgmma_desc_sw128(b_tile + kk * 32));
+      wgmma_commit();
+      wgmma_wait<1>();  // keep this k-tile's group in flight while the next one is dequantized
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+
+    // Epilogue: accumulator i = 4j + c holds row 16*(warp%4) + lane/4 + 8*(c/2) of this
+    // warpgroup's 64 rows, column 8j + 2*(lane%4) + (c%2): (gate, linear) pairs stay in a thread.
+    const __nv_bfloat16* bias = p.bias + static_cast<int64_t>(e) * N;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = wgi * 64 + 16 * (warp & 3) + (lane >> 2) + 8 * h;
+      if (row >= rows) continue;
+      const int gp = group_base + m0 + row;
+      int64_t out_row;
+      float wgt = 1.f;
+      if (EPI == kSwiglu) {
+        out_row = gp;
+      } else {
+        out_row = p.perm[gp];
+        wgt = p.topk_w[out_row];
+      }
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int n = n0 + 8 * j + 2 * (lane & 3);
+        if (n >= N) continue;
+        const float2 bb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(bias + n));
+        const float z0 = acc[4 * j + 2 * h] + bb.x, z1 = acc[4 * j + 2 * h + 1] + bb.y;
+        if (EPI == kSwiglu) {
+          p.C[out_row * (N / 2) + n / 2] = __float2bfloat16_rn(gptoss::swiglu_clamped(z0, z1, p.alpha, p.limit));
+        } else {
+          *reinterpret_cast<uint32_t*>(p.C + out_row * N + n) = pack_bf16x2(z0 * wgt, z1 * wgt);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // 4. combine: out[t] = sum_j y[t*k + j], slot order, fp32 (deterministic; no atomics)
 // ---------------------------------------------------------------------------------------------
 
@@ -423,35 +629,40 @@ struct Problem {
   P* part(int i) const { return reinterpret_cast<P*>(ws + off[i]); }
 };
 
-gptoss_status launch_gemm_mma(const GemmParams& gp, int epi, int64_t rows, cudaStream_t stream) {
+template <int EPI>
+const void* gemm_kernel(bool wgmma) {
+  return wgmma ? reinterpret_cast<const void*>(&grouped_gemm_wgmma_kernel<EPI>)
+               : reinterpret_cast<const void*>(&grouped_gemm_mma_kernel<EPI>);
+}
+
+gptoss_status launch_gemm(const GemmParams& gp, int epi, int64_t rows, bool wgmma, cudaStream_t stream) {
   const int G = gp.K / 32;
-  const int smem = mma::smem_bytes(G, gp.E);
-  const void* fn = epi == kSwiglu ? reinterpret_cast<const void*>(&grouped_gemm_mma_kernel<kSwiglu>)
-                                  : reinterpret_cast<const void*>(&grouped_gemm_mma_kernel<kWeightedScatter>);
+  const int smem = wgmma ? wg::smem_bytes(G, gp.E) : mma::smem_bytes(G, gp.E);
+  const int threads = wgmma ? wg::THREADS : mma::THREADS;
+  const int bm = wgmma ? wg::BM : mma::BM, bn = wgmma ? wg::BN : mma::BN;
+  const void* fn = epi == kSwiglu ? gemm_kernel<kSwiglu>(wgmma) : gemm_kernel<kWeightedScatter>(wgmma);
   GPTOSS_CUDA_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                   "moe_prefill: cudaFuncSetAttribute");
   int dev = 0, sms = 0, per_sm = 0;
   GPTOSS_CUDA_TRY(cudaGetDevice(&dev), "moe_prefill: cudaGetDevice");
   GPTOSS_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "moe_prefill: SM count");
-  GPTOSS_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, mma::THREADS, smem),
+  GPTOSS_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem),
                   "moe_prefill: occupancy");
   per_sm = std::max(per_sm, 1);
   // upper bound of the work list: sum_e ceil(count_e / BM) <= rows / BM + min(E, rows)
-  const int64_t max_mtiles = rows / mma::BM + std::min<int64_t>(gp.E, rows);
-  const int64_t max_work = max_mtiles * ceil_div(gp.N, mma::BN);
+  const int64_t max_mtiles = rows / bm + std::min<int64_t>(gp.E, rows);
+  const int64_t max_work = max_mtiles * ceil_div(gp.N, bn);
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_work, int64_t{sms} * per_sm)));
-  if (epi == kSwiglu)
-    grouped_gemm_mma_kernel<kSwiglu><<<grid, mma::THREADS, smem, stream>>>(gp);
-  else
-    grouped_gemm_mma_kernel<kWeightedScatter><<<grid, mma::THREADS, smem, stream>>>(gp);
-  GPTOSS_RETURN_LAUNCH_STATUS("moe_prefill grouped GEMM launch");
+  void* args[] = {const_cast<GemmParams*>(&gp)};
+  GPTOSS_CUDA_TRY(cudaLaunchKernel(fn, dim3(grid), dim3(threads), args, static_cast<size_t>(smem), stream),
+                  "moe_prefill grouped GEMM launch");
+  return GPTOSS_OK;
 }
 
 gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t stream) {
   const int64_t rows = pr.T * pr.k;
   const int E = static_cast<int>(pr.E);
-  if (variant == GPTOSS_MOE_PREFILL_WGMMA)
-    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED, "moe_prefill: the wgmma variant is not in this build");
+  const bool wgmma = variant == GPTOSS_MOE_PREFILL_WGMMA;  // AUTO = mma.sync until wgmma is verified on a GPU
   GemmParams gp{};
   gp.counts = pr.part<int32_t>(GPTOSS_MOE_WS_COUNTS);
   gp.offsets = pr.part<int32_t>(GPTOSS_MOE_WS_OFFSETS);
@@ -468,6 +679,7 @@ gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t st
       int32_t* chunk = pr.part<int32_t>(GPTOSS_MOE_WS_CHUNK_BASE);
       route_count_kernel<<<nc, kChunk, 0, stream>>>(pr.topk_ids, static_cast<int>(rows), E, chunk);
       GPTOSS_CUDA_TRY(cudaGetLastError(), "moe_prefill route_count launch");
+      static_assert(mma::BM == wg::BM, "one m-tile size for both variants");
       route_scan_kernel<<<1, kMaxExperts, 0, stream>>>(chunk, nc, E, mma::BM, pr.part<int32_t>(GPTOSS_MOE_WS_COUNTS),
                                                        pr.part<int32_t>(GPTOSS_MOE_WS_OFFSETS),
                                                        pr.part<int32_t>(GPTOSS_MOE_WS_TILE_OFFSETS));
@@ -484,7 +696,7 @@ gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t st
       gp.C = pr.part<__nv_bfloat16>(GPTOSS_MOE_WS_ACT);
       gp.N = static_cast<int>(2 * pr.I);
       gp.K = static_cast<int>(pr.H);
-      return launch_gemm_mma(gp, kSwiglu, rows, stream);
+      return launch_gemm(gp, kSwiglu, rows, wgmma, stream);
     case 3:
       gp.A = pr.part<const __nv_bfloat16>(GPTOSS_MOE_WS_ACT);
       gp.Wq = pr.w2_blocks;
@@ -493,7 +705,7 @@ gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t st
       gp.C = pr.part<__nv_bfloat16>(GPTOSS_MOE_WS_Y);
       gp.N = static_cast<int>(pr.H);
       gp.K = static_cast<int>(pr.I);
-      return launch_gemm_mma(gp, kWeightedScatter, rows, stream);
+      return launch_gemm(gp, kWeightedScatter, rows, wgmma, stream);
     case 4: {
       const int64_t vecs = pr.T * (pr.H / 8);
       const int threads = 256;
