@@ -112,7 +112,7 @@ def _num_new(out) -> int | None:
 
 def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens: int = DECODE_NEW_TOKENS) -> tuple[list[dict], list[str]]:
     """Returns (rows, notes). `ctx` is an ops.Context (device, limits, deadline, progress)."""
-    from .ops import kernel_families
+    from .ops import family_built
 
     shape = ModelShape.preset(config_name)
     rows = plan(shape, ctx.limits, batches, contexts, prefill_tokens)
@@ -130,7 +130,7 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
         GptOss, GptOssConfig = load_model_api()
     except ImportError as e:
         return skip_all("skipped", f"model class not importable yet ({e})")
-    missing = [f for f in REQUIRED_FAMILIES if f not in kernel_families()]
+    missing = [f for f in REQUIRED_FAMILIES if not family_built(f)]
     if missing:
         return skip_all("skipped", f"no kernel for {', '.join(missing)}: the model would run the reference path")
     if ctx.out_of_time():

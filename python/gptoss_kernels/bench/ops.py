@@ -67,17 +67,41 @@ def kernel_families() -> set[str]:
     return set(_lib.build_info()["kernel_families"])
 
 
+# kernel family -> (its name in cli_info.OP_FAMILIES, a function its binding registers on _C).
+# A family counts as built when either is present (binding families may group several ops, e.g.
+# the "attention" binding holds the decode and RoPE kernels).
+KERNEL_PROBES = {
+    "router": ("router", "router_topk_bf16"),
+    "moe_decode": ("moe_decode", "moe_mxfp4_decode"),
+    "moe_prefill": ("moe_prefill", "moe_prefill_mxfp4"),
+    "attention_decode": ("attention_decode", "attention_decode_bf16"),
+    "attention_prefill": ("attention_prefill", "attention_prefill_bf16"),
+    "rope": ("rope", "rope_qkv_bf16"),
+    "mxfp4": ("mxfp4", "mxfp4_dequantize_bf16"),
+}
+
+
+def family_built(family: str | None) -> bool:
+    """This build compiled the kernels of `family` (whether or not this machine can run them)."""
+    if family is None:
+        return False
+    name, fn = KERNEL_PROBES.get(family, (family, None))
+    C = _lib.C()
+    return name in kernel_families() or (C is not None and fn is not None and hasattr(C, fn))
+
+
 def has_kernel(family: str | None, ctx: Context) -> bool:
     """The op's CUDA path is this build's kernel (not the reference) on this device."""
-    return ctx.gpu and family is not None and _lib.cuda_available() and family in kernel_families()
+    return ctx.gpu and _lib.cuda_available() and family_built(family)
 
 
 def moe_family(tokens: int, k: int) -> str:
-    """Kernel family of the MoE regime the op picks for T tokens (by routed rows T*k)."""
+    """Kernel family that runs T tokens: the op (ops/moe.py) takes the prefill kernels above
+    MOE_DECODE_MAX_ROWS routed rows when they are built, the decode kernels otherwise."""
     from ..ops import moe as moe_mod
 
     limit = getattr(moe_mod, "MOE_DECODE_MAX_ROWS", MOE_DECODE_MAX_ROWS_DEFAULT)
-    return "moe_decode" if tokens * k <= limit else "moe_prefill"
+    return "moe_prefill" if tokens * k > limit and family_built("moe_prefill") else "moe_decode"
 
 
 @dataclass
@@ -173,7 +197,7 @@ def moe_cases(ctx: Context, tokens) -> list[Case]:
         distinct = min(E, round(E * (1 - (1 - k / E) ** T)))  # expected distinct experts (uniform routing)
         nbytes = distinct * one_expert + 2 * T * H * 2 + T * k * 8
         cases.append(Case(
-            op="moe_mxfp4", name=f"{moe_family(T, k).split('_')[1]} T={T}",
+            op="moe_mxfp4", name=f"T={T} ({moe_family(T, k).split('_')[1]} kernels)",
             shape={"T": T, "E": E, "k": k, "H": H, "I": I}, family=moe_family(T, k), bytes=int(nbytes),
             flops=2 * T * k * (2 * I * H + H * I), alloc_bytes=T * H * 4 + T * k * 8,
             make=make, run=run, verify=verify, baselines=[("reference", ref)]))
@@ -380,7 +404,7 @@ def run_case(case: Case, ctx: Context) -> dict:
     kernel = has_kernel(case.family, ctx)
     if ctx.gpu and not kernel:
         why = (f"no kernel: family '{case.family}' is not in this build"
-               if case.family not in kernel_families() else f"kernels not usable: {_lib.kernels_error()}")
+               if not family_built(case.family) else f"kernels not usable: {_lib.kernels_error()}")
         row.update(status="no-kernel", reason=why)
         if not case.external_baselines:
             return row
