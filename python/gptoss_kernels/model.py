@@ -75,6 +75,7 @@ class GptOss:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else weights["embedding"].device
         self.use_cuda_graph = True
+        self._graph = None
         self._check_weights()
 
     # ------------------------------------------------------------------------------------------
