@@ -4,6 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "common.cuh"
 #include "gptoss/router.h"
 #include "topk.cuh"
@@ -22,6 +24,7 @@ constexpr int kLds = kKC + 8;        // shared row stride in bf16 (144 B: ldmatr
 constexpr int kStages = 3;
 constexpr int kSplitEB = 32;         // experts per block on the SPLIT path
 constexpr int kTargetBlocks = 256;   // SPLIT path: aim for about 2 blocks per SM (132 SMs)
+constexpr int kMaxSplits = 16;       // SPLIT path: slices of H (each adds E floats per token to sum)
 constexpr int kFusedMinTiles = 48;   // AUTO: FUSED once there are >= 48 64-token tiles (T > 3008)
 constexpr int kMaxE = 256;
 constexpr int kMaxK = 8;
@@ -229,28 +232,48 @@ __global__ void __launch_bounds__(kThreads) router_partial_kernel(
   }
 }
 
-// SPLIT path, part 2: one warp per token: logit = sum over slices + bias, then select.
+// SPLIT path, part 2: one warp per token: logit = sum over slices (in slice order: deterministic)
+// + bias, then select. Loads are batched 4 slices x 8 experts per lane so ~32 are in flight.
 template <int KMAX>
 __global__ void __launch_bounds__(kThreads) router_select_kernel(
     const float* __restrict__ partial, int splits, const bf16* __restrict__ bias, int T, int E,
     int k, int32_t* __restrict__ ids, float* __restrict__ weights) {
+  constexpr int EPL = kMaxE / 32, U = 4;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   if (t >= T) return;  // warp-uniform
+  const int lane = threadIdx.x & 31;
   const int64_t slice = static_cast<int64_t>(T) * E;
-  const float* p = partial + t * E;
-  select_token<KMAX, kMaxE / 32>(
-      [&](int, int e) {
-        float s = 0.0f;
-        for (int z = 0; z < splits; ++z) s += p[z * slice + e];
-        return s + __bfloat162float(bias[e]);
-      },
-      E, k, t, ids, weights);
+  const float* p = partial + t * E + lane;
+  float lg[EPL];
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) lg[i] = 0.0f;
+  int z = 0;
+  for (; z + U <= splits; z += U) {
+    float v[U][EPL];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) v[u][i] = (lane + 32 * i < E) ? p[(z + u) * slice + 32 * i] : 0.0f;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) lg[i] += v[u][i];
+  }
+  for (; z < splits; ++z)
+#pragma unroll
+    for (int i = 0; i < EPL; ++i)
+      if (lane + 32 * i < E) lg[i] += p[z * slice + 32 * i];
+#pragma unroll
+  for (int i = 0; i < EPL; ++i)
+    if (lane + 32 * i < E) lg[i] += __bfloat162float(bias[lane + 32 * i]);
+  select_token<KMAX, EPL>([&](int i, int) { return lg[i]; }, E, k, t, ids, weights);
 }
 
 int split_count(int64_t T, int64_t H, int64_t E) {
   const int64_t tiles = (T + kTT - 1) / kTT, groups = (E + kSplitEB - 1) / kSplitEB;
   const int64_t nc = (H + kKC - 1) / kKC;
   int64_t s = (kTargetBlocks + tiles * groups - 1) / (tiles * groups);
+  if (s > kMaxSplits) s = kMaxSplits;
   if (s > nc) s = nc;
   if (s < 1) s = 1;
   return static_cast<int>(s);
@@ -261,20 +284,28 @@ int resolve_path(int64_t T, int path) {
   return (T + kTT - 1) / kTT >= kFusedMinTiles ? GPTOSS_ROUTER_PATH_FUSED : GPTOSS_ROUTER_PATH_SPLIT;
 }
 
+// Raises the kernel's dynamic shared memory limit once per device (not again during a graph
+// capture that follows a first, eager call).
 template <typename Kernel>
-gptoss_status set_smem(Kernel kernel, int bytes) {
+gptoss_status set_smem_once(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
   if (bytes <= 48 * 1024) return GPTOSS_OK;
+  int dev = 0;
+  GPTOSS_CUDA_TRY(cudaGetDevice(&dev), "router: cudaGetDevice");
+  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+  if (bit && (done.load(std::memory_order_acquire) & bit)) return GPTOSS_OK;
   GPTOSS_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
                   "router: cudaFuncSetAttribute(max dynamic shared memory)");
+  done.fetch_or(bit, std::memory_order_acq_rel);
   return GPTOSS_OK;
 }
 
 template <int EB, int KMAX>
 gptoss_status launch_fused(const bf16* x, const bf16* w, const bf16* bias, int32_t* ids, float* wts,
                            int T, int H, int E, int k, cudaStream_t stream) {
+  static std::atomic<uint64_t> smem_set{0};
   auto kernel = router_fused_kernel<EB, KMAX>;
   constexpr int smem = Tile<EB>::smem_bytes;
-  const gptoss_status st = set_smem(kernel, smem);
+  const gptoss_status st = set_smem_once(kernel, smem, smem_set);
   if (st != GPTOSS_OK) return st;
   kernel<<<(T + kTT - 1) / kTT, kThreads, smem, stream>>>(x, w, bias, T, H, E, k, ids, wts);
   GPTOSS_RETURN_LAUNCH_STATUS("router_fused_kernel launch");
