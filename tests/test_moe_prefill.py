@@ -165,9 +165,12 @@ def test_wgmma_gemm_uses_hgmma(prefill_kernels):
     # The wgmma variant (grouped_gemm_wgmma_kernel): HGMMA 64x128x16 bf16 from shared-memory
     # descriptors, and the async-proxy fence after the threads' dequantized-B stores.
     gemms = [k for k in prefill_kernels.values() if "grouped_gemm_wgmma_kernel" in k.name]
-    assert len(gemms) == 2, [k.name for k in prefill_kernels.values()]
+    assert len(gemms) == 6, [k.name for k in prefill_kernels.values()]  # 2 epilogues x BN 128/192/256
     for k in gemms:
-        assert "HGMMA.64x128x16.F32.BF16" in k.sass, f"{k.name}: no HGMMA"
+        bn = next(n for n in (128, 192, 256) if f", {n}>" in k.name)
+        assert f"HGMMA.64x{bn}x16.F32.BF16" in k.sass, f"{k.name}: no HGMMA 64x{bn}x16"
+        # the k-tile's wgmma group stays in flight while the next tile is dequantized
+        assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in k.sass, f"{k.name}: no overlapped wgmma wait"
         assert "FENCE.VIEW.ASYNC.S" in k.sass, f"{k.name}: no fence.proxy.async"
 
 
@@ -220,12 +223,12 @@ def run_kernel(p, variant=P.AUTO, out=None, workspace=None):
 
 
 def variants():
-    return [pytest.param(P.MMA_SYNC, id="mma_sync"), pytest.param(P.WGMMA, id="wgmma")]
+    return [pytest.param(v, id=name) for name, v in P.VARIANTS.items()]
 
 
 def skip_if_variant_missing(variant, p):
-    """wgmma may not be in this build: the op then raises ValueError (GPTOSS_ERROR_UNSUPPORTED)."""
-    if variant != P.WGMMA:
+    """A variant not in this build raises ValueError (GPTOSS_ERROR_UNSUPPORTED): skip it."""
+    if variant == P.MMA_SYNC:
         return
     try:
         run_kernel(p, variant)
@@ -371,3 +374,48 @@ def test_empty_batch_is_noop():
 @pytest.mark.gpu
 def test_available():
     assert P.available()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E", [(4096, 128), (16384, 128)])
+def test_bench_prefill(T, E):
+    """Timings (printed; run with -s), not a pass/fail gate: each step per variant against a dense
+    bf16 torch.matmul of the same FLOPs (the goal: grouped GEMMs >= 60% of the dense rate)."""
+    H = I = 2880  # noqa: E741
+    k = 4
+    p = make_problem(T, E, H, I, k, seed=5)
+    R_ = T * k
+    out = torch.empty(T, H, dtype=torch.bfloat16, device="cuda")
+    ws = P.new_workspace(p["x"], p["topk_ids"], p["w1_blocks"])
+
+    def timed(fn, reps=10):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        return sorted(ts)[len(ts) // 2]
+
+    a1 = torch.randn(R_, H, device="cuda", dtype=torch.bfloat16)
+    b1 = torch.randn(H, 2 * I, device="cuda", dtype=torch.bfloat16)
+    a2 = torch.randn(R_, I, device="cuda", dtype=torch.bfloat16)
+    b2 = torch.randn(I, H, device="cuda", dtype=torch.bfloat16)
+    d1, d2 = timed(lambda: a1 @ b1), timed(lambda: a2 @ b2)
+    f1, f2 = 2.0 * R_ * H * 2 * I, 2.0 * R_ * I * H
+    print(f"\nT={T} E={E} k={k}: dense bf16 matmul mlp1 {d1:.3f} ms ({f1 / d1 / 1e9:.0f} TFLOP/s), "
+          f"mlp2 {d2:.3f} ms ({f2 / d2 / 1e9:.0f} TFLOP/s)")
+    for name, v in P.VARIANTS.items():
+        try:
+            run_kernel(p, v, out=out, workspace=ws)
+        except ValueError as e:
+            print(f"  {name}: {e}")
+            continue
+        st = [timed(lambda s=s: P.run_step(s, *args(p), 1.702, 7.0, out, workspace=ws, variant=v)) for s in (1, 2, 3, 4)]
+        tot = timed(lambda: run_kernel(p, v, out=out, workspace=ws))
+        print(f"  {name:11s} route {st[0]:.3f}  mlp1 {st[1]:.3f} ({f1 / st[1] / 1e9:.0f} TF/s, {d1 / st[1]:.0%} of dense)"
+              f"  mlp2 {st[2]:.3f} ({f2 / st[2] / 1e9:.0f} TF/s, {d2 / st[2]:.0%})  combine {st[3]:.3f}  total {tot:.3f} ms")

@@ -8,8 +8,9 @@
 // shared-memory tile, then 8 warps (2 x 4, warp tile 64x32) run mma.sync m16n8k16 bf16 with fp32
 // accumulators. A persistent grid walks the (expert, m-tile, n-tile) work list of
 // gemm_grouped.cuh. The expert weights are never dequantized to global memory.
-// GEMM variant WGMMA (grouped_gemm_wgmma_kernel, sm_90a): same structure, 2 warpgroups issuing
-// wgmma m64n128k16 from 128-byte-swizzled shared-memory tiles, 4 stages, 2 dequantized-B buffers.
+// GEMM variant WGMMA (grouped_gemm_wgmma_kernel, sm_90a): same structure, tile 128 x BN x 64,
+// 2 warpgroups issuing wgmma m64nBNk16 from 128-byte-swizzled shared-memory tiles, 4 stages,
+// 2 dequantized-B buffers; BN = 192 (WGMMA), 128 (WGMMA_N128) or 256 (WGMMA_N256).
 // GPTOSS_MOE_PREFILL_AUTO picks MMA_SYNC until the wgmma variant has been verified on a GPU.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -19,6 +20,7 @@
 #include "activation.cuh"
 #include "common.cuh"
 #include "gemm_grouped.cuh"
+#include "gemm_wgmma.cuh"
 #include "gptoss/moe_prefill.h"
 
 namespace {
@@ -370,66 +372,34 @@ __global__ __launch_bounds__(mma::THREADS, 1) void grouped_gemm_mma_kernel(const
 // ---------------------------------------------------------------------------------------------
 // 2/3. grouped GEMM, wgmma variant (sm_90a)
 // ---------------------------------------------------------------------------------------------
-// Same work list, tiles, gathers, dequantization and epilogues as the mma.sync variant. The bf16
-// A and B tiles ([128 rows][64] bf16, 128-byte rows, 16-byte chunk c of row r at c ^ (r & 7)) are
-// exactly wgmma's K-major 128-byte-swizzle layout when each tile starts on a 1024-byte boundary,
-// so the two warpgroups (rows 0-63, 64-127 of the tile) issue wgmma m64n128k16 with both operands
-// from shared memory. 4 A / packed-B stages with prefetch distance 2 and 2 dequantized-B buffers
-// let the wgmma group of k-tile kt-1 run while the threads dequantize k-tile kt.
+// Same work list, gathers, dequantization and epilogues as the mma.sync variant, tile 128 x BN x 64
+// (BN = 128, 192 or 256). The bf16 A and B tiles ([rows][64] bf16, 128-byte rows, 16-byte chunk c
+// of row r at c ^ (r & 7)) are exactly wgmma's K-major 128-byte-swizzle layout when each tile
+// starts on a 1024-byte boundary, so the two warpgroups (tile rows 0-63 and 64-127) issue wgmma
+// m64nBNk16 with both operands in shared memory. 4 A / packed-B stages with prefetch distance 2
+// and 2 dequantized-B buffers let the wgmma group of k-tile kt-1 run while the threads
+// dequantize k-tile kt. (Bytes per k from L2 per 128 x BN MACs: 256 + BN/2: a wider BN lowers
+// the L2 traffic of A; BN = 192 divides 2I = 5760 and H = 2880 exactly.)
 namespace wg {
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 4, DIST = 2, THREADS = 256;
+constexpr int BM = 128, BK = 64, STAGES = 4, DIST = 2, THREADS = 256;
 constexpr int A_STAGE = BM * BK * 2;
-constexpr int BQ_STAGE = BN * BK / 2;
-constexpr int BDQ = BN * BK * 2;
-// [A stages][Bdq x 2] (1024-aligned tiles), [Bq stages], then scales [BN][G], tile_off [E+1]
-constexpr int FIXED_SMEM = STAGES * A_STAGE + 2 * BDQ + STAGES * BQ_STAGE;
-
-__host__ __device__ constexpr int smem_bytes(int G, int E) { return 1024 + FIXED_SMEM + BN * G + 4 * (E + 1) + 16; }
+template <int BN>
+struct Cfg {
+  static constexpr int BQ_STAGE = BN * BK / 2;
+  static constexpr int BDQ = BN * BK * 2;
+  static constexpr int BLOCKS = BN * (BK / 32);                     // MXFP4 blocks per k-tile
+  static constexpr int BLOCKS_PER_THREAD = (BLOCKS + THREADS - 1) / THREADS;
+  // [A stages][Bdq x 2] (1024-aligned tiles), [Bq stages], then scales [BN][G], tile_off [E+1]
+  static constexpr int FIXED_SMEM = STAGES * A_STAGE + 2 * BDQ + STAGES * BQ_STAGE;
+  static constexpr int smem_bytes(int G, int E) { return 1024 + FIXED_SMEM + BN * G + 4 * (E + 1) + 16; }
+};
 }  // namespace wg
 
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr) {
-  uint64_t d = static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4);  // start address, bits 0-13
-  d |= static_cast<uint64_t>(1) << 16;                               // leading byte offset (unused here)
-  d |= static_cast<uint64_t>(1024 >> 4) << 32;                       // stride byte offset
-  d |= static_cast<uint64_t>(1) << 62;                               // swizzle mode: 128 B
-  return d;
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void fence_proxy_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-// d[64] += A(64x16, desc a) * B(16x128, desc b)^T, fp32 accumulators, both operands K-major.
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(a), "l"(b));
-}
-
-template <int EPI>
+template <int EPI, int BN>
 __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(const GemmParams p) {
   using namespace wg;
+  using C = Cfg<BN>;
+  namespace W = gptoss::wgmma;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wgi = warp >> 2;  // warpgroup: tile rows 64 * wgi .. +63
@@ -440,10 +410,10 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
   const uint32_t raw_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t s_base = (raw_base + 1023u) & ~1023u;
   uint8_t* const smem = smem_raw + (s_base - raw_base);
-  const uint32_t sA = s_base, sBdq = sA + STAGES * A_STAGE, sBq = sBdq + 2 * BDQ;
-  uint8_t* const scales = smem + FIXED_SMEM;
-  const uint32_t sS = s_base + FIXED_SMEM;
-  int32_t* const s_toff = reinterpret_cast<int32_t*>(smem + ((FIXED_SMEM + BN * G + 15) & ~15));
+  const uint32_t sA = s_base, sBdq = sA + STAGES * A_STAGE, sBq = sBdq + 2 * C::BDQ;
+  uint8_t* const scales = smem + C::FIXED_SMEM;
+  const uint32_t sS = s_base + C::FIXED_SMEM;
+  int32_t* const s_toff = reinterpret_cast<int32_t*>(smem + ((C::FIXED_SMEM + BN * G + 15) & ~15));
 
   for (int e = tid; e <= p.E; e += THREADS) s_toff[e] = p.tile_off[e];
   __syncthreads();
@@ -455,8 +425,9 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
     const int group_base = p.offsets[e];
     const int m0 = tile.mtile * BM, n0 = tile.ntile * BN;
     const int rows = min(BM, p.counts[e] - m0);
-    const int ncols = min(BN, N - n0);
+    const int ncols = min(BN, N - n0);  // multiple of 32
 
+    // A: this thread copies 16-byte chunk (tid & 7) of rows (tid >> 3) + 32 i.
     const int a_chunk = tid & 7;
     const __nv_bfloat16* a_src[4];
 #pragma unroll
@@ -469,9 +440,16 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
       }
       a_src[i] = src_row >= 0 ? p.A + src_row * K : nullptr;
     }
-    const int b_row = tid >> 1, b_blk = tid & 1;
-    const bool b_row_ok = b_row < ncols;
-    const uint8_t* b_src = p.Wq + (static_cast<int64_t>(e) * N + n0 + (b_row_ok ? b_row : 0)) * G * 16;
+    // B: this thread copies (and later dequantizes) MXFP4 blocks tid + 256 i of the k-tile:
+    // weight row blk >> 1, block blk & 1 of the k-tile's two.
+    const uint8_t* b_src[C::BLOCKS_PER_THREAD];
+    bool b_ok[C::BLOCKS_PER_THREAD];
+#pragma unroll
+    for (int i = 0; i < C::BLOCKS_PER_THREAD; ++i) {
+      const int blk = tid + THREADS * i, row = blk >> 1;
+      b_ok[i] = blk < C::BLOCKS && row < ncols;
+      b_src[i] = p.Wq + (static_cast<int64_t>(e) * N + n0 + (b_ok[i] ? row : 0)) * G * 16;
+    }
 
     auto load_stage = [&](int stage, int kt) {
 #pragma unroll
@@ -481,13 +459,19 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
         const bool ok = a_src[i] != nullptr && col < K;
         cp_async16(sA + stage * A_STAGE + swz(row, a_chunk), ok ? a_src[i] + col : p.A, ok);
       }
-      const int kb = kt * (BK / 32) + b_blk;
-      const bool ok = b_row_ok && kb < G;
-      cp_async16(sBq + stage * BQ_STAGE + b_row * (BK / 2) + b_blk * 16, ok ? b_src + kb * 16 : p.Wq, ok);
+#pragma unroll
+      for (int i = 0; i < C::BLOCKS_PER_THREAD; ++i) {
+        const int blk = tid + THREADS * i;
+        if (blk < C::BLOCKS) {
+          const int kb = kt * (BK / 32) + (blk & 1);
+          const bool ok = b_ok[i] && kb < G;
+          cp_async16(sBq + stage * C::BQ_STAGE + blk * 16, ok ? b_src[i] + kb * 16 : p.Wq, ok);
+        }
+      }
     };
 
     __syncthreads();  // previous tile: every wgmma waited, every smem read done
-    {
+    {  // this tile's scales: rows n0..n0+ncols of expert e are one contiguous run of ncols*G bytes
       const uint8_t* src = p.Ws + (static_cast<int64_t>(e) * N + n0) * G;
       for (int i = tid * 16; i < ncols * G; i += THREADS * 16) cp_async16(sS + i, src + i, true);
     }
@@ -497,9 +481,9 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
       cp_async_commit();
     }
 
-    float acc[64];
+    float acc[BN / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
     for (int kt = 0; kt < KT; ++kt) {
       const int stage = kt % STAGES, buf = kt & 1;
@@ -507,39 +491,41 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
       __syncthreads();            // ... everyone's; and every wgmma group <= kt-2 has completed
       if (kt + DIST < KT) load_stage((kt + DIST) % STAGES, kt + DIST);
       cp_async_commit();
-      {  // the packed block this thread dequantizes is the one it copied itself
-        const int kb = kt * (BK / 32) + b_blk;
+#pragma unroll
+      for (int i = 0; i < C::BLOCKS_PER_THREAD; ++i) {  // the blocks this thread copied itself
+        const int blk = tid + THREADS * i;
+        if (blk >= C::BLOCKS) continue;
+        const int row = blk >> 1, kb = kt * (BK / 32) + (blk & 1);
         uint32_t v[16];
-        if (b_row_ok && kb < G) {
-          const uint4 packed =
-              *reinterpret_cast<const uint4*>(smem + (sBq - s_base) + stage * BQ_STAGE + b_row * (BK / 2) + b_blk * 16);
-          dequant_block32(packed, scales[b_row * G + kb], v);
+        if (b_ok[i] && kb < G) {
+          const uint4 packed = *reinterpret_cast<const uint4*>(smem + (sBq - s_base) + stage * C::BQ_STAGE + blk * 16);
+          dequant_block32(packed, scales[row * G + kb], v);
         } else {
 #pragma unroll
-          for (int i = 0; i < 16; ++i) v[i] = 0u;
+          for (int q = 0; q < 16; ++q) v[q] = 0u;
         }
 #pragma unroll
         for (int q = 0; q < 4; ++q)
-          *reinterpret_cast<uint4*>(smem + (sBdq - s_base) + buf * BDQ + swz(b_row, b_blk * 4 + q)) =
+          *reinterpret_cast<uint4*>(smem + (sBdq - s_base) + buf * C::BDQ + swz(row, (blk & 1) * 4 + q)) =
               make_uint4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
       }
-      fence_proxy_async_smem();  // generic-proxy writes (Bdq stores, A cp.async) -> wgmma's async proxy
+      W::fence_proxy_async_smem();  // generic-proxy writes (Bdq stores, A cp.async) -> wgmma's async proxy
       __syncthreads();
 
-      wgmma_fence();
+      W::fence();
       const uint32_t a_tile = sA + stage * A_STAGE + wgi * 64 * 128;
-      const uint32_t b_tile = sBdq + buf * BDQ;
+      const uint32_t b_tile = sBdq + buf * C::BDQ;
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)  // next 16 columns = +32 bytes inside the swizzle atom
-        wgmma_m64n128k16(acc, wgmma_desc_sw128(a_tile + kk * 32), wgmma_desc_sw128(b_tile + kk * 32));
-      wgmma_commit();
-      wgmma_wait<1>();  // keep this k-tile's group in flight while the next one is dequantized
+      for (int kk = 0; kk < BK / 16; ++kk)
+        W::mma_m64k16(acc, W::desc_k_major_sw128(a_tile + kk * 32), W::desc_k_major_sw128(b_tile + kk * 32));
+      W::commit();
+      W::wait<1>();  // keep this k-tile's group in flight while the next one is dequantized
     }
-    wgmma_wait<0>();
+    W::wait<0>();
     cp_async_wait<0>();
 
-    // Epilogue: accumulator i = 4j + c holds row 16*(warp%4) + lane/4 + 8*(c/2) of this
-    // warpgroup's 64 rows, column 8j + 2*(lane%4) + (c%2): (gate, linear) pairs stay in a thread.
+    // Epilogue: accumulator 4j + c holds row 16*(warp%4) + lane/4 + 8*(c/2) of this warpgroup's
+    // 64 rows, column 8j + 2*(lane%4) + (c%2): (gate, linear) pairs stay in one thread.
     const __nv_bfloat16* bias = p.bias + static_cast<int64_t>(e) * N;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -629,32 +615,48 @@ struct Problem {
   P* part(int i) const { return reinterpret_cast<P*>(ws + off[i]); }
 };
 
+// Kernel, threads, dynamic shared memory and tile of one GEMM variant.
+struct GemmLaunch {
+  const void* fn;
+  int threads, smem, bm, bn;
+};
+
 template <int EPI>
-const void* gemm_kernel(bool wgmma) {
-  return wgmma ? reinterpret_cast<const void*>(&grouped_gemm_wgmma_kernel<EPI>)
-               : reinterpret_cast<const void*>(&grouped_gemm_mma_kernel<EPI>);
+GemmLaunch gemm_launch(int variant, int G, int E) {
+  switch (variant) {
+    case GPTOSS_MOE_PREFILL_WGMMA:
+      return {reinterpret_cast<const void*>(&grouped_gemm_wgmma_kernel<EPI, 192>), wg::THREADS,
+              wg::Cfg<192>::smem_bytes(G, E), wg::BM, 192};
+    case GPTOSS_MOE_PREFILL_WGMMA_N128:
+      return {reinterpret_cast<const void*>(&grouped_gemm_wgmma_kernel<EPI, 128>), wg::THREADS,
+              wg::Cfg<128>::smem_bytes(G, E), wg::BM, 128};
+    case GPTOSS_MOE_PREFILL_WGMMA_N256:
+      return {reinterpret_cast<const void*>(&grouped_gemm_wgmma_kernel<EPI, 256>), wg::THREADS,
+              wg::Cfg<256>::smem_bytes(G, E), wg::BM, 256};
+    default:
+      return {reinterpret_cast<const void*>(&grouped_gemm_mma_kernel<EPI>), mma::THREADS, mma::smem_bytes(G, E),
+              mma::BM, mma::BN};
+  }
 }
 
-gptoss_status launch_gemm(const GemmParams& gp, int epi, int64_t rows, bool wgmma, cudaStream_t stream) {
+gptoss_status launch_gemm(const GemmParams& gp, int epi, int64_t rows, int variant, cudaStream_t stream) {
   const int G = gp.K / 32;
-  const int smem = wgmma ? wg::smem_bytes(G, gp.E) : mma::smem_bytes(G, gp.E);
-  const int threads = wgmma ? wg::THREADS : mma::THREADS;
-  const int bm = wgmma ? wg::BM : mma::BM, bn = wgmma ? wg::BN : mma::BN;
-  const void* fn = epi == kSwiglu ? gemm_kernel<kSwiglu>(wgmma) : gemm_kernel<kWeightedScatter>(wgmma);
-  GPTOSS_CUDA_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+  const GemmLaunch L = epi == kSwiglu ? gemm_launch<kSwiglu>(variant, G, gp.E)
+                                      : gemm_launch<kWeightedScatter>(variant, G, gp.E);
+  GPTOSS_CUDA_TRY(cudaFuncSetAttribute(L.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, L.smem),
                   "moe_prefill: cudaFuncSetAttribute");
   int dev = 0, sms = 0, per_sm = 0;
   GPTOSS_CUDA_TRY(cudaGetDevice(&dev), "moe_prefill: cudaGetDevice");
   GPTOSS_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "moe_prefill: SM count");
-  GPTOSS_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem),
+  GPTOSS_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, L.fn, L.threads, L.smem),
                   "moe_prefill: occupancy");
   per_sm = std::max(per_sm, 1);
   // upper bound of the work list: sum_e ceil(count_e / BM) <= rows / BM + min(E, rows)
-  const int64_t max_mtiles = rows / bm + std::min<int64_t>(gp.E, rows);
-  const int64_t max_work = max_mtiles * ceil_div(gp.N, bn);
+  const int64_t max_mtiles = rows / L.bm + std::min<int64_t>(gp.E, rows);
+  const int64_t max_work = max_mtiles * ceil_div(gp.N, L.bn);
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_work, int64_t{sms} * per_sm)));
   void* args[] = {const_cast<GemmParams*>(&gp)};
-  GPTOSS_CUDA_TRY(cudaLaunchKernel(fn, dim3(grid), dim3(threads), args, static_cast<size_t>(smem), stream),
+  GPTOSS_CUDA_TRY(cudaLaunchKernel(L.fn, dim3(grid), dim3(L.threads), args, static_cast<size_t>(L.smem), stream),
                   "moe_prefill grouped GEMM launch");
   return GPTOSS_OK;
 }
@@ -662,7 +664,7 @@ gptoss_status launch_gemm(const GemmParams& gp, int epi, int64_t rows, bool wgmm
 gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t stream) {
   const int64_t rows = pr.T * pr.k;
   const int E = static_cast<int>(pr.E);
-  const bool wgmma = variant == GPTOSS_MOE_PREFILL_WGMMA;  // AUTO = mma.sync until wgmma is verified on a GPU
+  if (variant == GPTOSS_MOE_PREFILL_AUTO) variant = GPTOSS_MOE_PREFILL_MMA_SYNC;  // until wgmma is verified on a GPU
   GemmParams gp{};
   gp.counts = pr.part<int32_t>(GPTOSS_MOE_WS_COUNTS);
   gp.offsets = pr.part<int32_t>(GPTOSS_MOE_WS_OFFSETS);
@@ -696,7 +698,7 @@ gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t st
       gp.C = pr.part<__nv_bfloat16>(GPTOSS_MOE_WS_ACT);
       gp.N = static_cast<int>(2 * pr.I);
       gp.K = static_cast<int>(pr.H);
-      return launch_gemm(gp, kSwiglu, rows, wgmma, stream);
+      return launch_gemm(gp, kSwiglu, rows, variant, stream);
     case 3:
       gp.A = pr.part<const __nv_bfloat16>(GPTOSS_MOE_WS_ACT);
       gp.Wq = pr.w2_blocks;
@@ -705,7 +707,7 @@ gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t st
       gp.C = pr.part<__nv_bfloat16>(GPTOSS_MOE_WS_Y);
       gp.N = static_cast<int>(pr.H);
       gp.K = static_cast<int>(pr.I);
-      return launch_gemm(gp, kWeightedScatter, rows, wgmma, stream);
+      return launch_gemm(gp, kWeightedScatter, rows, variant, stream);
     case 4: {
       const int64_t vecs = pr.T * (pr.H / 8);
       const int threads = 256;
@@ -728,7 +730,7 @@ gptoss_status check_problem(Problem& pr, size_t workspace_bytes, int variant) {
   GPTOSS_REQUIRE(pr.E >= 1 && pr.E <= kMaxExperts, "moe_prefill: E must be in [1, 256]");
   GPTOSS_REQUIRE(pr.k >= 1 && pr.k <= kMaxK, "moe_prefill: k must be in [1, 16]");
   GPTOSS_REQUIRE(pr.T * pr.k < (int64_t{1} << 31), "moe_prefill: T*k must be < 2^31");
-  GPTOSS_REQUIRE(variant >= GPTOSS_MOE_PREFILL_AUTO && variant <= GPTOSS_MOE_PREFILL_WGMMA,
+  GPTOSS_REQUIRE(variant >= GPTOSS_MOE_PREFILL_AUTO && variant <= GPTOSS_MOE_PREFILL_WGMMA_N256,
                  "moe_prefill: unknown variant");
   const size_t need = gptoss_moe_prefill_workspace_layout(pr.T, pr.k, pr.E, pr.H, pr.I, pr.off);
   GPTOSS_REQUIRE(workspace_bytes >= need, "moe_prefill: workspace too small (see gptoss_moe_prefill_workspace_size)");

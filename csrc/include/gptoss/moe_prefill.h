@@ -34,11 +34,13 @@ enum {
   GPTOSS_MOE_WS_NUM_PARTS = 7
 };
 
-/* Kernel variant for the two GEMMs. */
+/* Kernel variant for the two GEMMs (all compute the same function). */
 enum {
-  GPTOSS_MOE_PREFILL_AUTO = 0,  /* the build's default (currently MMA_SYNC) */
-  GPTOSS_MOE_PREFILL_MMA_SYNC = 1,
-  GPTOSS_MOE_PREFILL_WGMMA = 2
+  GPTOSS_MOE_PREFILL_AUTO = 0,        /* the build's default (currently MMA_SYNC)          */
+  GPTOSS_MOE_PREFILL_MMA_SYNC = 1,    /* mma.sync m16n8k16, tile 128 x 128                  */
+  GPTOSS_MOE_PREFILL_WGMMA = 2,       /* wgmma (sm_90a), tile 128 x 192                     */
+  GPTOSS_MOE_PREFILL_WGMMA_N128 = 3,  /* wgmma, tile 128 x 128                              */
+  GPTOSS_MOE_PREFILL_WGMMA_N256 = 4   /* wgmma, tile 128 x 256                              */
 };
 
 /* Total workspace bytes; fills offsets[GPTOSS_MOE_WS_NUM_PARTS] (byte offsets, 256-aligned)

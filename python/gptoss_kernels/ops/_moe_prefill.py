@@ -14,8 +14,10 @@ import torch
 
 from .. import _checks, _lib
 
-# Kernel variants of the two GEMMs (gptoss/moe_prefill.h).
-AUTO, MMA_SYNC, WGMMA = 0, 1, 2
+# Kernel variants of the two GEMMs (gptoss/moe_prefill.h): mma.sync 128x128 tiles; wgmma with
+# 128x192 (WGMMA), 128x128 or 128x256 tiles. AUTO is MMA_SYNC until wgmma is verified on a GPU.
+AUTO, MMA_SYNC, WGMMA, WGMMA_N128, WGMMA_N256 = 0, 1, 2, 3, 4
+VARIANTS = {"mma_sync": MMA_SYNC, "wgmma": WGMMA, "wgmma_n128": WGMMA_N128, "wgmma_n256": WGMMA_N256}
 # Workspace parts (GPTOSS_MOE_WS_*), for tests and debugging.
 WS_PARTS = ("counts", "offsets", "tile_offsets", "perm", "chunk_base", "act", "y")
 
