@@ -236,3 +236,15 @@ def test_cuda_generate_matches_cpu(dirs):
     lc, lg = cpu(torch.tensor([prompt])), gpu(torch.tensor([prompt], device="cuda"))
     assert torch.isfinite(lg).all() and _rel(lg.cpu(), lc) < 2e-2
     assert gpu.generate(prompt, 4) == cpu.generate(prompt, 4)
+
+
+def test_cache_reuse_between_calls(models):
+    # generate keeps its cache between calls of the same (batch, rounded length); stale entries
+    # of a previous, different prompt must never be read.
+    m = models[("hf-mxfp4", torch.float32)]
+    a, b = [7] * 12 + [1, 2, 3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]
+    m.release_cache()
+    fresh = m.generate(b, 4)
+    m.generate(a, 4)
+    assert m._state is not None
+    assert m.generate(b, 4) == fresh

@@ -38,7 +38,7 @@ def register(sub) -> None:
                        description="Raw completion (no chat format); stops on <|endoftext|>.")
     _add_model_args(g, temperature=1.0)
     g.add_argument("--prompt", required=True, help="prompt text")
-    g.set_defaults(func=_cmd_generate)
+    g.set_defaults(func=_friendly(_cmd_generate))
 
     c = sub.add_parser("chat", help="interactive chat in the harmony format",
                        description="Chat through openai-harmony; type a message per line, /exit or EOF to quit.")
@@ -46,7 +46,21 @@ def register(sub) -> None:
     c.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     c.add_argument("--developer", default=None, help="developer instructions (the usual 'system prompt')")
     c.add_argument("--hide-analysis", action="store_true", help="do not print the analysis channel")
-    c.set_defaults(func=_cmd_chat)
+    c.set_defaults(func=_friendly(_cmd_chat))
+
+
+def _friendly(cmd):
+    """Report a missing vocabulary or a bad checkpoint as one line (exit status 2), not a traceback."""
+    def run(args):
+        from .loader import CheckpointError
+        from .tokenizer import TokenizerError
+
+        try:
+            return cmd(args)
+        except (CheckpointError, TokenizerError) as e:
+            print(f"gptoss-kernels {args.command}: {e}", file=sys.stderr)
+            return 2
+    return run
 
 
 def load_model(args):
@@ -62,8 +76,8 @@ def load_model(args):
 def _cmd_generate(args) -> int:
     from . import tokenizer
 
+    ids = tokenizer.encode(args.prompt)   # before loading: a missing vocab fails fast
     model = load_model(args)
-    ids = tokenizer.encode(args.prompt)
     dec = tokenizer.IncrementalDecoder()
     out = sys.stdout
     for toks in model.stream(ids, args.max_new_tokens, args.temperature, args.top_p,
@@ -166,17 +180,20 @@ def _cmd_chat(args) -> int:
         prompt = session.add_user(text)
         state["channel"] = None
 
+        produced: list[int] = []
+
         def tokens():
             for toks in model.stream(prompt, args.max_new_tokens, args.temperature, args.top_p,
                                      stop_token_ids=session.stop_token_ids, seed=args.seed):
                 if toks[0] is None:
                     return
+                produced.append(toks[0])
                 yield toks[0]
 
         try:
             msgs = session.consume(tokens(), on_delta)
         except Exception as e:  # the model produced something harmony cannot parse
-            out.write(f"\n[the reply is not valid harmony output and was cut: {e}]\n")
+            out.write(f"\n[the reply is not valid harmony output ({e}); raw text: {tokenizer.decode(produced)!r}]\n")
             continue
         for m in msgs:
             if getattr(m, "recipient", None):

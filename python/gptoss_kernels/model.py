@@ -76,6 +76,7 @@ class GptOss:
         self.device = torch.device(device) if device is not None else weights["embedding"].device
         self.use_cuda_graph = True
         self._graph = None
+        self._state = None   # the KV cache and captured decode step, reused by generate calls of the same shape
         self._check_weights()
 
     # ------------------------------------------------------------------------------------------
@@ -381,13 +382,15 @@ class GptOss:
             gen.manual_seed(seed)
 
         with torch.inference_mode():
-            caches = self.new_cache(B, max_len)
+            st = self._decode_state(B, max_len)
+            caches = st["caches"]
             logits = torch.stack([self._prefill(torch.tensor(p, device=self.device), b, caches)
                                   for b, p in enumerate(prompts)])
             tokens = self._sample(logits, temperature, top_p, gen)
             positions = torch.tensor(lens, dtype=torch.int32, device=self.device)
-            seq_ids = torch.arange(B, dtype=torch.int32, device=self.device)
-            step = self._make_decode_fn(tokens, positions, seq_ids, caches)
+            if st["step"] is None:
+                st["step"] = self._make_decode_fn(tokens, positions, st["seq_ids"], caches)
+            step = st["step"]
             done = [False] * B
             for n in range(max_new_tokens):
                 host = tokens.tolist()           # the one host sync per step (stop checks)
@@ -405,6 +408,28 @@ class GptOss:
                 logits = step(tokens, positions)
                 tokens = self._sample(logits, temperature, top_p, gen)
                 positions = positions + 1
+
+    #: full-layer cache length is rounded up to this, so that generate calls of similar lengths
+    #: reuse one cache and one captured CUDA graph
+    cache_granularity: int = 256
+
+    def _decode_state(self, batch: int, max_len: int) -> dict:
+        """The cache (and decode step) for `batch` sequences of up to `max_len` positions. Reused
+        across calls with the same batch and rounded length: stale entries are never read (a query
+        only sees positions of its own sequence written in this call)."""
+        g = max(1, int(self.cache_granularity))
+        S = -(-max_len // g) * g
+        st = self._state
+        if st is not None and st["B"] == batch and st["S"] == S:
+            return st
+        self._state = self._graph = None   # free the old cache first
+        self._state = {"B": batch, "S": S, "caches": self.new_cache(batch, S), "step": None,
+                       "seq_ids": torch.arange(batch, dtype=torch.int32, device=self.device)}
+        return self._state
+
+    def release_cache(self) -> None:
+        """Free the KV cache and the captured decode graph kept between generate calls."""
+        self._state = self._graph = None
 
     def _make_decode_fn(self, tokens, positions, seq_ids, caches):
         """Decode step function (tokens, positions) -> logits; a CUDA graph replay on CUDA."""
