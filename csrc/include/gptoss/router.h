@@ -12,7 +12,7 @@
  *          blocks and writes fp32 partial logits to the workspace, the second (one warp per
  *          token) sums the slices + bias and selects. Best for small T: the E x H weight is
  *          read once, by ~hundreds of blocks (T = 1: about a weight read at memory bandwidth
- *          plus two launch latencies). Deterministic: no atomics. */
+ *          plus two launch latencies; at most 16 slices of H). Deterministic: no atomics. */
 #define GPTOSS_ROUTER_PATH_AUTO 0
 #define GPTOSS_ROUTER_PATH_FUSED 1
 #define GPTOSS_ROUTER_PATH_SPLIT 2
