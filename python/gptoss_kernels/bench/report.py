@@ -139,7 +139,7 @@ def _num(v) -> str:
 def _us(v) -> str:
     if v is None:
         return "-"
-    return f"{v:.1f}" if v < 1e4 else f"{v:.3g}"
+    return f"{v:.1f}" if v < 1e4 else f"{v:,.0f}"
 
 
 def shape_text(shape: dict) -> str:
