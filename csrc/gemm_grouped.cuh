@@ -67,19 +67,46 @@ GPTOSS_HD int32_t scan_chunks_for_expert(int32_t* chunk_counts_to_base, int num_
   return running;
 }
 
-// ---- MXFP4 -> bf16 by bit arithmetic --------------------------------------------------------
-// One byte holds two E2M1 codes (low nibble = even element). Placing a code's 3 magnitude bits
-// at bf16 bits 6..8 (exponent field low 2 bits + top mantissa bit) and its sign at bit 15 gives
-// the bf16 whose value is exactly value(code) * 2^-126 (the zero-exponent code 1 = 0.5 lands on
-// the bf16 subnormal 2^-127, also exact). Multiplying by 2^126 (kFp4RawToValueBits) and then by
-// the E8M0 scale 2^(s-127) (e8m0_to_bf16_bits) are exact bf16 products for every scale byte
-// s in [0, 254] (s = 255 overflows to inf where the fp32 reference gives 2^128 * v: not a value
-// a real checkpoint holds). Returns the bf16x2 word: low half = even element.
-GPTOSS_HD uint32_t fp4x2_to_bf16x2_raw(uint32_t byte) {
-  return ((byte & 0x8u) << 12) | ((byte & 0x7u) << 6) | ((byte & 0x80u) << 24) | ((byte & 0x70u) << 18);
+// ---- MXFP4 -> bf16 by byte permutation ------------------------------------------------------
+// A 32-bit word of packed MXFP4 holds 8 E2M1 codes (nibble n = element n: the low nibble of each
+// byte is the even element). The bf16 of magnitude m = code & 7 (0, .5, 1, 1.5, 2, 3, 4, 6) is
+// high byte {00,3F,3F,3F,40,40,40,40}[m], low byte {00,00,80,C0,00,40,80,C0}[m]: two byte
+// permutations with the magnitudes as selectors look up 4 high and 4 low bytes at once, two more
+// interleave them into bf16 pairs, and the sign bits are moved to bits 15/31. Every value is a
+// normal bf16 (no subnormal intermediate), then one bf16x2 product by the E8M0 scale 2^(s-127)
+// (e8m0_to_bf16_bits) is exact for every scale byte in [1, 254] (s = 0 gives the subnormal
+// 2^-127 as the factor; s = 255 overflows to inf where the fp32 reference gives 2^128 * v:
+// neither appears in real checkpoints).
+
+// byte n of the result = byte ((s >> 4n) & 7) of the 8 bytes {y:x} (x = bytes 0-3): prmt.b32.
+GPTOSS_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(x, y, s);
+#else
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int n = 0; n < 4; ++n) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * n)) & 7u))) & 0xFFu) << (8 * n);
+  return r;
+#endif
 }
 
-constexpr uint32_t kFp4RawToValueBits = 253u << 7;  // bf16 2^126 = exponent field 253
+constexpr uint32_t kFp4HiBytes0 = 0x3F3F3F00u, kFp4HiBytes1 = 0x40404040u;  // magnitudes 0-3, 4-7
+constexpr uint32_t kFp4LoBytes0 = 0xC0800000u, kFp4LoBytes1 = 0xC0804000u;
+
+// Elements 0..3 of the low 16 bits of `h` (4 codes) -> two bf16x2 words (low half = even element).
+GPTOSS_HD void fp4x4_to_bf16x4(uint32_t h, uint32_t& w01, uint32_t& w23) {
+  const uint32_t sel = h & 0x7777u;
+  const uint32_t hi = byte_perm(kFp4HiBytes0, kFp4HiBytes1, sel);
+  const uint32_t lo = byte_perm(kFp4LoBytes0, kFp4LoBytes1, sel);
+  w01 = byte_perm(lo, hi, 0x5140u) | ((h << 12) & 0x8000u) | ((h << 24) & 0x80000000u);
+  w23 = byte_perm(lo, hi, 0x7362u) | ((h << 4) & 0x8000u) | ((h << 16) & 0x80000000u);
+}
+
+// 8 codes of a packed word -> 4 bf16x2 words, exact E2M1 values (no scale).
+GPTOSS_HD void fp4x8_to_bf16x8(uint32_t w, uint32_t (&out)[4]) {
+  fp4x4_to_bf16x4(w & 0xFFFFu, out[0], out[1]);
+  fp4x4_to_bf16x4(w >> 16, out[2], out[3]);
+}
 
 // bf16 bits of 2^(s-127): exponent field s for s >= 1; s = 0 is the subnormal 2^-127.
 GPTOSS_HD uint32_t e8m0_to_bf16_bits(uint32_t s) { return s ? (s << 7) : 0x0040u; }

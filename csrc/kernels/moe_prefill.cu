@@ -190,14 +190,15 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
 
 // 16 packed bytes (32 E2M1 codes) x 2^(s-127) -> 32 bf16 (4 x 16 bytes), exact (gemm_grouped.cuh).
 __device__ __forceinline__ void dequant_block32(const uint4 packed, uint32_t scale_byte, uint32_t (&out)[16]) {
-  const uint32_t to_value = kFp4RawToValueBits * 0x10001u;
   const uint32_t sc = e8m0_to_bf16_bits(scale_byte) * 0x10001u;
   const uint32_t w[4] = {packed.x, packed.y, packed.z, packed.w};
 #pragma unroll
-  for (int q = 0; q < 4; ++q)
+  for (int q = 0; q < 4; ++q) {
+    uint32_t v[4];
+    fp4x8_to_bf16x8(w[q], v);
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      out[4 * q + i] = bf16x2_mul(bf16x2_mul(fp4x2_to_bf16x2_raw((w[q] >> (8 * i)) & 0xFFu), to_value), sc);
+    for (int i = 0; i < 4; ++i) out[4 * q + i] = bf16x2_mul(v[i], sc);
+  }
 }
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {

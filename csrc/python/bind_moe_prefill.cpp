@@ -128,8 +128,8 @@ GPTOSS_PY_BIND(moe_prefill) {
       },
       py::arg("tile_offsets"), py::arg("n_tiles"));
 
-  // The GEMM main loop's MXFP4 -> bf16 conversion (bit placement, x 2^126, x 2^(s-127), each a bf16
-  // product): blocks uint8 [R, G, 16], scales uint8 [R, G] -> float32 [R, 32G].
+  // The GEMM main loop's MXFP4 -> bf16 conversion (byte-permutation lookup, then one bf16 product
+  // by the scale): blocks uint8 [R, G, 16], scales uint8 [R, G] -> float32 [R, 32G].
   host.def("moe_prefill_dequant", [](py::array_t<uint8_t, py::array::c_style> blocks,
                                      py::array_t<uint8_t, py::array::c_style> scales) {
     if (blocks.ndim() != 3 || blocks.shape(2) != 16) throw py::value_error("blocks must be [R, G, 16]");
@@ -138,14 +138,18 @@ GPTOSS_PY_BIND(moe_prefill) {
     const int64_t R = blocks.shape(0), G = blocks.shape(1);
     py::array_t<float> out({R, 32 * G});
     auto o = out.mutable_unchecked<2>();
-    const float to_value = bf16_bits_to_float(gptoss::grouped::kFp4RawToValueBits);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t g = 0; g < G; ++g) {
         const float sc = bf16_bits_to_float(gptoss::grouped::e8m0_to_bf16_bits(*scales.data(r, g)));
-        for (int i = 0; i < 16; ++i) {
-          const uint32_t pair = gptoss::grouped::fp4x2_to_bf16x2_raw(*blocks.data(r, g, i));
-          o(r, 32 * g + 2 * i) = round_to_bf16(round_to_bf16(bf16_bits_to_float(pair) * to_value) * sc);
-          o(r, 32 * g + 2 * i + 1) = round_to_bf16(round_to_bf16(bf16_bits_to_float(pair >> 16) * to_value) * sc);
+        for (int q = 0; q < 4; ++q) {
+          uint32_t w;
+          std::memcpy(&w, blocks.data(r, g, 4 * q), 4);  // little-endian, as the device reads it
+          uint32_t v[4];
+          gptoss::grouped::fp4x8_to_bf16x8(w, v);
+          for (int i = 0; i < 4; ++i) {
+            o(r, 32 * g + 8 * q + 2 * i) = round_to_bf16(bf16_bits_to_float(v[i]) * sc);
+            o(r, 32 * g + 8 * q + 2 * i + 1) = round_to_bf16(bf16_bits_to_float(v[i] >> 16) * sc);
+          }
         }
       }
     return out;
