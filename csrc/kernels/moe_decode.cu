@@ -1,13 +1,16 @@
 // MXFP4 MoE, decode regime (gptoss/moe.h): few routed rows, weight-streaming GEMVs on the tensor
 // cores (mma.sync m16n8k16 bf16 -> fp32) with the weights decoded in registers.
 //
-// Work split. A block owns one selected expert (blockIdx.y = u: the u-th distinct valid id of
-// topk_ids, ascending, found by the block itself from the ids: no host sync, no metadata launch;
-// blocks with u >= the number of distinct experts exit after the scan) and kMTiles * 16 output
-// rows of it (blockIdx.x). Its 8 warps are kMTiles M-tiles x kKSplit K-slices; a warp streams its
-// 16 rows x K/kKSplit once, every routed row of the expert reusing the decoded tile (8 tokens per
-// mma, more tokens = more mmas over the same weights, re-read from L1/L2, not DRAM). The K-slices
-// are summed through shared memory in a fixed order (deterministic).
+// Work split. Each block first scans topk_ids itself (tiny in decode: no host sync, no metadata
+// launch): a bitmap of the selected experts gives the list of D distinct valid experts, ascending.
+// The work items are (expert u < D, tile of kMTiles * 16 output rows); the grid is one wave of
+// resident blocks (SMs x blocks per SM, at most the worst-case item count) and block b takes items
+// b, b + gridDim.x, ... in (expert, tile) order, so the work is balanced over the whole chip
+// whatever D turns out to be, and unselected experts cost nothing. Per item the block gathers the
+// expert's routed rows (ordered compaction of the ids) and its 8 warps (kMTiles M-tiles x kKSplit
+// K-slices) stream the tile's weights once, every routed row of the expert reusing the decoded
+// tile (8 tokens per mma; more tokens = more mmas over the same weights, re-read from L2, not
+// DRAM). The K-slices are summed through shared memory in a fixed order (deterministic).
 //
 // mma fragments (PTX m16n8k16 .bf16): lane = 4 * g + tq. A: a0 = (row g, k-slots 2tq, 2tq+1),
 // a1 = (row g+8, same), a2 = (row g, 2tq+8, 2tq+9), a3 = (row g+8, same); B: b0 = (k-slots 2tq,
@@ -40,15 +43,15 @@ constexpr int kMaxExperts = GPTOSS_MOE_DECODE_MAX_EXPERTS;
 constexpr int kMTiles = 2;                  // 16-row M-tiles per block
 constexpr int kKSplit = kWarps / kMTiles;   // warps sharing one M-tile's K range
 static_assert(kMTiles * kKSplit == kWarps, "warps = M-tiles x K-slices");
-constexpr int kRowsPerBlock = 16 * kMTiles;
 constexpr int kUnroll = 3;                  // 128-k chunks loaded before the first use (per warp)
 
 struct Shared {
   uint32_t bits[kMaxExperts / 32];  // selected-expert bitmap
-  int slots[kMaxRouted];            // routed rows (t*k + j) of this block's expert, ascending
+  int experts[kMaxRouted];          // the distinct selected experts, ascending
+  int slots[kMaxRouted];            // routed rows (t*k + j) of the current expert, ascending
   int warp_count[kWarps];
   float red[kWarps][4][32];         // K-slice partial sums [warp][c][lane]
-  int expert;
+  int n_experts;
 };
 
 __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {  // read-once weights: bypass L1
@@ -67,21 +70,19 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// The expert of this block (the u-th distinct id in [0, E), ascending) or -1 (block-uniform), and
-// its routed rows in sh.slots[0..ne), ascending. n <= kThreads routed rows.
-__device__ __forceinline__ int block_route(const int32_t* __restrict__ ids, int n, int E, int u, Shared& sh,
-                                           int& ne) {
+// The distinct ids in [0, E) of ids[0..n), ascending, into sh.experts[0..sh.n_experts).
+// Returns this thread's id (routed row threadIdx.x; -1 past n). n <= kThreads.
+__device__ __forceinline__ int block_distinct_experts(const int32_t* __restrict__ ids, int n, int E, Shared& sh) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nwords = (E + 31) >> 5;
   for (int i = tid; i < nwords; i += kThreads) sh.bits[i] = 0u;
-  if (tid == 0) sh.expert = -1;
   const int id = tid < n ? __ldg(ids + tid) : -1;
   __syncthreads();
   if (id >= 0 && id < E) atomicOr(&sh.bits[id >> 5], 1u << (id & 31));
   __syncthreads();
   if (warp == 0) {
     int before = 0;  // distinct experts in earlier words (warp-uniform)
-    for (int base = 0; base < nwords && before <= u; base += 32) {
+    for (int base = 0; base < nwords; base += 32) {
       const uint32_t word = base + lane < nwords ? sh.bits[base + lane] : 0u;
       const int c = __popc(word);
       int incl = c;
@@ -90,18 +91,20 @@ __device__ __forceinline__ int block_route(const int32_t* __restrict__ ids, int 
         const int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
         if (lane >= d) incl += v;
       }
-      const int excl = incl - c;
-      if (u >= before + excl && u < before + incl) {
-        uint32_t w = word;
-        for (int r = u - before - excl; r > 0; --r) w &= w - 1u;  // drop the lower set bits
-        sh.expert = 32 * (base + lane) + __ffs(w) - 1;
-      }
+      int pos = before + incl - c;
+      for (uint32_t w = word; w != 0u; w &= w - 1u) sh.experts[pos++] = 32 * (base + lane) + __ffs(w) - 1;
       before += __shfl_sync(0xFFFFFFFFu, incl, 31);
     }
+    if (lane == 0) sh.n_experts = before;
   }
   __syncthreads();
-  const int e = sh.expert;
-  if (e < 0) return -1;
+  return id;
+}
+
+// The routed rows whose id (one per thread, from block_distinct_experts) is e, ascending, into
+// sh.slots; returns their count. Block-wide (every thread must call it).
+__device__ __forceinline__ int block_gather_slots(int id, int e, Shared& sh) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const bool match = (id == e);
   const unsigned m = __ballot_sync(0xFFFFFFFFu, match);
   if (lane == 0) sh.warp_count[warp] = __popc(m);
@@ -115,8 +118,42 @@ __device__ __forceinline__ int block_route(const int32_t* __restrict__ ids, int 
   }
   if (match) sh.slots[off + __popc(m & ((1u << lane) - 1u))] = tid;
   __syncthreads();
-  ne = total;
-  return e;
+  return total;
+}
+
+// One 4-group chunk of a warp's tile: 8 mma steps over the lane's two 16-byte blocks (rows g and
+// g+8, group 4c+tq) and its token's 64 bytes of activations. kTwo: apply the scale as two bf16
+// factors (needed only when a scale byte exceeds 128, i.e. 2^(s-1) is beyond bf16's range).
+template <bool kTwo>
+__device__ __forceinline__ void chunk_mma(float (&acc)[4], const uint4& wa, const uint4& wb, uint32_t sa,
+                                          uint32_t sb, const uint4 (&xv)[4]) {
+  uint32_t ca1, ca2, cb1, cb2;
+  gptoss::mxfp4_pair_scale_factors(sa, ca1, ca2);
+  gptoss::mxfp4_pair_scale_factors(sb, cb1, cb2);
+  const uint32_t WA[4] = {wa.x, wa.y, wa.z, wa.w};
+  const uint32_t WB[4] = {wb.x, wb.y, wb.z, wb.w};
+  const uint32_t X[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
+                          xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t a0 = gptoss::bf16x2_mul(gptoss::fp4x8_pair_bits(WA[q], 2 * h), ca1);
+      uint32_t a2 = gptoss::bf16x2_mul(gptoss::fp4x8_pair_bits(WA[q], 2 * h + 1), ca1);
+      uint32_t a1 = gptoss::bf16x2_mul(gptoss::fp4x8_pair_bits(WB[q], 2 * h), cb1);
+      uint32_t a3 = gptoss::bf16x2_mul(gptoss::fp4x8_pair_bits(WB[q], 2 * h + 1), cb1);
+      if (kTwo) {
+        a0 = gptoss::bf16x2_mul(a0, ca2);
+        a2 = gptoss::bf16x2_mul(a2, ca2);
+        a1 = gptoss::bf16x2_mul(a1, cb2);
+        a3 = gptoss::bf16x2_mul(a3, cb2);
+      }
+      // x words X[m] = (x_2m, x_2m+1): b0 = (x_{8q+2h}, x_{8q+2h+4}), b1 = (x_{8q+2h+1}, x_{8q+2h+5})
+      const uint32_t b0 = __byte_perm(X[4 * q + h], X[4 * q + h + 2], 0x5410);
+      const uint32_t b1 = __byte_perm(X[4 * q + h], X[4 * q + h + 2], 0x7632);
+      mma_16816(acc, a0, a1, a2, a3, b0, b1);
+    }
+  }
 }
 
 // kMlp1: in = x [T, K=H], rows = 2I, dst = act bf16 [n, I] (SwiGLU applied).
@@ -127,111 +164,102 @@ __global__ void __launch_bounds__(kThreads) moe_decode_gemv_kernel(
     const uint8_t* __restrict__ blocks, const uint8_t* __restrict__ scales, const __nv_bfloat16* __restrict__ bias,
     void* __restrict__ dst, int n, int k, int E, int K, int rows, float alpha, float limit) {
   __shared__ Shared sh;
-  int ne = 0;
-  const int e = block_route(ids, n, E, static_cast<int>(blockIdx.y), sh, ne);
-  if (e < 0) return;
+  const int my_id = block_distinct_experts(ids, n, E, sh);
+  const int n_tiles = rows / 16;                                  // rows is a multiple of 32
+  const int n_blocks_rows = (n_tiles + kMTiles - 1) / kMTiles;    // row tiles of the block
+  const int64_t items = static_cast<int64_t>(sh.n_experts) * n_blocks_rows;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
   const int mt = warp / kKSplit, ks = warp % kKSplit;
-  const int tile = blockIdx.x * kMTiles + mt;      // 16-row M-tile index within the expert
-  const bool tile_ok = 16 * (tile + 1) <= rows;     // rows is a multiple of 32: tiles are whole
   const int G = K >> 5;                             // MXFP4 groups per row
   const int nch = (G + 3) >> 2;                     // 4-group chunks
-  // the lane's two weight rows (A row g and A row g+8 of the tile)
-  const int rowA = kMlp1 ? 2 * (8 * tile + g) : 16 * tile + g;
-  const int rowB = kMlp1 ? rowA + 1 : rowA + 8;
-  const int64_t erow = static_cast<int64_t>(e) * rows;
-  const uint4* wA = reinterpret_cast<const uint4*>(blocks) + (erow + rowA) * G;
-  const uint4* wB = reinterpret_cast<const uint4*>(blocks) + (erow + rowB) * G;
-  const uint8_t* sA = scales + (erow + rowA) * G;
-  const uint8_t* sB = scales + (erow + rowB) * G;
+  int cur_e = -1, ne = 0;
 
-  for (int t0 = 0; t0 < ne; t0 += 8) {
-    const int col_slot = (t0 + g < ne) ? sh.slots[t0 + g] : -1;  // this lane's B column
-    const uint4* xin = nullptr;
-    if (col_slot >= 0)
-      xin = reinterpret_cast<const uint4*>(in + static_cast<int64_t>(kMlp1 ? col_slot / k : col_slot) * K);
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    if (tile_ok) {
-      for (int cb = ks; cb < nch; cb += kKSplit * kUnroll) {
-        uint4 wa[kUnroll], wb[kUnroll], xv[kUnroll][4];
-        uint32_t sa[kUnroll], sb[kUnroll];
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int e = sh.experts[item / n_blocks_rows];
+    const int tile = static_cast<int>(item % n_blocks_rows) * kMTiles + mt;  // this warp's 16-row tile
+    if (e != cur_e) {  // block-uniform
+      ne = block_gather_slots(my_id, e, sh);
+      cur_e = e;
+    }
+    const bool tile_ok = tile < n_tiles;
+    // the lane's two weight rows (A rows g and g+8 of the tile)
+    const int rowA = kMlp1 ? 2 * (8 * tile + g) : 16 * tile + g;
+    const int rowB = kMlp1 ? rowA + 1 : rowA + 8;
+    const int64_t erow = static_cast<int64_t>(e) * rows;
+    const uint4* wA = reinterpret_cast<const uint4*>(blocks) + (erow + rowA) * G;
+    const uint4* wB = reinterpret_cast<const uint4*>(blocks) + (erow + rowB) * G;
+    const uint8_t* sA = scales + (erow + rowA) * G;
+    const uint8_t* sB = scales + (erow + rowB) * G;
+
+    for (int t0 = 0; t0 < ne; t0 += 8) {
+      const int col_slot = (t0 + g < ne) ? sh.slots[t0 + g] : -1;  // this lane's B column
+      const uint4* xin = nullptr;
+      if (col_slot >= 0)
+        xin = reinterpret_cast<const uint4*>(in + static_cast<int64_t>(kMlp1 ? col_slot / k : col_slot) * K);
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      if (tile_ok) {
+        for (int cb = ks; cb < nch; cb += kKSplit * kUnroll) {
+          uint4 wa[kUnroll], wb[kUnroll], xv[kUnroll][4];
+          uint32_t sa[kUnroll], sb[kUnroll];
 #pragma unroll
-        for (int uu = 0; uu < kUnroll; ++uu) {
-          const int gi = 4 * (cb + uu * kKSplit) + tq;
-          const bool ok = gi < G;
-          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-          wa[uu] = ok ? ldg_stream(wA + gi) : z;
-          wb[uu] = ok ? ldg_stream(wB + gi) : z;
-          sa[uu] = ok ? __ldg(sA + gi) : 0u;
-          sb[uu] = ok ? __ldg(sB + gi) : 0u;
+          for (int uu = 0; uu < kUnroll; ++uu) {
+            const int gi = 4 * (cb + uu * kKSplit) + tq;
+            const bool ok = gi < G;
+            const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+            wa[uu] = ok ? ldg_stream(wA + gi) : z;
+            wb[uu] = ok ? ldg_stream(wB + gi) : z;
+            sa[uu] = ok ? __ldg(sA + gi) : 0u;
+            sb[uu] = ok ? __ldg(sB + gi) : 0u;
 #pragma unroll
-          for (int q = 0; q < 4; ++q) xv[uu][q] = (ok && xin) ? __ldg(xin + 4 * gi + q) : z;
-        }
+            for (int q = 0; q < 4; ++q) xv[uu][q] = (ok && xin) ? __ldg(xin + 4 * gi + q) : z;
+          }
 #pragma unroll
-        for (int uu = 0; uu < kUnroll; ++uu) {
-          if (cb + uu * kKSplit >= nch) break;  // warp-uniform
-          uint32_t ca1, ca2, cb1, cb2;
-          gptoss::mxfp4_pair_scale_factors(sa[uu], ca1, ca2);
-          gptoss::mxfp4_pair_scale_factors(sb[uu], cb1, cb2);
-          const uint32_t WA[4] = {wa[uu].x, wa[uu].y, wa[uu].z, wa[uu].w};
-          const uint32_t WB[4] = {wb[uu].x, wb[uu].y, wb[uu].z, wb[uu].w};
-          const uint32_t X[16] = {xv[uu][0].x, xv[uu][0].y, xv[uu][0].z, xv[uu][0].w,
-                                  xv[uu][1].x, xv[uu][1].y, xv[uu][1].z, xv[uu][1].w,
-                                  xv[uu][2].x, xv[uu][2].y, xv[uu][2].z, xv[uu][2].w,
-                                  xv[uu][3].x, xv[uu][3].y, xv[uu][3].z, xv[uu][3].w};
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const uint32_t a0 = gptoss::mxfp4_pair_decode(WA[q], 2 * h, ca1, ca2);
-              const uint32_t a2 = gptoss::mxfp4_pair_decode(WA[q], 2 * h + 1, ca1, ca2);
-              const uint32_t a1 = gptoss::mxfp4_pair_decode(WB[q], 2 * h, cb1, cb2);
-              const uint32_t a3 = gptoss::mxfp4_pair_decode(WB[q], 2 * h + 1, cb1, cb2);
-              // x words X[m] = (x_2m, x_2m+1): b0 = (x_{8q+2h}, x_{8q+2h+4}), b1 = (x_{8q+2h+1}, x_{8q+2h+5})
-              const uint32_t b0 = __byte_perm(X[4 * q + h], X[4 * q + h + 2], 0x5410);
-              const uint32_t b1 = __byte_perm(X[4 * q + h], X[4 * q + h + 2], 0x7632);
-              mma_16816(acc, a0, a1, a2, a3, b0, b1);
-            }
+          for (int uu = 0; uu < kUnroll; ++uu) {
+            if (cb + uu * kKSplit >= nch) break;  // warp-uniform
+            if (__any_sync(0xFFFFFFFFu, max(sa[uu], sb[uu]) > 128u))
+              chunk_mma<true>(acc, wa[uu], wb[uu], sa[uu], sb[uu], xv[uu]);
+            else
+              chunk_mma<false>(acc, wa[uu], wb[uu], sa[uu], sb[uu], xv[uu]);
           }
         }
       }
-    }
-    // sum the K-slices of each M-tile in a fixed order
+      // sum the K-slices of each M-tile in a fixed order
 #pragma unroll
-    for (int c = 0; c < 4; ++c) sh.red[warp][c][lane] = acc[c];
-    __syncthreads();
-    if (ks == 0 && tile_ok) {
-      float v[4];
+      for (int c = 0; c < 4; ++c) sh.red[warp][c][lane] = acc[c];
+      __syncthreads();
+      if (ks == 0 && tile_ok) {
+        float v[4];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float s = 0.f;
+        for (int c = 0; c < 4; ++c) {
+          float s = 0.f;
 #pragma unroll
-        for (int w = 0; w < kKSplit; ++w) s += sh.red[mt * kKSplit + w][c][lane];
-        v[c] = s;
-      }
+          for (int w = 0; w < kKSplit; ++w) s += sh.red[mt * kKSplit + w][c][lane];
+          v[c] = s;
+        }
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {  // token columns 2tq + p
-        const int col = t0 + 2 * tq + p;
-        if (col >= ne) continue;
-        const int slot = sh.slots[col];
-        if (kMlp1) {
-          const int I = rows >> 1;
-          const int j = 8 * tile + g;
-          const float gate = v[p] + __bfloat162float(bias[erow + 2 * j]);
-          const float lin = v[2 + p] + __bfloat162float(bias[erow + 2 * j + 1]);
-          static_cast<__nv_bfloat16*>(dst)[static_cast<int64_t>(slot) * I + j] =
-              __float2bfloat16_rn(gptoss::swiglu_clamped(gate, lin, alpha, limit));
-        } else {
-          const float wgt = __ldg(topk_weights + slot);
-          float* y = static_cast<float*>(dst) + static_cast<int64_t>(slot) * rows;
-          y[rowA] = (v[p] + __bfloat162float(bias[erow + rowA])) * wgt;
-          y[rowB] = (v[2 + p] + __bfloat162float(bias[erow + rowB])) * wgt;
+        for (int p = 0; p < 2; ++p) {  // token columns 2tq + p
+          const int col = t0 + 2 * tq + p;
+          if (col >= ne) continue;
+          const int slot = sh.slots[col];
+          if (kMlp1) {
+            const int I = rows >> 1;
+            const int j = 8 * tile + g;
+            const float gate = v[p] + __bfloat162float(bias[erow + 2 * j]);
+            const float lin = v[2 + p] + __bfloat162float(bias[erow + 2 * j + 1]);
+            static_cast<__nv_bfloat16*>(dst)[static_cast<int64_t>(slot) * I + j] =
+                __float2bfloat16_rn(gptoss::swiglu_clamped(gate, lin, alpha, limit));
+          } else {
+            const float wgt = __ldg(topk_weights + slot);
+            float* y = static_cast<float*>(dst) + static_cast<int64_t>(slot) * rows;
+            y[rowA] = (v[p] + __bfloat162float(bias[erow + rowA])) * wgt;
+            y[rowB] = (v[2 + p] + __bfloat162float(bias[erow + rowB])) * wgt;
+          }
         }
       }
+      __syncthreads();
     }
-    __syncthreads();
   }
 }
 
@@ -268,6 +296,33 @@ __global__ void __launch_bounds__(256) moe_decode_combine_kernel(const float4* _
 }
 
 constexpr size_t align256(size_t b) { return (b + 255) & ~static_cast<size_t>(255); }
+
+// Resident blocks of one GEMV kernel on the current device (SMs x blocks per SM), cached.
+template <bool kMlp1>
+gptoss_status resident_blocks(int& blocks) {
+  static int cached[64] = {0};
+  int dev = 0;
+  GPTOSS_CUDA_TRY(cudaGetDevice(&dev), "moe_mxfp4_decode: cudaGetDevice");
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) {
+    blocks = cached[dev];
+    return GPTOSS_OK;
+  }
+  int sms = 0, per_sm = 0;
+  GPTOSS_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
+                  "moe_mxfp4_decode: multiprocessor count");
+  GPTOSS_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, moe_decode_gemv_kernel<kMlp1>, kThreads, 0),
+                  "moe_mxfp4_decode: occupancy");
+  blocks = sms * (per_sm > 0 ? per_sm : 1);
+  if (dev >= 0 && dev < 64) cached[dev] = blocks;
+  return GPTOSS_OK;
+}
+
+// Grid of a GEMV launch: one wave of resident blocks, at most one block per worst-case item.
+unsigned gemv_grid(int resident, int max_experts, int64_t rows) {
+  const int64_t row_blocks = (rows / 16 + kMTiles - 1) / kMTiles;
+  const int64_t items = static_cast<int64_t>(max_experts) * row_blocks;
+  return static_cast<unsigned>(items < resident ? items : resident);
+}
 
 int64_t chunk_tokens(int64_t k) { return kMaxRouted / k; }
 
@@ -311,6 +366,12 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
   const __nv_bfloat16* xb = static_cast<const __nv_bfloat16*>(x);
   __nv_bfloat16* ob = static_cast<__nv_bfloat16*>(out);
 
+  int resident1 = 0, resident2 = 0;
+  gptoss_status st = resident_blocks<true>(resident1);
+  if (st != GPTOSS_OK) return st;
+  st = resident_blocks<false>(resident2);
+  if (st != GPTOSS_OK) return st;
+
   for (int64_t t0 = 0; t0 < T; t0 += ct) {
     const int nt = static_cast<int>(T - t0 < ct ? T - t0 : ct);
     const int n = nt * static_cast<int>(k);
@@ -318,15 +379,13 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
     const int32_t* ids = topk_ids + t0 * k;
     const float* wts = topk_weights + t0 * k;
 
-    const dim3 grid1(static_cast<unsigned>((2 * I + kRowsPerBlock - 1) / kRowsPerBlock), ny);
-    moe_decode_gemv_kernel<true><<<grid1, kThreads, 0, stream>>>(
+    moe_decode_gemv_kernel<true><<<gemv_grid(resident1, ny, 2 * I), kThreads, 0, stream>>>(
         xb + t0 * H, ids, wts, w1_blocks, w1_scales, static_cast<const __nv_bfloat16*>(w1_bias), act, n,
         static_cast<int>(k), static_cast<int>(E), static_cast<int>(H), static_cast<int>(2 * I), swiglu_alpha,
         swiglu_limit);
     GPTOSS_CUDA_TRY(cudaGetLastError(), "moe_mxfp4_decode mlp1 launch");
 
-    const dim3 grid2(static_cast<unsigned>((H + kRowsPerBlock - 1) / kRowsPerBlock), ny);
-    moe_decode_gemv_kernel<false><<<grid2, kThreads, 0, stream>>>(
+    moe_decode_gemv_kernel<false><<<gemv_grid(resident2, ny, H), kThreads, 0, stream>>>(
         act, ids, wts, w2_blocks, w2_scales, static_cast<const __nv_bfloat16*>(w2_bias), y, n, static_cast<int>(k),
         static_cast<int>(E), static_cast<int>(I), static_cast<int>(H), swiglu_alpha, swiglu_limit);
     GPTOSS_CUDA_TRY(cudaGetLastError(), "moe_mxfp4_decode mlp2 launch");

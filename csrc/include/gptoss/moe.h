@@ -4,13 +4,14 @@
  * out[t] = sum_j w[t,j] * (W2[e] swiglu(W1[e] x[t] + b1[e]) + b2[e]),  e = topk_ids[t,j]
  *
  * Three launches on `stream`, no host synchronization (CUDA-graph capturable), no allocation:
- *   1. mlp1    : per (distinct selected expert, 8 gate/linear row pairs): z = W1 x + b1 for every
- *                routed row (t, j) of that expert, act[t*k+j, :] = swiglu(z)   bf16 [T*k, I]
- *   2. mlp2    : per (distinct selected expert, 16 output rows): y[t*k+j, :] = w[t,j] * (W2 act + b2)
- *                                                                              fp32 [T*k, H]
+ *   1. mlp1    : per (selected expert, 16 gate/linear row pairs): z = W1 x + b1 for every routed
+ *                row (t, j) of that expert, act[t*k+j, :] = swiglu(z)               bf16 [T*k, I]
+ *   2. mlp2    : per (selected expert, 32 output rows): y[t*k+j, :] = w[t,j] * (W2 act + b2)
+ *                                                                                fp32 [T*k, H]
  *   3. combine : out[t] = sum_{j = 0..k-1} y[t*k+j] in slot order (fp32), bf16.
- * Each block finds its expert from topk_ids itself (the u-th distinct valid id, ascending); blocks
- * beyond the number of distinct experts exit at once, so unselected experts cost nothing.
+ * The GEMV launches are one wave of resident blocks; each block finds the distinct selected
+ * experts from topk_ids itself and takes (expert, row tile) items in a grid-stride loop, so
+ * unselected experts cost nothing and the work spreads over all SMs whatever the routing.
  * Deterministic: no float atomics; two runs give identical bits.
  * Tokens are processed in chunks of GPTOSS_MOE_DECODE_MAX_ROUTED_ROWS / k tokens (the launcher
  * loops; experts chosen in several chunks are read once per chunk). The op routes large T*k to the
