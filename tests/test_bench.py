@@ -294,3 +294,25 @@ def test_bench_on_gpu_quick(tmp_path):
         assert row["timing"]["method"] in ("cuda-graph", "cuda-events")
     else:
         assert row["status"] == "no-kernel"
+
+
+def test_e2e_measurement_code_with_a_tiny_model_on_cpu():
+    """The e2e loop (prompts, stream timing, rows, bounds) against the real model class, tiny."""
+    config = pytest.importorskip("gptoss_kernels.config", reason="model config (issue 4) not written yet")
+    pytest.importorskip("gptoss_kernels.model", reason="model class (issue 4) not written yet")
+    from gptoss_kernels.bench import e2e, ops as O
+    from gptoss_kernels.bench.timing import Limits
+
+    cfg = config.GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=96, hidden_size=64,
+                              intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                              sliding_window=4)
+    limits = Limits(10.0, 1, 0.1, (1, 1, 1), "float32", "cpu")
+    ctx = O.Context(device=torch.device("cpu"), shape=ModelShape.of(cfg), limits=limits)
+    rows, notes = e2e.run_e2e(ctx, "120b", [1, 2], [12], [8], new_tokens=3, config=cfg)
+    assert [r["case"] for r in rows] == ["decode B=1 ctx=12", "prefill T=8", "decode B=2 ctx=12"]
+    for r in rows:
+        assert r["status"] == "reference", r
+        assert r["tok_s"] > 0 and r["ttft_ms"] > 0
+    assert rows[0]["ms_per_step"] > 0 and rows[0]["bound_tok_s"] > 0 and rows[0]["pct_of_bound"] > 0
+    assert rows[1]["bound_tok_s"] is None
+    assert any("bytes per token" in n for n in notes)

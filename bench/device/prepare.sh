@@ -125,7 +125,7 @@ echo "== manifest"
 "$PY312" "$REPO/bench/device/helpers.py" manifest "$REPO" "$DEV"
 
 size_mib=$(( $(du -sb "$DEV" | cut -f1) / 1048576 ))
-tree_mib=$(( $(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) / 1048576 ))
+tree_mib=$(( $(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) / 1048576 ))
 echo "== .device: ${size_mib} MiB; working tree (tracked + untracked, not ignored): ${tree_mib} MiB"
 ls -la "$DEV/wheels"
 if (( size_mib + tree_mib > MAX_MIB )); then

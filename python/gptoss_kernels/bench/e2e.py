@@ -67,9 +67,16 @@ def plan(shape: ModelShape, limits: Limits | None, batches, contexts, prefill_to
 
 
 def fits(shape: ModelShape, batch: int, context: int, device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return True, "host memory"
     total = torch.cuda.get_device_properties(device).total_memory
     need = shape.weight_bytes() + shape.kv_cache_bytes(batch, context) + 2 * 2**30
     return need <= 0.95 * total, f"needs ≈{need / 2**30:.0f} GiB (weights + KV cache + 2 GiB) of {total / 2**30:.0f} GiB"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _measure(model, ids: torch.Tensor, n: int) -> tuple[float, float | None, int]:
@@ -77,23 +84,23 @@ def _measure(model, ids: torch.Tensor, n: int) -> tuple[float, float | None, int
 
     Through ``model.stream`` when it exists (each yield follows the step's one host sync, so the
     host clock between yields times the steps); else two ``generate`` calls (1 and n tokens)."""
-    torch.cuda.synchronize()
+    _sync(ids.device)
     t0 = time.perf_counter()
     if hasattr(model, "stream"):
         stamps = [time.perf_counter() for _ in model.stream(ids, n, temperature=0.0, stop_token_ids=[])]
-        torch.cuda.synchronize()
+        _sync(ids.device)
         if not stamps:
             raise RuntimeError("model.stream yielded nothing")
         steps = len(stamps) - 1
         return stamps[0] - t0, ((stamps[-1] - stamps[0]) / steps if steps else None), steps
     model.generate(ids, max_new_tokens=1, temperature=0.0, stop_token_ids=[])
-    torch.cuda.synchronize()
+    _sync(ids.device)
     t1 = time.perf_counter() - t0
     if n <= 1:
         return t1, None, 0
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=n, temperature=0.0, stop_token_ids=[])
-    torch.cuda.synchronize()
+    _sync(ids.device)
     tn = time.perf_counter() - t0
     steps = (_num_new(out) or n) - 1
     return t1, ((tn - t1) / steps if steps > 0 and tn > t1 else None), steps
@@ -110,39 +117,46 @@ def _num_new(out) -> int | None:
     return None
 
 
-def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens: int = DECODE_NEW_TOKENS) -> tuple[list[dict], list[str]]:
-    """Returns (rows, notes). `ctx` is an ops.Context (device, limits, deadline, progress)."""
+def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens: int = DECODE_NEW_TOKENS, *,
+            config=None) -> tuple[list[dict], list[str]]:
+    """Returns (rows, notes). `ctx` is an ops.Context (device, limits, deadline, progress).
+
+    `config`: a GptOssConfig to use instead of the `config_name` preset; with it the run also
+    goes ahead on the CPU (tests exercise the measurement code with a tiny model)."""
     from .ops import family_built
 
-    shape = ModelShape.preset(config_name)
+    shape = ModelShape.of(config, "custom config") if config is not None else ModelShape.preset(config_name)
     rows = plan(shape, ctx.limits, batches, contexts, prefill_tokens)
-    notes = [f"bytes per token at batch 1, context {min(contexts) if contexts else 1024}: "
-             f"{decode_bytes_per_token(shape, 1, min(contexts) if contexts else 1024) / 1e9:.2f} GB ({shape.name})"]
+    L0 = min(contexts) if contexts else 1024
+    notes = [f"bytes per token at batch 1, context {L0}: {decode_bytes_per_token(shape, 1, L0) / 1e9:.2f} GB ({shape.name})"]
 
     def skip_all(status: str, reason: str):
         for r in rows:
             r.update(status=status, reason=reason)
         return rows, notes
 
-    if not ctx.gpu:
+    if not ctx.gpu and config is None:
         return skip_all("skipped", "e2e needs a GPU (reference mode times the ops only); bytes per token shown")
     try:
         GptOss, GptOssConfig = load_model_api()
     except ImportError as e:
         return skip_all("skipped", f"model class not importable yet ({e})")
-    missing = [f for f in REQUIRED_FAMILIES if not family_built(f)]
-    if missing:
-        return skip_all("skipped", f"no kernel for {', '.join(missing)}: the model would run the reference path")
+    if ctx.gpu:
+        missing = [f for f in REQUIRED_FAMILIES if not family_built(f)]
+        if missing:
+            return skip_all("skipped", f"no kernel for {', '.join(missing)}: the model would run the reference path")
     if ctx.out_of_time():
         return skip_all("skipped", "time budget (--max-seconds) spent")
 
     ctx.progress(f"e2e: building {shape.name} with random weights on {ctx.device}")
     try:
-        model = GptOss.from_config(config_for(config_name, GptOssConfig), device=str(ctx.device), seed=0)
+        cfg = config if config is not None else config_for(config_name, GptOssConfig)
+        model = GptOss.from_config(cfg, device=str(ctx.device), seed=0)
     except Exception as e:  # noqa: BLE001
         return skip_all("error", f"GptOss.from_config failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-    vocab_hi = 199998  # below the special tokens
+    vocab_hi = min(199998, shape.vocab)  # below the special tokens
     gen = torch.Generator().manual_seed(0)
+    cuda = ctx.device.type == "cuda"
 
     def prompt(batch: int, length: int) -> torch.Tensor:
         return torch.randint(0, vocab_hi, (batch, length), generator=gen).to(ctx.device)
@@ -170,7 +184,8 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
             if B not in warmed:  # first-use costs (module loads, handles) outside the timings
                 _measure(model, prompt(B, 16), 3)
                 warmed.add(B)
-            torch.cuda.reset_peak_memory_stats(ctx.device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
             ttft, step_s, steps = _measure(model, prompt(B, prompt_len), 1 if is_prefill else 1 + new_tokens)
             r["ttft_ms"] = ttft * 1e3
             if is_prefill:
@@ -183,17 +198,22 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
                 r["tok_s"] = B / step_s
                 if r["bound_tok_s"]:
                     r["pct_of_bound"] = 100.0 * r["tok_s"] / r["bound_tok_s"]
-            r["peak_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
-            r["status"] = "ok"
-            ctx.progress(f"    {r['tok_s']:.1f} tok/s, TTFT {r['ttft_ms']:.1f} ms, peak {r['peak_gib']:.1f} GiB")
+            r["peak_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if cuda else None
+            r["status"] = "ok" if ctx.gpu else "reference"
+            if not ctx.gpu:
+                r["reason"] = "reference mode (no GPU): not a kernel measurement"
+            ctx.progress(f"    {r['tok_s']:.1f} tok/s, TTFT {r['ttft_ms']:.1f} ms"
+                         + (f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""))
         except torch.cuda.OutOfMemoryError as e:
             r.update(status="error", reason=f"out of memory: {str(e).splitlines()[0][:160]}")
         except Exception as e:  # noqa: BLE001 - one failing case must not end the run
             r.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         finally:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            _sync(ctx.device)
+            if cuda:
+                torch.cuda.empty_cache()
     notes.append("TTFT and prefill tok/s include the decode-step CUDA graph capture that each generate call does")
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return rows, notes
