@@ -16,6 +16,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <mutex>
+#include <vector>
 
 #include "activation.cuh"
 #include "common.cuh"
@@ -640,19 +642,47 @@ GemmLaunch gemm_launch(int variant, int G, int E) {
   }
 }
 
+// Per (kernel, device, shared-memory size): the SM count and resident blocks per SM, after raising
+// the kernel's dynamic shared-memory limit. Filled on first use (an eager call), so a later call
+// being captured into a CUDA graph makes no attribute or occupancy calls.
+struct LaunchFacts {
+  const void* fn;
+  int dev, smem, sms, per_sm;
+};
+
+gptoss_status launch_facts(const GemmLaunch& L, int dev, int* sms, int* per_sm) {
+  static std::mutex mu;
+  static std::vector<LaunchFacts> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  int attr = L.smem;
+  for (const LaunchFacts& f : cache) {
+    if (f.fn == L.fn && f.dev == dev && f.smem == L.smem) {
+      *sms = f.sms;
+      *per_sm = f.per_sm;
+      return GPTOSS_OK;
+    }
+    if (f.fn == L.fn && f.dev == dev) attr = std::max(attr, f.smem);  // keep the largest limit set so far
+  }
+  GPTOSS_CUDA_TRY(cudaFuncSetAttribute(L.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, attr),
+                  "moe_prefill: cudaFuncSetAttribute");
+  GPTOSS_CUDA_TRY(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev), "moe_prefill: SM count");
+  GPTOSS_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, L.fn, L.threads, L.smem),
+                  "moe_prefill: occupancy");
+  *per_sm = std::max(*per_sm, 1);
+  cache.push_back({L.fn, dev, L.smem, *sms, *per_sm});
+  return GPTOSS_OK;
+}
+
 gptoss_status launch_gemm(const GemmParams& gp, int epi, int64_t rows, int variant, cudaStream_t stream) {
   const int G = gp.K / 32;
   const GemmLaunch L = epi == kSwiglu ? gemm_launch<kSwiglu>(variant, G, gp.E)
                                       : gemm_launch<kWeightedScatter>(variant, G, gp.E);
-  GPTOSS_CUDA_TRY(cudaFuncSetAttribute(L.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, L.smem),
-                  "moe_prefill: cudaFuncSetAttribute");
   int dev = 0, sms = 0, per_sm = 0;
   GPTOSS_CUDA_TRY(cudaGetDevice(&dev), "moe_prefill: cudaGetDevice");
-  GPTOSS_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "moe_prefill: SM count");
-  GPTOSS_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, L.fn, L.threads, L.smem),
-                  "moe_prefill: occupancy");
-  per_sm = std::max(per_sm, 1);
-  // upper bound of the work list: sum_e ceil(count_e / BM) <= rows / BM + min(E, rows)
+  const gptoss_status st = launch_facts(L, dev, &sms, &per_sm);
+  if (st != GPTOSS_OK) return st;
+  // Persistent grid: at most one wave of resident blocks, at most the work list's upper bound
+  // sum_e ceil(count_e / BM) * n_tiles <= (rows / BM + min(E, rows)) * n_tiles.
   const int64_t max_mtiles = rows / L.bm + std::min<int64_t>(gp.E, rows);
   const int64_t max_work = max_mtiles * ceil_div(gp.N, L.bn);
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_work, int64_t{sms} * per_sm)));
