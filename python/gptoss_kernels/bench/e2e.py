@@ -145,6 +145,8 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
         missing = [f for f in REQUIRED_FAMILIES if not family_built(f)]
         if missing:
             return skip_all("skipped", f"no kernel for {', '.join(missing)}: the model would run the reference path")
+    if getattr(ctx, "broken", None):
+        return skip_all("skipped", ctx.broken)
     if ctx.out_of_time():
         return skip_all("skipped", "time budget (--max-seconds) spent")
 
@@ -164,6 +166,9 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
     warmed: set[int] = set()
     prefill_tok_s = None  # measured by the first prefill row, to skip rows that cannot finish in time
     for i, r in enumerate(rows):
+        if getattr(ctx, "broken", None):
+            r.update(status="skipped", reason=ctx.broken)
+            continue
         if ctx.out_of_time():
             r.update(status="skipped", reason="time budget (--max-seconds) spent")
             continue
@@ -209,11 +214,14 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
         except Exception as e:  # noqa: BLE001 - one failing case must not end the run
             r.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         finally:
-            _sync(ctx.device)
-            if cuda:
-                torch.cuda.empty_cache()
+            try:
+                _sync(ctx.device)
+                if cuda:
+                    torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - a sticky CUDA error: nothing more can run
+                ctx.broken = f"not run: the CUDA context is unusable after '{r['case']}' ({type(e).__name__})"
     notes.append("TTFT and prefill tok/s include the decode-step CUDA graph capture that each generate call does")
     del model
-    if cuda:
+    if cuda and not getattr(ctx, "broken", None):
         torch.cuda.empty_cache()
     return rows, notes

@@ -54,6 +54,7 @@ class Context:
     flex: bool = True                      # time FlexAttention (compiles once per shape)
     min_runs: int = 5
     warmup: int = 2
+    broken: str | None = None              # set when the CUDA context became unusable (sticky error)
 
     @property
     def gpu(self) -> bool:
@@ -402,6 +403,9 @@ def run_case(case: Case, ctx: Context) -> dict:
     row = {"op": case.op, "case": case.name, "shape": case.shape, "family": case.family, "bytes": case.bytes,
            "flops": case.flops, "status": None, "reason": None, "time_us": None, "gbps": None, "tflops": None,
            "pct_bw": None, "pct_flops": None, "timing": None, "verify": None, "baselines": [], "speedup": None}
+    if ctx.broken:
+        row.update(status="skipped", reason=ctx.broken)
+        return row
     if ctx.out_of_time():
         row.update(status="skipped", reason="time budget (--max-seconds) spent")
         return row
@@ -438,10 +442,21 @@ def run_case(case: Case, ctx: Context) -> dict:
     except Exception as e:  # noqa: BLE001 - one failing case must not end the run
         row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     finally:
-        if ctx.gpu:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+        _settle(ctx, f"{case.op} {case.name}")
     return row
+
+
+def _settle(ctx: Context, what: str) -> None:
+    """Synchronise after a case; a sticky CUDA error (e.g. an illegal address) ends the GPU work."""
+    if not ctx.gpu:
+        return
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        ctx.broken = (f"not run: the CUDA context is unusable after '{what}' "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+        ctx.progress(ctx.broken)
 
 
 def _fit_sets(case: Case, ctx: Context) -> int:
@@ -464,6 +479,5 @@ def _run_baseline(name, make_fn, sets, case, ctx, kernel_us) -> dict:
             b["speedup"] = t.median_us / kernel_us
     except Exception as e:  # noqa: BLE001 - a baseline unavailable here (e.g. no flash backend)
         b.update(status="unavailable", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-        if ctx.gpu:
-            torch.cuda.synchronize()
+        _settle(ctx, f"baseline {name}")
     return b
