@@ -161,6 +161,19 @@ def test_regime_choice():
     assert pre is None or hasattr(pre, "run")
 
 
+def test_python_limits_match_c_abi():
+    C = gptoss_kernels._lib.C()
+    if C is None or not hasattr(C, "MOE_DECODE_MAX_ROUTED_ROWS"):
+        pytest.skip("this build has no moe_decode bindings (rebuild)")
+    assert C.MOE_DECODE_MAX_ROUTED_ROWS == moe_ops.MOE_DECODE_MAX_ROUTED_ROWS
+    assert C.MOE_DECODE_MAX_EXPERTS == moe_ops.MOE_DECODE_MAX_EXPERTS
+    # workspace: act bf16 [n, I] + y fp32 [n, H], n = min(T, 256 // k) * k, parts 256-aligned
+    assert C.moe_mxfp4_decode_workspace_size(1, 4, 2880, 2880) == 23040 + 46080
+    assert C.moe_mxfp4_decode_workspace_size(1000, 4, 64, 32) == 256 * 32 * 2 + 256 * 64 * 4
+    assert C.moe_mxfp4_decode_workspace_size(0, 4, 64, 32) == 0
+    assert C.moe_mxfp4_decode_workspace_size(1, 9, 64, 32) == 0
+
+
 def test_moe_bytes_read():
     T, k, E, H, I = 2, 4, 32, 64, 96  # noqa: E741
     per_expert = 2 * I * (H // 32) * 17 + 2 * I * 2 + H * (I // 32) * 17 + H * 2

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import _checks, _lib, reference
@@ -86,6 +88,30 @@ def _decode_available() -> bool:
     return C is not None and hasattr(C, "moe_mxfp4_decode")
 
 
+def _cuda_unsupported(x, w1_blocks, w2_blocks, out, E) -> str | None:
+    """Why CUDA tensors cannot take the kernels (then the reference runs, with a warning), or None."""
+    if not _lib.cuda_available():
+        return _lib.kernels_error() or "kernels unavailable"
+    if not _decode_available():
+        return "this build has no moe_decode kernels"
+    if E > MOE_DECODE_MAX_EXPERTS:
+        return f"E={E} > {MOE_DECODE_MAX_EXPERTS} experts is not supported by the kernels"
+    for name, t, a in (("x", x, 16), ("w1_blocks", w1_blocks, 16), ("w2_blocks", w2_blocks, 16), ("out", out, 8)):
+        if t is not None and t.numel() and t.data_ptr() % a:
+            return f"{name} is not {a}-byte aligned"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_unsupported(why: str) -> None:
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"gptoss_kernels.moe_mxfp4: running the PyTorch reference on CUDA tensors because {why}",
+                      RuntimeWarning, stacklevel=3)
+
+
 def decode_workspace_bytes(T: int, k: int, H: int, I: int) -> int:  # noqa: E741
     """Bytes of device workspace the decode kernels need (act bf16 + y fp32 for one token chunk)."""
     return int(_lib.C().moe_mxfp4_decode_workspace_size(T, k, H, I))
@@ -157,7 +183,8 @@ def moe_mxfp4(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     """
     dev, T, H, I, E, k = check_moe_args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias,
                                         w2_blocks, w2_scales, w2_bias, out)
-    if dev.type == "cuda" and _lib.cuda_available() and _decode_available():
+    why = _cuda_unsupported(x, w1_blocks, w2_blocks, out, E) if dev.type == "cuda" else None
+    if dev.type == "cuda" and why is None:
         capturing = torch.cuda.is_current_stream_capturing()
         if validate_ids and not capturing:
             check_expert_ids(topk_ids, E)
@@ -170,12 +197,13 @@ def moe_mxfp4(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
                     check_expert_ids(topk_ids, E)
                 return pre.run(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales,
                                w2_bias, swiglu_alpha, swiglu_limit, out)
-        if E > MOE_DECODE_MAX_EXPERTS:
-            raise ValueError(f"moe_mxfp4: E={E} experts is more than the CUDA kernels take ({MOE_DECODE_MAX_EXPERTS})")
         return run_decode(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
                           swiglu_alpha, swiglu_limit, out)
     if dev.type == "cuda":
-        _lib.warn_reference_fallback("moe_mxfp4")
+        if why is not None and _lib.cuda_available():
+            _warn_unsupported(why)
+        else:
+            _lib.warn_reference_fallback("moe_mxfp4")
     if validate_ids is not False:
         check_expert_ids(topk_ids, E)
     res = reference.moe(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
