@@ -422,3 +422,19 @@ def test_bench_prefill(T, E):
         tot = timed(lambda: run_kernel(p, v, out=out, workspace=ws))
         print(f"  {name:11s} route {st[0]:.3f}  mlp1 {st[1]:.3f} ({f1 / st[1] / 1e9:.0f} TF/s, {d1 / st[1]:.0%} of dense)"
               f"  mlp2 {st[2]:.3f} ({f2 / st[2] / 1e9:.0f} TF/s, {d2 / st[2]:.0%})  combine {st[3]:.3f}  total {tot:.3f} ms")
+
+
+@pytest.mark.gpu
+def test_misaligned_out_and_bias_views():
+    """run() copies views the C ABI cannot take (out 8-byte aligned, biases 2-byte aligned)."""
+    p = make_problem(300, 32, 288, 160, seed=6)
+    T, H = p["x"].shape
+    E = p["w1_bias"].shape[0]
+    buf = torch.full((T * H + 4,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = buf[4:].view(T, H)  # 8-byte aligned
+    assert out.data_ptr() % 16 == 8
+    b1 = torch.empty(p["w1_bias"].numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view(E, -1)
+    b1.copy_(p["w1_bias"])
+    p["w1_bias"] = b1
+    P.run(*args(p), 1.702, 7.0, out)
+    assert rel_err(out, R.moe(*args(p))) < TOL

@@ -61,16 +61,33 @@ def new_workspace(x: torch.Tensor, topk_ids: torch.Tensor, w1_blocks: torch.Tens
 def run(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
         swiglu_alpha, swiglu_limit, out, *, workspace: torch.Tensor | None = None, variant: int = AUTO):
     """out bf16 [T, H] = moe(x, ...) (see ops.moe.moe_mxfp4). Arguments must already be checked
-    (ops.moe.check_moe_args, ids in [0, E)); `workspace` (uint8, >= workspace_bytes) is allocated
-    from torch's caching allocator when not given."""
+    (ops.moe.check_moe_args; ids in [0, E): an id outside leaves its token's output undefined but
+    never accesses memory out of bounds); `out` is allocated when None; `workspace` (uint8, >=
+    workspace_bytes(T, k, E, H, I)) is allocated from torch's caching allocator when not given.
+    Enqueued on torch's current stream; no host synchronization (CUDA-graph capturable once one
+    eager call has run with the same shapes and variant)."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
     if x.shape[0] == 0:
         return out
     if workspace is None:
         workspace = new_workspace(x, topk_ids, w1_blocks)
+    # The C ABI wants x, out, blocks, scales 16-byte aligned and biases 4-byte aligned (vector
+    # loads/stores); a view that is not (rare: odd slices) is copied to a fresh allocation.
+    x, w1_blocks, w1_scales, w2_blocks, w2_scales = (_aligned(t, 16) for t in (x, w1_blocks, w1_scales, w2_blocks,
+                                                                               w2_scales))
+    w1_bias, w2_bias = _aligned(w1_bias, 4), _aligned(w2_bias, 4)
+    dst = out if out.data_ptr() % 16 == 0 else torch.empty_like(out)
     with torch.cuda.device(x.device):
         _lib.C().moe_prefill_mxfp4(*_args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks,
-                                          w2_scales, w2_bias, swiglu_alpha, swiglu_limit, out, workspace, variant))
+                                          w2_scales, w2_bias, swiglu_alpha, swiglu_limit, dst, workspace, variant))
+    if dst is not out:
+        out.copy_(dst)
     return out
+
+
+def _aligned(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    return t if t.data_ptr() % nbytes == 0 else t.clone()
 
 
 def run_step(step: int, x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
