@@ -13,7 +13,7 @@ window off by one, a missed sink or a wrong cache slot give errors > 5e-2.
 
 from __future__ import annotations
 
-import math
+import importlib
 
 import pytest
 import torch
@@ -281,103 +281,141 @@ def test_host_online_softmax(sink, tile_keys):
 # SASS (no GPU): the mma.sync version
 
 
-def test_sass_mma_kernel():
+@pytest.mark.parametrize("variant,opcode", [("attention_prefill_kernel<false>", "HMMA.16816.F32.BF16"),
+                                            ("attention_prefill_kernel<true>", "HGMMA.64x64x16.F32.BF16")])
+def test_sass_kernels(variant, opcode):
+    """<false>: mma.sync m16n8k16 + ldmatrix (HMMA, LDSM); <true>: wgmma m64n64k16 (HGMMA)."""
     if not gptoss_kernels.kernels_built():
         pytest.skip(f"kernels not built: {gptoss_kernels.kernels_error()}")
     if sass.cuobjdump() is None:
         pytest.skip("cuobjdump not found (pip install triton)")
-    ks = [k for k in sass.kernels(gptoss_kernels.library_path()).values() if "attention_prefill_mma_kernel" in k.name]
+    ks = [k for k in sass.kernels(gptoss_kernels.library_path()).values() if variant in k.name]
     if not ks:
-        pytest.skip("this build predates csrc/kernels/attention_prefill.cu (rebuild the package)")
+        pytest.skip("this build predates csrc/kernels/attention_prefill.cu's kernels (rebuild the package)")
     for k in ks:
         print(f"{k.name}: REG={k.reg} STACK={k.stack} SHARED={k.shared} LOCAL={k.local}")
         assert k.local == 0 and k.stack == 0, "local memory (spills)"
         assert "LDL" not in k.sass and "STL" not in k.sass
-        assert "HMMA.16816.F32.BF16" in k.sass, "bf16 mma.sync m16n8k16 expected"
-        assert "LDSM" in k.sass, "ldmatrix expected"
+        assert opcode in k.sass, f"{opcode} expected in {k.name}"
         assert "LDGSTS" in k.sass, "cp.async expected"
         assert k.reg <= 128, "2 blocks of 256 threads per SM need <= 128 registers"
+        if "<false>" in variant:
+            assert "LDSM" in k.sass and "HGMMA" not in k.sass
 
 
 # ------------------------------------------------------------------------------------------------
 # GPU: the CUDA kernel against the reference
 
 
-def _run_gpu(lengths, p0s, *, window, cache, sink_range=(-2.0, 2.0), q_block=1024, seed=0):
+_op_module = importlib.import_module("gptoss_kernels.ops.attention_prefill")
+
+# The two kernels: 1 = mma.sync, 2 = wgmma (gptoss/attention_prefill.h); 0 = the public op's choice.
+IMPLS = [1, 2]
+
+
+def run_impl(args, impl, out=None):
+    """The op with a chosen kernel (CUDA tensors), into a NaN-poisoned output unless given."""
+    if out is None:
+        out = torch.full_like(args["q"], float("nan"))
+    if impl == 0:
+        return attention_prefill(**args, out=out)
+    a = args
+    _op_module._attention_prefill_cuda(a["q"], a["k"], a["v"], a["sinks"], a["cu_seqlens_q"], a.get("k_cache"),
+                                       a.get("v_cache"), a.get("cache_seqlens"), a["sliding_window"], 0.125, out,
+                                       a["q"].device, impl)
+    return out
+
+
+def _run_gpu(lengths, p0s, *, window, cache, impl, sink_range=(-2.0, 2.0), q_block=1024, seed=0):
     gen = torch.Generator().manual_seed(seed)
     args, fk, fv = make_case(lengths, p0s, window=window, cache=cache, device="cuda", sink_range=sink_range, gen=gen)
-    out = torch.full_like(args["q"], float("nan"))
-    attention_prefill(**args, out=out)
+    out = run_impl(args, impl)
     torch.cuda.synchronize()
     ref = expected(args, fk, fv, lengths, p0s, q_block=q_block)
     assert not out.isnan().any(), "unwritten or NaN outputs"
     err = rel_err(out, ref)
-    print(f"lengths={lengths} p0={p0s} window={window} cache={cache}: rel err {err:.2e}")
+    print(f"impl={impl} lengths={lengths} p0={p0s} window={window} cache={cache}: rel err {err:.2e}")
     assert err < TOL, err
     return args, out
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T", [1, 5, 127, 128, 129, 1000, 8192])
 @pytest.mark.parametrize("window", [None, 128])
 @pytest.mark.parametrize("p0", [0, 5, 1000])
-def test_gpu_vs_reference(T, window, p0):
+def test_gpu_vs_reference(T, window, p0, impl):
     cache = None if p0 == 0 else ("ring" if window == 128 else "full")
-    _run_gpu([T], [p0], window=window, cache=cache, q_block=512)
+    _run_gpu([T], [p0], window=window, cache=cache, impl=impl, q_block=512)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", [0] + IMPLS)
 @pytest.mark.parametrize("window", [None, 128])
-def test_gpu_full_cache_with_window_and_zero_prefix(window):
+def test_gpu_full_cache_with_window_and_zero_prefix(window, impl):
     # a cache given with p0 = 0 for some sequences, a full-size cache on a sliding layer
-    _run_gpu([70, 3, 200], [0, 130, 1000], window=window, cache="full")
+    _run_gpu([70, 3, 200], [0, 130, 1000], window=window, cache="full", impl=impl)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("window", [None, 128])
-def test_gpu_ragged_batch(window):
+def test_gpu_ragged_batch(window, impl):
     lengths = [1, 17, 300, 0, 129, 64, 2]
     p0s = [0, 5, 1000, 3, 128, 127, 4000]
-    _run_gpu(lengths, p0s, window=window, cache="ring" if window else "full", seed=3)
+    _run_gpu(lengths, p0s, window=window, cache="ring" if window else "full", impl=impl, seed=3)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("sinks", [(20.0, 40.0), (-40.0, -20.0)])
 @pytest.mark.parametrize("window", [None, 128])
-def test_gpu_extreme_sinks(sinks, window):
+def test_gpu_extreme_sinks(sinks, window, impl):
     # large positive sinks: nearly all mass on the sink (outputs tiny; relative error still holds);
     # large negative: plain softmax
-    _run_gpu([300, 33], [0, 700], window=window, cache="ring" if window else "full", sink_range=sinks, seed=5)
+    _run_gpu([300, 33], [0, 700], window=window, cache="ring" if window else "full", sink_range=sinks, impl=impl,
+             seed=5)
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_and_graph_replay():
+@pytest.mark.parametrize("impl", [0] + IMPLS)
+@pytest.mark.parametrize("window", [None, 128])
+def test_gpu_deterministic_and_graph_replay(impl, window):
     lengths, p0s = [500, 77], [0, 300]
     gen = torch.Generator().manual_seed(11)
-    args, _, _ = make_case(lengths, p0s, window=128, cache="ring", device="cuda", gen=gen)
-    eager1 = attention_prefill(**args)
-    eager2 = attention_prefill(**args)
+    args, _, _ = make_case(lengths, p0s, window=window, cache="ring" if window else "full", device="cuda", gen=gen)
+    eager1 = run_impl(args, impl)
+    eager2 = run_impl(args, impl)
     torch.cuda.synchronize()
     assert torch.equal(eager1, eager2), "not deterministic"
     static_out = torch.full_like(args["q"], float("nan"))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        attention_prefill(**args, out=static_out)  # warm-up outside capture
+        run_impl(args, impl, out=static_out)  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        attention_prefill(**args, out=static_out)
+        run_impl(args, impl, out=static_out)
     static_out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, eager1), "graph replay differs from eager"
     # new inputs through the same graph
-    args["q"].copy_(torch.randn_like(args["q"], dtype=torch.float32).bfloat16())
+    args["q"].copy_(torch.randn(args["q"].shape, device="cuda").bfloat16())
     graph.replay()
-    eager3 = attention_prefill(**args)
+    eager3 = run_impl(args, impl)
     torch.cuda.synchronize()
     assert torch.equal(static_out, eager3)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_agree():
+    # the two kernels compute the same function (different accumulation order: close, not equal)
+    args, _, _ = make_case([700, 40], [0, 900], window=None, cache="full", device="cuda")
+    a, b = run_impl(args, 1), run_impl(args, 2)
+    torch.cuda.synchronize()
+    assert rel_err(a, b) < TOL
 
 
 @pytest.mark.gpu

@@ -23,9 +23,21 @@
 //
 // Grid: x = q-tiles over all sequences (over-allocated as ceil(total_q / 16) + batch, extra blocks
 // exit), visited last-first so the long causal tiles start first; y = KV head. No host sync.
+//
+// Two builds of one kernel template:
+//  - attention_prefill_kernel<false>: mma.sync m16n8k16 (HMMA); K, V and Q fragments by ldmatrix
+//    (V with .trans). Every warp re-reads the whole K/V tile from shared memory (16 rows per warp).
+//  - attention_prefill_kernel<true>: wgmma m64n64k16 (HGMMA, sm_90a): each warpgroup (4 warps,
+//    64 rows) computes S = Q K^T with both operands from shared memory (K-major, 128B swizzle =
+//    the same swizzled tiles), softmax in registers (same per-warp accumulator layout), then
+//    O += P V with P from registers and V as a transposed (N-major) shared-memory operand. A K/V
+//    tile is read once per 64 rows instead of once per 16: the path for long full-causal prefill.
+// The launcher's AUTO choice is the mma.sync kernel until the wgmma one has passed the GPU tests
+// (kAutoWgmma); both are reachable through gptoss_attention_prefill_bf16_impl.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "common.cuh"
@@ -46,10 +58,13 @@ constexpr int kKeys = 64;                      // keys per KV tile
 constexpr int kRowBytes = kHeadDim * 2;        // 128
 constexpr int kTileBytes = kKeys * kRowBytes;  // 8 KB per K or V tile
 constexpr int kQBytes = kRows * kRowBytes;     // 16 KB
-constexpr int kSmemBytes = kQBytes + 2 * 2 * kTileBytes;  // Q + 2 stages x (K, V) = 48 KB
+constexpr int kSmemBytes = kQBytes + 2 * 2 * kTileBytes + 1024;  // Q + 2 stages x (K, V) + align = 49 KB
 constexpr float kLog2e = 1.4426950408889634f;
+// Auto selection of the wgmma kernel (full causal, >= 2048 packed rows). Off until the wgmma
+// kernel has passed the GPU tests (tests/test_attention_prefill.py runs both kernels explicitly).
+constexpr bool kAutoWgmma = false;
 
-static_assert(kSmemBytes <= 48 * 1024, "fits the default dynamic shared-memory limit");
+static_assert(2 * kSmemBytes <= 227 * 1024, "two blocks per SM");
 
 struct Params {
   const __nv_bfloat16* q;
@@ -106,8 +121,46 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-__global__ void __launch_bounds__(kThreads, 2) attention_prefill_mma_kernel(const Params p) {
-  extern __shared__ __align__(128) uint8_t smem[];
+// ---- wgmma (sm_90a) ----
+// Shared-memory matrix descriptor: start address, leading / stride byte offsets, 128-byte swizzle.
+// Our tiles are rows of 128 bytes with chunk c of row r at chunk c ^ (r & 7), 1024-byte aligned:
+// the canonical 128B-swizzle layout (8-row x 128-byte atoms, consecutive atoms 1024 bytes apart).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(lbo_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(sbo_bytes >> 4) << 32) | (uint64_t(1) << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// d(64x64 per warpgroup; this warp's 16 rows in mma.sync C layout, n8 chunk j = d[j]) +=
+// A(64x16, K-major, smem) * B(16x64 given as [n][k], K-major, smem).
+__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+// d += A(64x16 from registers, mma.sync A layout per warp) * B(16x64 given as [k][n], N-major
+// smem: transposed operand).
+__device__ __forceinline__ void wgmma_rs_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
+
+// kUseWgmma: the same algorithm with the two products on wgmma (warpgroup w/4 owns rows
+// 64*(w/4) .. +63, i.e. each warp still owns its 16 rows in the same accumulator layout).
+template <bool kUseWgmma>
+__global__ void __launch_bounds__(kThreads, 2) attention_prefill_kernel(const Params p) {
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  // 1024-byte alignment for the 128B-swizzle atoms (wgmma descriptors; the launch adds 1 KB slack)
+  const uint32_t s_raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  uint8_t* const smem = smem_raw + ((1024u - (s_raw & 1023u)) & 1023u);
   const uint32_t s_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t sQ = s_base;
   const uint32_t sKV = s_base + kQBytes;  // stage s: K at sKV + s*2*kTileBytes, V after it
@@ -190,6 +243,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_prefill_mma_kernel(cons
   for (int kt = kt_first; kt <= kt_last; ++kt) {
     const int stage = (kt - kt_first) & 1;
     cp_async_wait_all();
+    if constexpr (kUseWgmma) fence_proxy_async();  // cp.async data -> tensor-core (async proxy) reads
     __syncthreads();  // tile kt visible to all; everyone is done with the other stage
     if (kt < kt_last) load_kv(kt + 1, stage ^ 1);
     const uint32_t sK = sKV + stage * 2 * kTileBytes;
@@ -201,20 +255,31 @@ __global__ void __launch_bounds__(kThreads, 2) attention_prefill_mma_kernel(cons
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    if constexpr (kUseWgmma) {
+      // K-major A (Q rows of this warpgroup) and B (K): leading offset unused with 128B swizzle,
+      // stride 1024 bytes between 8-row atoms; a k-step of 16 dims = 32 bytes into each row.
+      const uint32_t qa = sQ + (warp >> 2) * 64 * kRowBytes;
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      // Q A-fragment of this k-step, re-read from shared memory each tile (keeps 16 registers free)
-      uint32_t qf[4];
-      ldsm_x4(sQ + swz(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * kk + (lane >> 4)), qf[0], qf[1], qf[2],
-              qf[3]);
+      for (int kk = 0; kk < 4; ++kk) wgmma_ss(s, smem_desc(qa + 32 * kk, 16, 1024), smem_desc(sK + 32 * kk, 16, 1024));
+      wgmma_commit();
+      wgmma_wait0();
+    } else {
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int mat = lane >> 3;
-        const int key = (2 * jj + (mat >> 1)) * 8 + (lane & 7);
-        uint32_t b0, b1, b2, b3;
-        ldsm_x4(sK + swz(key, 2 * kk + (mat & 1)), b0, b1, b2, b3);
-        mma_bf16(s[2 * jj], qf, b0, b1);
-        mma_bf16(s[2 * jj + 1], qf, b2, b3);
+      for (int kk = 0; kk < 4; ++kk) {
+        // Q A-fragment of this k-step, re-read from shared memory each tile (keeps 16 registers free)
+        uint32_t qf[4];
+        ldsm_x4(sQ + swz(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * kk + (lane >> 4)), qf[0], qf[1], qf[2],
+                qf[3]);
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          const int mat = lane >> 3;
+          const int key = (2 * jj + (mat >> 1)) * 8 + (lane & 7);
+          uint32_t b0, b1, b2, b3;
+          ldsm_x4(sK + swz(key, 2 * kk + (mat & 1)), b0, b1, b2, b3);
+          mma_bf16(s[2 * jj], qf, b0, b1);
+          mma_bf16(s[2 * jj + 1], qf, b2, b3);
+        }
       }
     }
 
@@ -262,19 +327,38 @@ __global__ void __launch_bounds__(kThreads, 2) attention_prefill_mma_kernel(cons
     }
 
     // ---- O += P V (P rounded to bf16 as the A operand) ----
+    if constexpr (kUseWgmma) {
+      // V [key][dim] is N-major for this product (transposed B). With 64 dims = one 128-byte
+      // swizzle row, only the 1024-byte step between 8-key atoms matters; both offsets are set
+      // to it. A k-step of 16 keys = 2 atoms = 2048 bytes.
+      uint32_t a[4][4];
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                             pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      for (int kk = 0; kk < 4; ++kk) {
+        a[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        a[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        a[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+      wgmma_fence();  // after the last register writes to o (rescale) and a
 #pragma unroll
-      for (int dd = 0; dd < 4; ++dd) {
-        const int mat = lane >> 3;
-        const int key = 16 * kk + (mat & 1) * 8 + (lane & 7);
-        uint32_t b0, b1, b2, b3;
-        ldsm_x4_t(sV + swz(key, 2 * dd + (mat >> 1)), b0, b1, b2, b3);
-        mma_bf16(o[2 * dd], a, b0, b1);
-        mma_bf16(o[2 * dd + 1], a, b2, b3);
+      for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb(o, a[kk], smem_desc(sV + 2048 * kk, 1024, 1024));
+      wgmma_commit();
+      wgmma_wait0();
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                               pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dd = 0; dd < 4; ++dd) {
+          const int mat = lane >> 3;
+          const int key = 16 * kk + (mat & 1) * 8 + (lane & 7);
+          uint32_t b0, b1, b2, b3;
+          ldsm_x4_t(sV + swz(key, 2 * dd + (mat >> 1)), b0, b1, b2, b3);
+          mma_bf16(o[2 * dd], a, b0, b1);
+          mma_bf16(o[2 * dd + 1], a, b2, b3);
+        }
       }
     }
   }
@@ -288,6 +372,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_prefill_mma_kernel(cons
     lt += __shfl_xor_sync(0xffffffffu, lt, 2);
     inv[rr] = 1.0f / fl::online_finish(lt, m[rr], sink_log2);
   }
+  if constexpr (kUseWgmma) __syncthreads();  // every warpgroup's reads of its Q rows are done
   {
     uint8_t* sq_gen = smem;  // generic pointer of the Q region
     const int ra = warp * 16 + (lane >> 2);
@@ -314,11 +399,13 @@ __global__ void __launch_bounds__(kThreads, 2) attention_prefill_mma_kernel(cons
 
 }  // namespace
 
-GPTOSS_API gptoss_status gptoss_attention_prefill_bf16(
+GPTOSS_API gptoss_status gptoss_attention_prefill_bf16_impl(
     const void* q, const void* k, const void* v, const void* sinks, const int32_t* cu_seqlens_q, int32_t batch,
     int64_t total_q, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, const void* k_cache,
     const void* v_cache, const int32_t* cache_seqlens, int64_t cache_slots, int32_t sliding_window, float sm_scale,
-    void* out, cudaStream_t stream) {
+    void* out, int32_t impl, cudaStream_t stream) {
+  GPTOSS_REQUIRE(impl >= GPTOSS_ATTENTION_PREFILL_AUTO && impl <= GPTOSS_ATTENTION_PREFILL_WGMMA,
+                 "attention_prefill: impl must be 0 (auto), 1 (mma.sync) or 2 (wgmma)");
   GPTOSS_REQUIRE(batch >= 0 && total_q >= 0, "attention_prefill: batch and total_q must be >= 0");
   GPTOSS_REQUIRE(num_kv_heads > 0 && num_q_heads > 0 && head_dim > 0,
                  "attention_prefill: head counts and head_dim must be positive");
@@ -355,6 +442,29 @@ GPTOSS_API gptoss_status gptoss_attention_prefill_bf16(
   prm.window = sliding_window;
   prm.scale_log2 = sm_scale * kLog2e;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(num_kv_heads));
-  attention_prefill_mma_kernel<<<grid, kThreads, kSmemBytes, stream>>>(prm);
-  GPTOSS_RETURN_LAUNCH_STATUS("attention_prefill_mma_kernel launch");
+  const bool wgmma = impl == GPTOSS_ATTENTION_PREFILL_WGMMA ||
+                     (impl == GPTOSS_ATTENTION_PREFILL_AUTO && kAutoWgmma && sliding_window == 0 && total_q >= 2048);
+  const auto kernel = wgmma ? attention_prefill_kernel<true> : attention_prefill_kernel<false>;
+  // > 48 KB of dynamic shared memory needs the opt-in, once per (kernel, device)
+  int dev = 0;
+  GPTOSS_CUDA_TRY(cudaGetDevice(&dev), "attention_prefill: cudaGetDevice");
+  static std::atomic<uint64_t> opted_in[2] = {0, 0};
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (!(opted_in[wgmma].load(std::memory_order_relaxed) & bit)) {
+    GPTOSS_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+                    "attention_prefill: cudaFuncSetAttribute");
+    opted_in[wgmma].fetch_or(bit, std::memory_order_relaxed);
+  }
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(prm);
+  GPTOSS_RETURN_LAUNCH_STATUS(wgmma ? "attention_prefill_kernel<wgmma> launch" : "attention_prefill_kernel<mma> launch");
+}
+
+GPTOSS_API gptoss_status gptoss_attention_prefill_bf16(
+    const void* q, const void* k, const void* v, const void* sinks, const int32_t* cu_seqlens_q, int32_t batch,
+    int64_t total_q, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, const void* k_cache,
+    const void* v_cache, const int32_t* cache_seqlens, int64_t cache_slots, int32_t sliding_window, float sm_scale,
+    void* out, cudaStream_t stream) {
+  return gptoss_attention_prefill_bf16_impl(q, k, v, sinks, cu_seqlens_q, batch, total_q, num_q_heads, num_kv_heads,
+                                            head_dim, k_cache, v_cache, cache_seqlens, cache_slots, sliding_window,
+                                            sm_scale, out, GPTOSS_ATTENTION_PREFILL_AUTO, stream);
 }

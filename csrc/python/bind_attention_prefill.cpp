@@ -12,17 +12,18 @@ GPTOSS_PY_BIND(attention_prefill) {
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t sinks, uintptr_t cu_seqlens_q, int32_t batch,
          int64_t total_q, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim, uintptr_t k_cache,
          uintptr_t v_cache, uintptr_t cache_seqlens, int64_t cache_slots, int32_t sliding_window, float sm_scale,
-         uintptr_t out, uintptr_t s) {
-        check(gptoss_attention_prefill_bf16(
+         uintptr_t out, uintptr_t s, int32_t impl) {
+        check(gptoss_attention_prefill_bf16_impl(
             ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<const void>(sinks),
             ptr<const int32_t>(cu_seqlens_q), batch, total_q, num_q_heads, num_kv_heads, head_dim,
             ptr<const void>(k_cache), ptr<const void>(v_cache), ptr<const int32_t>(cache_seqlens), cache_slots,
-            sliding_window, sm_scale, ptr<void>(out), stream(s)));
+            sliding_window, sm_scale, ptr<void>(out), impl, stream(s)));
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("sinks"), py::arg("cu_seqlens_q"), py::arg("batch"),
       py::arg("total_q"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("k_cache"),
       py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("cache_slots"), py::arg("sliding_window"),
-      py::arg("sm_scale"), py::arg("out"), py::arg("stream"));
+      py::arg("sm_scale"), py::arg("out"), py::arg("stream"), py::arg("impl") = 0,
+      "impl: 0 auto, 1 mma.sync kernel, 2 wgmma kernel (gptoss/attention_prefill.h)");
 
   namespace fl = gptoss::flash;
   py::module_ host = m.attr("host").cast<py::module_>();

@@ -22,12 +22,24 @@
  *   out           bf16 [total_q, num_q_heads, head_dim]; rows of the chunk are written, rows past
  *                 cu[batch] are left alone.
  * Supported: head_dim == 64 and num_q_heads == 8 * num_kv_heads (gpt-oss: 64 / 8); other shapes
- * return GPTOSS_ERROR_UNSUPPORTED. Every pointer 16-byte aligned. Needs sm_90 (mma.sync bf16
- * tensor cores); no workspace; deterministic; CUDA-graph capturable (no host synchronisation). */
+ * return GPTOSS_ERROR_UNSUPPORTED. Every pointer 16-byte aligned. Built for sm_90a (mma.sync
+ * and wgmma kernels); no workspace; deterministic; CUDA-graph capturable (no host sync). */
 GPTOSS_API gptoss_status gptoss_attention_prefill_bf16(
     const void* q, const void* k, const void* v, const void* sinks, const int32_t* cu_seqlens_q,
     int32_t batch, int64_t total_q, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
     const void* k_cache, const void* v_cache, const int32_t* cache_seqlens, int64_t cache_slots,
     int32_t sliding_window, float sm_scale, void* out, cudaStream_t stream);
+
+/* Kernel choice for gptoss_attention_prefill_bf16_impl (the plain function uses AUTO). */
+enum {
+  GPTOSS_ATTENTION_PREFILL_AUTO = 0,  /* the build's choice for the shape */
+  GPTOSS_ATTENTION_PREFILL_MMA = 1,   /* mma.sync m16n8k16 (HMMA) */
+  GPTOSS_ATTENTION_PREFILL_WGMMA = 2  /* wgmma m64n64k16 (HGMMA, sm_90a) */
+};
+GPTOSS_API gptoss_status gptoss_attention_prefill_bf16_impl(
+    const void* q, const void* k, const void* v, const void* sinks, const int32_t* cu_seqlens_q,
+    int32_t batch, int64_t total_q, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
+    const void* k_cache, const void* v_cache, const int32_t* cache_seqlens, int64_t cache_slots,
+    int32_t sliding_window, float sm_scale, void* out, int32_t impl, cudaStream_t stream);
 
 #endif /* GPTOSS_ATTENTION_PREFILL_H_ */

@@ -5,7 +5,9 @@ import torch
 from .. import _checks, _lib, reference
 
 # Owner of the CUDA path: csrc/kernels/attention_prefill.cu (issue 9). KV-cache layout: see
-# ops/attention.py.
+# ops/attention.py. The kernel (flash attention, packed GQA: one block per 16 positions x 8 query
+# heads of one KV head) takes head_dim 64 with 8 query heads per KV head (gpt-oss); other shapes
+# on CUDA run the reference with a warning.
 
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, *,
@@ -66,7 +68,8 @@ def _kernel_supports(nq: int, nkv: int, d: int) -> bool:
 
 
 def _attention_prefill_cuda(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens, sliding_window,
-                            sm_scale, out, dev):
+                            sm_scale, out, dev, impl: int = 0):
+    """impl: 0 the build's choice, 1 the mma.sync kernel, 2 the wgmma kernel (tests run both)."""
     Tq, nq, d = q.shape
     nkv = k.shape[1]
     B = cu_seqlens_q.shape[0] - 1
@@ -77,7 +80,7 @@ def _attention_prefill_cuda(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cach
             q.data_ptr(), k.data_ptr(), v.data_ptr(), sinks.data_ptr(), cu_seqlens_q.data_ptr(), B, Tq, nq, nkv, d,
             k_cache.data_ptr() if has_cache else 0, v_cache.data_ptr() if has_cache else 0,
             cache_seqlens.data_ptr() if has_cache else 0, k_cache.shape[1] if has_cache else 0,
-            window, float(sm_scale), out.data_ptr(), _checks.stream_of(dev))
+            window, float(sm_scale), out.data_ptr(), _checks.stream_of(dev), impl)
 
 
 def _prefill_reference(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens, sliding_window, sm_scale):
