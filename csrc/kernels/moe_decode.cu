@@ -28,6 +28,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 #include "activation.cuh"
 #include "common.cuh"
 #include "gptoss/moe.h"
@@ -61,6 +63,12 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {  // read-once weig
                : "l"(p));
   return v;
 }
+
+// Programmatic dependent launch (sm_90): mlp2 and combine are launched so that they may start
+// while the previous kernel is still running; they wait here before touching its output. Both
+// instructions are no-ops for a grid launched without the attribute.
+__device__ __forceinline__ void pdl_wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_allow_dependents() { asm volatile("griddepcontrol.launch_dependents;" :::); }
 
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
@@ -164,7 +172,11 @@ __global__ void __launch_bounds__(kThreads) moe_decode_gemv_kernel(
     const uint8_t* __restrict__ blocks, const uint8_t* __restrict__ scales, const __nv_bfloat16* __restrict__ bias,
     void* __restrict__ dst, int n, int k, int E, int K, int rows, float alpha, float limit) {
   __shared__ Shared sh;
+  // mlp1 lets mlp2 launch at once (its blocks fill the SMs as mlp1's leave and scan the ids while
+  // mlp1 finishes); mlp2 reads only the ids (inputs of the op) before waiting for mlp1's act.
+  if (kMlp1) pdl_allow_dependents();
   const int my_id = block_distinct_experts(ids, n, E, sh);
+  if (!kMlp1) pdl_wait_for_previous_grid();
   const int n_tiles = rows / 16;                                  // rows is a multiple of 32
   const int n_blocks_rows = (n_tiles + kMTiles - 1) / kMTiles;    // row tiles of the block
   const int64_t items = static_cast<int64_t>(sh.n_experts) * n_blocks_rows;
@@ -268,6 +280,7 @@ __global__ void __launch_bounds__(256) moe_decode_combine_kernel(const float4* _
                                                                   const int32_t* __restrict__ ids, int n_tokens,
                                                                   int k, int E, int H,
                                                                   __nv_bfloat16* __restrict__ out) {
+  pdl_wait_for_previous_grid();  // y is mlp2's output
   const int per_row = H >> 2;
   const int64_t total = static_cast<int64_t>(n_tokens) * per_row;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -315,6 +328,35 @@ gptoss_status resident_blocks(int& blocks) {
   blocks = sms * (per_sm > 0 ? per_sm : 1);
   if (dev >= 0 && dev < 64) cached[dev] = blocks;
   return GPTOSS_OK;
+}
+
+// Whether to launch mlp2 and combine with programmatic stream serialization (PDL); set
+// GPTOSS_MOE_DECODE_PDL=0 to launch them the ordinary way.
+bool use_pdl() {
+  static const bool on = [] {
+    const char* v = std::getenv("GPTOSS_MOE_DECODE_PDL");
+    return !(v && v[0] == '0');
+  }();
+  return on;
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args... args) {
+  if (!pdl) {
+    kernel<<<grid, block, 0, stream>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
 // Grid of a GEMV launch: one wave of resident blocks, at most one block per worst-case item.
@@ -366,6 +408,7 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
   const __nv_bfloat16* xb = static_cast<const __nv_bfloat16*>(x);
   __nv_bfloat16* ob = static_cast<__nv_bfloat16*>(out);
 
+  const bool pdl = use_pdl();
   int resident1 = 0, resident2 = 0;
   gptoss_status st = resident_blocks<true>(resident1);
   if (st != GPTOSS_OK) return st;
@@ -379,24 +422,26 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
     const int32_t* ids = topk_ids + t0 * k;
     const float* wts = topk_weights + t0 * k;
 
-    moe_decode_gemv_kernel<true><<<gemv_grid(resident1, ny, 2 * I), kThreads, 0, stream>>>(
-        xb + t0 * H, ids, wts, w1_blocks, w1_scales, static_cast<const __nv_bfloat16*>(w1_bias), act, n,
-        static_cast<int>(k), static_cast<int>(E), static_cast<int>(H), static_cast<int>(2 * I), swiglu_alpha,
-        swiglu_limit);
-    GPTOSS_CUDA_TRY(cudaGetLastError(), "moe_mxfp4_decode mlp1 launch");
-
-    moe_decode_gemv_kernel<false><<<gemv_grid(resident2, ny, H), kThreads, 0, stream>>>(
-        act, ids, wts, w2_blocks, w2_scales, static_cast<const __nv_bfloat16*>(w2_bias), y, n, static_cast<int>(k),
-        static_cast<int>(E), static_cast<int>(I), static_cast<int>(H), swiglu_alpha, swiglu_limit);
-    GPTOSS_CUDA_TRY(cudaGetLastError(), "moe_mxfp4_decode mlp2 launch");
-
+    // mlp1: an ordinary launch (waits for everything before it, e.g. the previous chunk's combine,
+    // which reads the y that this chunk's mlp2 overwrites)
+    GPTOSS_CUDA_TRY(launch(moe_decode_gemv_kernel<true>, dim3(gemv_grid(resident1, ny, 2 * I)), dim3(kThreads), stream,
+                           false, xb + t0 * H, ids, wts, w1_blocks, w1_scales,
+                           static_cast<const __nv_bfloat16*>(w1_bias), static_cast<void*>(act), n, static_cast<int>(k),
+                           static_cast<int>(E), static_cast<int>(H), static_cast<int>(2 * I), swiglu_alpha,
+                           swiglu_limit),
+                    "moe_mxfp4_decode mlp1 launch");
+    GPTOSS_CUDA_TRY(launch(moe_decode_gemv_kernel<false>, dim3(gemv_grid(resident2, ny, H)), dim3(kThreads), stream,
+                           pdl, static_cast<const __nv_bfloat16*>(act), ids, wts, w2_blocks, w2_scales,
+                           static_cast<const __nv_bfloat16*>(w2_bias), static_cast<void*>(y), n, static_cast<int>(k),
+                           static_cast<int>(E), static_cast<int>(I), static_cast<int>(H), swiglu_alpha, swiglu_limit),
+                    "moe_mxfp4_decode mlp2 launch");
     const int64_t work = static_cast<int64_t>(nt) * (H / 4);
     const int64_t want = (work + 255) / 256;
     const int grid3 = static_cast<int>(want < 4096 ? want : 4096);
-    moe_decode_combine_kernel<<<grid3, 256, 0, stream>>>(reinterpret_cast<const float4*>(y), ids, nt,
-                                                         static_cast<int>(k), static_cast<int>(E),
-                                                         static_cast<int>(H), ob + t0 * H);
-    GPTOSS_CUDA_TRY(cudaGetLastError(), "moe_mxfp4_decode combine launch");
+    GPTOSS_CUDA_TRY(launch(moe_decode_combine_kernel, dim3(grid3), dim3(256), stream, pdl,
+                           reinterpret_cast<const float4*>(y), ids, nt, static_cast<int>(k), static_cast<int>(E),
+                           static_cast<int>(H), ob + t0 * H),
+                    "moe_mxfp4_decode combine launch");
   }
   return GPTOSS_OK;
 }

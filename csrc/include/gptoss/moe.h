@@ -12,6 +12,8 @@
  * The GEMV launches are one wave of resident blocks; each block finds the distinct selected
  * experts from topk_ids itself and takes (expert, row tile) items in a grid-stride loop, so
  * unselected experts cost nothing and the work spreads over all SMs whatever the routing.
+ * mlp2 and combine are launched with programmatic dependent launch (sm_90: they start while the
+ * previous kernel drains and wait for its results; set GPTOSS_MOE_DECODE_PDL=0 to disable).
  * Deterministic: no float atomics; two runs give identical bits.
  * Tokens are processed in chunks of GPTOSS_MOE_DECODE_MAX_ROUTED_ROWS / k tokens (the launcher
  * loops; experts chosen in several chunks are read once per chunk). The op routes large T*k to the
