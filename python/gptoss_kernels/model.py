@@ -135,6 +135,12 @@ class GptOss:
         layers = [{n: make(n, s, k) for n, (s, k) in spec.items()} for spec in lshapes]
         return cls(config, weights, layers, device=device, dtype=dtype)
 
+    def to(self, device) -> "GptOss":
+        """A copy of this model on another device (same dtype); the original is untouched."""
+        mv = lambda t: t.to(device)  # noqa: E731
+        return GptOss(self.config, {n: mv(t) for n, t in self.weights.items()},
+                      [{n: mv(t) for n, t in L.items()} for L in self.layers], device=device, dtype=self.dtype)
+
     # ------------------------------------------------------------------------------------------
     # memory
     # ------------------------------------------------------------------------------------------
@@ -200,11 +206,11 @@ class GptOss:
         return reference.attention_varlen(q, k, v, sinks, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                                           sm_scale=self.config.sm_scale, sliding_window=W)
 
-    def _attend_chunk(self, i, q, k, v, kc, vc, p0: int):
-        """One sequence's chunk at positions p0.. against its cache row kc/vc [1, S, nkv, d]."""
+    def _attend_chunk(self, i, q, k, v, kc, vc, p0: int, seqlens: torch.Tensor):
+        """One sequence's chunk at positions p0.. against its cache row kc/vc [1, S, nkv, d];
+        seqlens = int32 [p0] on the device."""
         W, sinks = self.config.window(i), self.layers[i]["sinks"]
         if self._bf16:
-            seqlens = torch.tensor([p0], dtype=torch.int32, device=q.device)
             return ops.attention_prefill(q, k, v, sinks, k_cache=kc, v_cache=vc, cache_seqlens=seqlens,
                                          sliding_window=W, sm_scale=self.config.sm_scale)
         first = 0 if W is None else max(0, p0 - (W - 1))
@@ -303,10 +309,11 @@ class GptOss:
             x = F.embedding(ids[p0:p1], self.weights["embedding"])
             positions = torch.arange(p0, p1, dtype=torch.int32, device=self.device)
             seq_ids = torch.full((n,), b, dtype=torch.int32, device=self.device)
+            p0_t = torch.full((1,), p0, dtype=torch.int32, device=self.device)
 
             def attend(i, q, k, v):
                 kc, vc = caches[i]
-                o = self._attend_chunk(i, q, k, v, kc[b:b + 1], vc[b:b + 1], p0)
+                o = self._attend_chunk(i, q, k, v, kc[b:b + 1], vc[b:b + 1], p0, p0_t)
                 keep = min(n, kc.shape[1])  # a ring keeps only the chunk's last S positions
                 self._cache_append(k[n - keep:], v[n - keep:], kc, vc, seq_ids[n - keep:], positions[n - keep:])
                 return o
