@@ -53,7 +53,7 @@ def _merge_all(C, parts, order):
 @pytest.mark.parametrize("n", [1, 7, 100, 1000])
 def test_host_merge_any_split_any_order_equals_one_pass(n, sink):
     C = _C()
-    rng = np.random.default_rng(n * 7 + int(sink))
+    rng = np.random.default_rng(n * 7 + int(sink) + 100)
     s = (rng.standard_normal(n) * 4).astype(np.float32)
     v = rng.standard_normal((n, 64)).astype(np.float32)
     want = _sink_softmax_f64(s, v, sink)
@@ -255,11 +255,13 @@ def _check(q, kc, vc, lens, sinks, window, tol=1e-2):
     want = R.attention_decode(q, kc, vc, lens, sinks, sliding_window=window)
     assert not torch.isnan(got).any()
     # per (sequence, head): a +20 sink makes a head's output tiny, judge it on its own scale
-    for b in range(q.shape[0]):
-        for h in range(64):
-            r = _rel(got[b, h], want[b, h])
-            assert r < tol, f"b={b} L={lens[b].item()} h={h}: rel {r:.2e}"
-    return _rel(got, want)
+    rel = (got.double() - want.double()).norm(dim=-1) / want.double().norm(dim=-1).clamp_min(1e-30)
+    worst = rel.max().item()
+    b, h = divmod(int(rel.argmax().item()), rel.shape[1])
+    assert worst < tol, f"b={b} L={lens[b].item()} h={h}: rel {worst:.2e}"
+    print(f"attention_decode lengths={lens.tolist()[:8]} window={window}: worst per-head rel {worst:.2e}, "
+          f"overall {_rel(got, want):.2e}")
+    return worst
 
 
 LENGTHS = [1, 2, 127, 128, 129, 1000, 8193]
@@ -347,3 +349,39 @@ def test_decode_after_fused_append_matches_reference_pipeline():
     want = R.attention_decode(qr, kc_ref, vc_ref, lens.cpu(), sinks.cpu())
     torch.cuda.synchronize()
     assert _rel(got.cpu(), want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 8, 64])
+@pytest.mark.parametrize("L", [8192, 32768, 131072])
+def test_decode_bandwidth_report(L, B):
+    """Not a pass/fail performance gate: prints the fraction of copy bandwidth the kernel reaches on
+    the K/V bytes it must read (goal >= 80%); run with -s. Asserts only a sane result."""
+    kc = torch.empty(B, L, 8, 64, dtype=torch.bfloat16, device="cuda").normal_()
+    vc = torch.empty_like(kc).normal_()
+    q = torch.randn(B, 64, 64, device="cuda").to(torch.bfloat16)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    sinks = torch.randn(64, device="cuda").to(torch.bfloat16)
+    out = torch.empty_like(q)
+
+    def timed(fn, iters=20):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+
+    t = timed(lambda: gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=None, out=out))
+    dst = torch.empty_like(kc)
+    t_copy = timed(lambda: dst.copy_(kc))
+    kv_bytes = 2 * kc.numel() * 2
+    copy_bw = 2 * kc.numel() * 2 / t_copy  # read + write
+    frac = (kv_bytes / t) / copy_bw
+    print(f"\nattention_decode B={B} L={L}: {t * 1e6:.1f} us, {kv_bytes / t / 1e9:.0f} GB/s on K/V = "
+          f"{frac:.0%} of copy bandwidth ({copy_bw / 1e9:.0f} GB/s); splits="
+          f"{_lib.C().attention_decode_num_splits(B, L, 64, 8, 64, 0)}")
+    assert not torch.isnan(out).any() and frac > 0.05

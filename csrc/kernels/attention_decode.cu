@@ -159,13 +159,16 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
     if (i < my_tiles) {
       const int stage = i % kStages;
       const int pos0 = k0 + (warp + kWarps * i) * kTile + g;
+      const uint32_t S = static_cast<uint32_t>(p.S);
+      uint32_t slot = static_cast<uint32_t>(pos0) % S;  // one division per tile, then step by 4
 #pragma unroll
       for (int r = 0; r < kSteps; ++r) {
-        const int pos = pos0 + 4 * r;
-        const bool valid = pos < k1;
-        const int64_t slot = valid ? static_cast<int64_t>(static_cast<uint32_t>(pos) % static_cast<uint32_t>(p.S)) : 0;
-        cp_async16(&smem.kv[warp][stage][0][r][lane], kbase + slot * slot_stride, valid ? 16 : 0);
-        cp_async16(&smem.kv[warp][stage][1][r][lane], vbase + slot * slot_stride, valid ? 16 : 0);
+        const bool valid = pos0 + 4 * r < k1;
+        const int64_t off = valid ? static_cast<int64_t>(slot) * slot_stride : 0;
+        cp_async16(&smem.kv[warp][stage][0][r][lane], kbase + off, valid ? 16 : 0);
+        cp_async16(&smem.kv[warp][stage][1][r][lane], vbase + off, valid ? 16 : 0);
+        slot += 4;
+        if (slot >= S) slot = S >= 4 ? slot - S : slot % S;
       }
     }
     cp_async_commit();  // always commit (possibly empty) so group counting stays uniform
