@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _checks, _lib, reference
@@ -53,13 +55,22 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
         # a cache holding every needed position (full layers: S >= longest sequence; sliding
         # layers: S >= window - 1).
         _attention_prefill_cuda(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens,
-                                sliding_window, sm_scale, out, dev)
+                                sliding_window, sm_scale, out, dev, _impl_override())
         return out
     if dev.type == "cuda":
         _lib.warn_reference_fallback("attention_prefill")
     out.copy_(_prefill_reference(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens,
                                  sliding_window, sm_scale))
     return out
+
+
+def _impl_override() -> int:
+    """GPTOSS_ATTENTION_PREFILL_IMPL=0 (default: the build's choice), 1 (mma.sync kernel) or 2 (wgmma
+    kernel): lets a benchmark compare the two kernels through the public op."""
+    v = os.environ.get("GPTOSS_ATTENTION_PREFILL_IMPL", "0")
+    if v not in ("0", "1", "2"):
+        raise ValueError(f"GPTOSS_ATTENTION_PREFILL_IMPL must be 0, 1 or 2, got {v!r}")
+    return int(v)
 
 
 def _kernel_supports(nq: int, nkv: int, d: int) -> bool:
