@@ -330,6 +330,93 @@ def test_fragment_mapping_emulation(G):
     assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
 
+def _emulate_moe_decode(x, ids, w, wt, alpha=1.702, limit=7.0, max_routed=256, m_tiles=2):
+    """The index logic of csrc/kernels/moe_decode.cu in Python (the 16 x 8 mma tile itself is the
+    dense product, checked against the fragment emulation above): token chunks of max_routed // k,
+    distinct valid experts ascending, (expert, row-block) items, M-tile row maps (mlp1: gate row
+    2j / linear row 2j+1 in M-rows g / g+8), 8-token column tiles over the expert's routed rows,
+    the epilogues' index maps, and the slot-order combine with NaN for invalid ids."""
+    T, H = x.shape
+    k = ids.shape[1]
+    E, two_i = wt["w1_blocks"].shape[:2]
+    I = two_i // 2  # noqa: E741
+    W1 = reference.mxfp4_dequantize(wt["w1_blocks"], wt["w1_scales"], torch.float32)  # [E, 2I, H]
+    W2 = reference.mxfp4_dequantize(wt["w2_blocks"], wt["w2_scales"], torch.float32)  # [E, H, I]
+    b1, b2 = wt["w1_bias"].float(), wt["w2_bias"].float()
+    out = torch.full((T, H), float("nan"), dtype=torch.bfloat16)
+    ct = max_routed // k
+    for t0 in range(0, T, ct):
+        nt = min(ct, T - t0)
+        n = nt * k
+        cid = ids[t0:t0 + nt].reshape(-1).tolist()
+        cw = w[t0:t0 + nt].reshape(-1)
+        xs = x[t0:t0 + nt].float()
+        experts = sorted({e for e in cid if 0 <= e < E})
+        act = torch.full((n, I), float("nan"), dtype=torch.bfloat16)
+        y = torch.full((n, H), float("nan"), dtype=torch.float32)
+        for mlp1, rows, Wm in ((True, 2 * I, W1), (False, H, W2)):
+            n_tiles = rows // 16
+            n_blocks_rows = (n_tiles + m_tiles - 1) // m_tiles
+            for item in range(len(experts) * n_blocks_rows):
+                e = experts[item // n_blocks_rows]
+                slots = [r for r in range(n) if cid[r] == e]
+                for mt in range(m_tiles):
+                    tile = (item % n_blocks_rows) * m_tiles + mt
+                    if tile >= n_tiles:
+                        continue
+                    gs = torch.arange(8)
+                    rowA = 2 * (8 * tile + gs) if mlp1 else 16 * tile + gs
+                    rowB = rowA + 1 if mlp1 else rowA + 8
+                    mrows = torch.cat([rowA, rowB])  # M-row m -> weight row
+                    for c0 in range(0, len(slots), 8):
+                        cols = slots[c0:c0 + 8]
+                        inp = torch.stack([xs[s // k] if mlp1 else act[s].float() for s in cols])  # [<=8, K]
+                        C = Wm[e][mrows] @ inp.t()  # [16, ncols]
+                        for p, slot in enumerate(cols):
+                            if mlp1:
+                                j = 8 * tile + gs
+                                gate = C[:8, p] + b1[e, 2 * j]
+                                lin = C[8:, p] + b1[e, 2 * j + 1]
+                                gate = gate.clamp(max=limit)
+                                lin = lin.clamp(-limit, limit)
+                                act[slot, j] = (gate * torch.sigmoid(alpha * gate) * (lin + 1)).to(torch.bfloat16)
+                            else:
+                                y[slot, rowA] = (C[:8, p] + b2[e, rowA]) * cw[slot]
+                                y[slot, rowB] = (C[8:, p] + b2[e, rowB]) * cw[slot]
+        for t in range(nt):
+            acc = torch.zeros(H)
+            bad = False
+            for j in range(k):
+                r = t * k + j
+                if not 0 <= cid[r] < E:
+                    bad = True
+                    continue
+                acc = acc + y[r]
+            out[t0 + t] = float("nan") if bad else acc.to(torch.bfloat16)
+    return out
+
+
+@pytest.mark.parametrize("T,E,H,I,k,max_routed", [
+    (3, 8, 64, 96, 4, 256),      # ragged K chunks (I/32 = 3 groups)
+    (9, 4, 96, 64, 2, 8),        # several token chunks, one expert with > 8 routed rows
+    (5, 6, 32, 32, 3, 256),
+])
+def test_decode_index_logic_emulation(T, E, H, I, k, max_routed):  # noqa: E741
+    g = torch.Generator().manual_seed(T * 100 + E)
+    wt = make_weights(E, H, I, gen=g)
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)  # duplicates within a token too
+    w = torch.softmax(torch.randn((T, k), generator=g), dim=1)
+    x = make_x(T, H, gen=g)
+    got = _emulate_moe_decode(x, ids, w, wt, max_routed=max_routed)
+    ref = reference.moe(*args_of(x, ids, w, wt))
+    assert not torch.isnan(got).any()
+    assert rel_err(got, ref) < TOL
+    bad = ids.clone()
+    bad[T // 2, 0] = E
+    got = _emulate_moe_decode(x, bad, w, wt, max_routed=max_routed)
+    assert torch.isnan(got[T // 2]).all() and not torch.isnan(got[:T // 2]).any()
+
+
 # ---------------------------------------------------------------------------------------------
 # static checks of the compiled kernels (CPU, needs a build with this family)
 # ---------------------------------------------------------------------------------------------
