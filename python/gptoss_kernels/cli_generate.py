@@ -21,9 +21,10 @@ import sys
 __all__ = ["register", "ChatSession", "load_model"]
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
+def _add_model_args(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (HF MXFP4, HF bf16 or original layout)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (per turn for chat)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="tokens to generate (per turn for chat; default %(default)s)")
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
@@ -36,13 +37,13 @@ def _add_model_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
 def register(sub) -> None:
     g = sub.add_parser("generate", help="raw text completion with a gpt-oss checkpoint",
                        description="Raw completion (no chat format); stops on <|endoftext|>.")
-    _add_model_args(g, temperature=1.0)
+    _add_model_args(g, temperature=1.0, max_new_tokens=256)
     g.add_argument("--prompt", required=True, help="prompt text")
     g.set_defaults(func=_friendly(_cmd_generate))
 
     c = sub.add_parser("chat", help="interactive chat in the harmony format",
                        description="Chat through openai-harmony; type a message per line, /exit or EOF to quit.")
-    _add_model_args(c, temperature=1.0)
+    _add_model_args(c, temperature=1.0, max_new_tokens=4096)
     c.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     c.add_argument("--developer", default=None, help="developer instructions (the usual 'system prompt')")
     c.add_argument("--hide-analysis", action="store_true", help="do not print the analysis channel")

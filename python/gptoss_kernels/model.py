@@ -57,6 +57,16 @@ def weight_shapes(cfg: GptOssConfig) -> tuple[dict, list[dict]]:
     return g, [dict(layer) for _ in range(cfg.num_hidden_layers)]
 
 
+def _default_device(device) -> torch.device:
+    """None -> the current CUDA device when torch sees one, else the CPU."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _nbytes(shape, kind, float_bytes):
     return math.prod(shape) * (1 if kind == _U8 else float_bytes)
 
@@ -73,7 +83,7 @@ class GptOss:
         self.weights = weights
         self.layers = layers
         self.dtype = dtype
-        self.device = torch.device(device) if device is not None else weights["embedding"].device
+        self.device = weights["embedding"].device   # where the weights actually are
         self.use_cuda_graph = True
         self._graph = None
         self._state = None   # the KV cache and captured decode step, reused by generate calls of the same shape
@@ -96,11 +106,13 @@ class GptOss:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype: torch.dtype = torch.bfloat16, *, progress: bool = True) -> "GptOss":
-        """Load a checkpoint folder (HF MXFP4, HF bf16, or original layout; see loader.py)."""
+        """Load a checkpoint folder (HF MXFP4, HF bf16, or original layout; see loader.py).
+        device None: CUDA when available, else CPU. dtype: bfloat16 (float32 for CPU checks)."""
         from .loader import load_checkpoint
 
+        device = _default_device(device)
         config, weights, layers = load_checkpoint(path, device=device, dtype=dtype, progress=progress)
-        return cls(config, weights, layers, device=device if device is not None else "cpu", dtype=dtype)
+        return cls(config, weights, layers, device=device, dtype=dtype)
 
     @classmethod
     def from_config(cls, config: GptOssConfig, device=None, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> "GptOss":
@@ -110,7 +122,7 @@ class GptOss:
         118..122 (2^-9..2^-5, giving activations of a sane size); no bf16 copy of the experts ever
         exists. Float weights ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2), biases and sinks small.
         """
-        device = torch.device(device if device is not None else "cpu")
+        device = _default_device(device)
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
 
