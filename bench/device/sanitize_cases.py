@@ -12,6 +12,7 @@ every tensor is its own allocation and an out-of-bounds access is not hidden ins
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -21,7 +22,8 @@ import gptoss_kernels as gk
 from gptoss_kernels import reference
 from gptoss_kernels.bench.ops import family_built
 
-dev = torch.device("cuda")
+# GPTOSS_SANITIZE_DEVICE=cpu runs every case on the CPU reference path (checks this script itself)
+dev = torch.device(os.environ.get("GPTOSS_SANITIZE_DEVICE", "cuda"))
 families = sorted(f for f in ("mxfp4", "router", "moe_decode", "moe_prefill", "attention_decode",
                               "attention_prefill", "rope") if family_built(f))
 failures = 0
@@ -35,12 +37,16 @@ def rel(out, ref):
 def case(family: str, name: str):
     def wrap(fn):
         global failures
-        if not family_built(family) or not gk.cuda_available():
+        if dev.type == "cuda" and not family_built(family):
             print(f"skip  {family:18s} {name}: no kernel in this build", flush=True)
+            return fn
+        if dev.type == "cuda" and not gk.cuda_available():
+            print(f"skip  {family:18s} {name}: kernels not usable here ({gk.kernels_error()})", flush=True)
             return fn
         try:
             err = fn()
-            torch.cuda.synchronize()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             print(f"ran   {family:18s} {name}: rel err {err:.2e}", flush=True)
         except Exception:  # noqa: BLE001
             failures += 1

@@ -10,7 +10,7 @@ import torch
 
 from . import e2e as e2e_mod
 from . import ops as O
-from .report import format_document, new_document, write_json
+from .report import _num, format_document, new_document, write_json
 from .shapes import ModelShape
 from .timing import measure_limits
 
@@ -98,7 +98,7 @@ def run(args) -> int:
     progress(f"measuring the card's limits on {device} (copy, matmul)")
     limits = measure_limits(device, quick=args.quick)
     doc["limits"] = limits.to_json()
-    progress(f"limits: copy {limits.copy_gbps:.0f} GB/s, {limits.matmul_dtype} matmul {limits.matmul_tflops:.1f} TFLOP/s")
+    progress(f"limits: copy {_num(limits.copy_gbps)} GB/s, {limits.matmul_dtype} matmul {_num(limits.matmul_tflops)} TFLOP/s")
     save()
 
     ctx = O.Context(device=device, shape=ModelShape.preset(args.config), limits=limits, quick=args.quick,
@@ -156,7 +156,7 @@ def _brief(row: dict) -> str:
     if row.get("time_us") is not None:
         parts.append(f"{row['time_us']:.1f} µs")
     if row.get("gbps") is not None:
-        parts.append(f"{row['gbps']:.0f} GB/s")
+        parts.append(f"{_num(row['gbps'])} GB/s, {_num(row['tflops'])} TFLOP/s")
     v = row.get("verify")
     if v:
         parts.append(f"rel err {v['rel_err']:.1e}{'' if v.get('passed') else ' FAIL'}")

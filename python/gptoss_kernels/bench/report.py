@@ -164,8 +164,8 @@ def format_ops_table(rows: list[dict], limits: dict | None, markdown: bool = Fal
                      _num(r.get("pct_flops")), err, bl or "-", status])
     title = ""
     if limits:
-        title = (f"limits measured in this run: copy {limits['copy_gbps']:.0f} GB/s (read+write), "
-                 f"{limits['matmul_dtype']} matmul {limits['matmul_tflops']:.1f} TFLOP/s\n")
+        title = (f"limits measured in this run: copy {_num(limits['copy_gbps'])} GB/s (read+write), "
+                 f"{limits['matmul_dtype']} matmul {_num(limits['matmul_tflops'])} TFLOP/s\n")
     return title + _render(head, body, markdown)
 
 
