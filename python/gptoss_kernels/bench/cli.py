@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 
@@ -130,8 +131,13 @@ def run(args) -> int:
         progress("    " + _brief(row))
         save()
     cases.clear()
+    case = None  # noqa: F841 - drop the last case's closures (the MoE weights) before e2e
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
 
     if "e2e" in want:
+        progress("e2e: the model end to end")
         rows, notes = e2e_mod.run_e2e(ctx, args.config, grid("e2e_batch", gpu, args.quick, batches),
                                       grid("e2e_context", gpu, args.quick, contexts),
                                       grid("e2e_prefill", gpu, args.quick, tokens))

@@ -17,6 +17,7 @@ import torch
 # Below this time per call a kernel is "microsecond": replaying a CUDA graph of the calls removes
 # the launch gaps that would otherwise dominate.
 GRAPH_BELOW_US = 200.0
+GRAPH_MIN_CALLS = 16
 
 
 @dataclass
@@ -63,9 +64,10 @@ def bench(calls: Sequence[Callable[[], object]], device: torch.device, *, target
     """Time `calls` (one closure per rotated input set); returns the time per call.
 
     CUDA: each sample is one pass over all calls between two events; samples are repeated until
-    about `target_ms`; the median is reported. With use_graph None, a CUDA graph of one pass is
-    captured when a call takes under GRAPH_BELOW_US (falls back to eager launches, with a note,
-    if the calls cannot be captured, e.g. they synchronise with the host).
+    about `target_ms`; the median is reported. With use_graph None, a CUDA graph of the rotation
+    (repeated to at least GRAPH_MIN_CALLS calls) is captured when a call takes under
+    GRAPH_BELOW_US; it falls back to eager launches, with a note, if the calls cannot be captured
+    (e.g. they synchronise with the host).
     Host: the same with time.perf_counter.
     """
     n = len(calls)
@@ -93,7 +95,11 @@ def bench(calls: Sequence[Callable[[], object]], device: torch.device, *, target
     if use_graph is None:
         use_graph = est_us < GRAPH_BELOW_US
     if use_graph:
-        graph, note = _capture(calls, device)
+        # one graph replays the rotation several times: at least GRAPH_MIN_CALLS calls per sample
+        reps = max(1, math.ceil(GRAPH_MIN_CALLS / n))
+        graph, note = _capture(list(calls) * reps, device)
+        if graph is not None:
+            n *= reps
 
     def one_pass():
         if graph is not None:
