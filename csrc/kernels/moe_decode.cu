@@ -167,7 +167,7 @@ __device__ __forceinline__ void chunk_mma(float (&acc)[4], const uint4& wa, cons
 // kMlp1: in = x [T, K=H], rows = 2I, dst = act bf16 [n, I] (SwiGLU applied).
 // else : in = act [n, K=I], rows = H, dst = y fp32 [n, H] (times the routing weight).
 template <bool kMlp1>
-__global__ void __launch_bounds__(kThreads) moe_decode_gemv_kernel(
+__global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
     const __nv_bfloat16* __restrict__ in, const int32_t* __restrict__ ids, const float* __restrict__ topk_weights,
     const uint8_t* __restrict__ blocks, const uint8_t* __restrict__ scales, const __nv_bfloat16* __restrict__ bias,
     void* __restrict__ dst, int n, int k, int E, int K, int rows, float alpha, float limit) {
