@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import ops, reference
+from . import _lib, ops, reference
 from .config import GptOssConfig
 
 __all__ = ["GptOss", "GptOssConfig", "weight_shapes"]
@@ -454,6 +454,11 @@ class GptOss:
         """Decode step function (tokens, positions) -> logits; a CUDA graph replay on CUDA."""
         eager = lambda t, p: self._decode_step(t, p, seq_ids, caches)  # noqa: E731
         if self.device.type != "cuda" or not self.use_cuda_graph:
+            return eager
+        if not _lib.cuda_available() or not self._bf16:
+            # the reference path reads tensors on the host: not capturable
+            warnings.warn(f"GptOss: decode runs eagerly (no CUDA graph): "
+                          f"{_lib.kernels_error() or 'float32 model uses the reference'}", RuntimeWarning)
             return eager
         try:
             tok_buf, pos_buf = tokens.clone(), positions.clone()
