@@ -25,6 +25,11 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
     k_cache/v_cache [B, S, nkv, d] (slot p % S), keys >= p0_b from k/v. The chunk is appended to
     the cache by the caller *after* this call (a ring buffer may not hold the whole chunk).
     returns bf16 [Tq, nq, d].
+
+    CUDA kernel (nq == 8 nkv, d == 64): reads cu_seqlens_q / cache_seqlens on the device only (no
+    host sync; capturable in a CUDA graph), so it trusts them: cu_seqlens_q non-decreasing with
+    cu[-1] <= Tq (rows past cu[-1] are left unwritten) and a cache that holds every needed prefix
+    position (the reference path raises ValueError when it does not).
     """
     _checks.tensor("q", q, dtype=torch.bfloat16, ndim=3)
     Tq, nq, d = q.shape
