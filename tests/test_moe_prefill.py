@@ -172,6 +172,9 @@ def test_wgmma_gemm_uses_hgmma(prefill_kernels):
         assert f"HGMMA.64x{bn}x16.F32.BF16" in k.sass, f"{k.name}: no HGMMA 64x{bn}x16"
         # the k-tile's wgmma group stays in flight while the next tile is dequantized
         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in k.sass, f"{k.name}: no overlapped wgmma wait"
+        # ...and the only full wait is the one after the k loop: ptxas serializes the HGMMA chain
+        # (a full wait after each, warning C7519) when accumulators are touched between them
+        assert k.sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1, f"{k.name}: serialized HGMMAs"
         assert "FENCE.VIEW.ASYNC.S" in k.sass, f"{k.name}: no fence.proxy.async"
 
 

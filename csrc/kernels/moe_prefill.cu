@@ -311,8 +311,9 @@ __global__ __launch_bounds__(mma::THREADS, 1) void grouped_gemm_mma_kernel(const
       __syncthreads();  // Bdq complete
 
       const uint32_t a_tile = sA + stage * A_STAGE;
+      const bool has_rows = warp_m * 64 < rows;  // warps whose 64 rows are all padding skip the MMAs
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk) {
+      for (int kk = 0; kk < BK / 16 && has_rows; ++kk) {
         uint32_t a[4][4], b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi) {
@@ -518,6 +519,8 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
       W::fence();
       const uint32_t a_tile = sA + stage * A_STAGE + wgi * 64 * 128;
       const uint32_t b_tile = sBdq + buf * C::BDQ;
+      // (All 4 MMAs unconditionally: skipping them for a warpgroup whose rows are all padding made
+      // ptxas serialize every HGMMA (C7519, a wait after each) - measured in the SASS, not kept.)
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk)
         W::mma_m64k16(acc, W::desc_k_major_sw128(a_tile + kk * 32), W::desc_k_major_sw128(b_tile + kk * 32));
