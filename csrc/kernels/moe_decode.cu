@@ -70,6 +70,12 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {  // read-once weig
 __device__ __forceinline__ void pdl_wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_allow_dependents() { asm volatile("griddepcontrol.launch_dependents;" :::); }
 
+// Hint: bring [p, p + bytes) into L2 (cp.async.bulk.prefetch, sm_90; bytes a multiple of 16,
+// p 16-byte aligned). No effect on results.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -176,19 +182,33 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
   // mlp1 finishes); mlp2 reads only the ids (inputs of the op) before waiting for mlp1's act.
   if (kMlp1) pdl_allow_dependents();
   const int my_id = block_distinct_experts(ids, n, E, sh);
-  if (!kMlp1) pdl_wait_for_previous_grid();
   const int n_tiles = rows / 16;                                  // rows is a multiple of 32
   const int n_blocks_rows = (n_tiles + kMTiles - 1) / kMTiles;    // row tiles of the block
   const int64_t items = static_cast<int64_t>(sh.n_experts) * n_blocks_rows;
+  const int G = K >> 5;                             // MXFP4 groups per row
+  // An item's weight blocks are one contiguous range (kMTiles * 16 consecutive rows).
+  auto prefetch_item = [&](int64_t it) {
+    if (threadIdx.x == 0 && it < items) {
+      const int row0 = static_cast<int>(it % n_blocks_rows) * (16 * kMTiles);
+      const int nr = min(16 * kMTiles, rows - row0);
+      const int64_t first = static_cast<int64_t>(sh.experts[it / n_blocks_rows]) * rows + row0;
+      prefetch_l2(blocks + first * G * 16, static_cast<uint32_t>(nr) * G * 16);
+    }
+  };
+  // mlp2: fetch the first item's weights into L2 while mlp1 drains, then wait for its act.
+  if (!kMlp1) {
+    prefetch_item(blockIdx.x);
+    pdl_wait_for_previous_grid();
+  }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
   const int mt = warp / kKSplit, ks = warp % kKSplit;
-  const int G = K >> 5;                             // MXFP4 groups per row
   const int nch = (G + 3) >> 2;                     // 4-group chunks
   int cur_e = -1, ne = 0;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    prefetch_item(item + gridDim.x);  // keeps DRAM busy across this item's barriers
     const int e = sh.experts[item / n_blocks_rows];
     const int tile = static_cast<int>(item % n_blocks_rows) * kMTiles + mt;  // this warp's 16-row tile
     if (e != cur_e) {  // block-uniform
