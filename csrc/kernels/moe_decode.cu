@@ -10,7 +10,9 @@
 // expert's routed rows (ordered compaction of the ids) and its 8 warps (kMTiles M-tiles x kKSplit
 // K-slices) stream the tile's weights once, every routed row of the expert reusing the decoded
 // tile (8 tokens per mma; more tokens = more mmas over the same weights, re-read from L2, not
-// DRAM). The K-slices are summed through shared memory in a fixed order (deterministic).
+// DRAM). The K-slices are summed through shared memory in a fixed order (deterministic). One
+// thread asks the bulk-copy engine to prefetch the block's next item into L2 (an item's weight
+// blocks are one contiguous range), so DRAM stays busy across the per-item barriers.
 //
 // mma fragments (PTX m16n8k16 .bf16): lane = 4 * g + tq. A: a0 = (row g, k-slots 2tq, 2tq+1),
 // a1 = (row g+8, same), a2 = (row g, 2tq+8, 2tq+9), a3 = (row g+8, same); B: b0 = (k-slots 2tq,
@@ -195,11 +197,10 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
       prefetch_l2(blocks + first * G * 16, static_cast<uint32_t>(nr) * G * 16);
     }
   };
-  // mlp2: fetch the first item's weights into L2 while mlp1 drains, then wait for its act.
-  if (!kMlp1) {
-    prefetch_item(blockIdx.x);
-    pdl_wait_for_previous_grid();
-  }
+  // The first item's weights start towards L2 now (in mlp2: while mlp1 drains), then mlp2 waits
+  // for mlp1's act.
+  prefetch_item(blockIdx.x);
+  if (!kMlp1) pdl_wait_for_previous_grid();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
