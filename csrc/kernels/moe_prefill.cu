@@ -399,6 +399,87 @@ struct Cfg {
 };
 }  // namespace wg
 
+// Everything one work item (expert, m-tile, n-tile) needs for its loads and its epilogue.
+template <int BN>
+struct WgTile {
+  int e, group_base, m0, n0, rows, ncols;
+  const __nv_bfloat16* a_src[4];                      // this thread's 4 A rows (nullptr: padding)
+  const uint8_t* b_src[wg::Cfg<BN>::BLOCKS_PER_THREAD];  // this thread's packed-B weight rows
+  bool b_ok[wg::Cfg<BN>::BLOCKS_PER_THREAD];
+};
+
+template <int EPI, int BN>
+__device__ __forceinline__ void wg_setup_tile(WgTile<BN>& t, const GemmParams& p, const int32_t* s_toff, int NT,
+                                              int work, int tid) {
+  using C = wg::Cfg<BN>;
+  const int K = p.K, N = p.N, G = K / 32;
+  const Tile tile = decode_tile(s_toff, p.E, NT, work);
+  t.e = tile.expert;
+  t.group_base = p.offsets[t.e];
+  t.m0 = tile.mtile * wg::BM;
+  t.n0 = tile.ntile * BN;
+  t.rows = min(wg::BM, p.counts[t.e] - t.m0);
+  t.ncols = min(BN, N - t.n0);  // multiple of 32
+  // A: this thread copies 16-byte chunk (tid & 7) of rows (tid >> 3) + 32 i.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = (tid >> 3) + 32 * i;
+    int64_t src_row = -1;
+    if (row < t.rows) {
+      const int gp = t.group_base + t.m0 + row;
+      src_row = EPI == kSwiglu ? p.perm[gp] / p.topk : gp;
+    }
+    t.a_src[i] = src_row >= 0 ? p.A + src_row * K : nullptr;
+  }
+  // B: this thread copies (and later dequantizes) MXFP4 blocks tid + 256 i of each k-tile:
+  // weight row blk >> 1, block blk & 1 of the k-tile's two.
+#pragma unroll
+  for (int i = 0; i < C::BLOCKS_PER_THREAD; ++i) {
+    const int blk = tid + wg::THREADS * i, row = blk >> 1;
+    t.b_ok[i] = blk < C::BLOCKS && row < t.ncols;
+    t.b_src[i] = p.Wq + (static_cast<int64_t>(t.e) * N + t.n0 + (t.b_ok[i] ? row : 0)) * G * 16;
+  }
+}
+
+template <int BN>
+__device__ __forceinline__ void wg_load_stage(const WgTile<BN>& t, const GemmParams& p, uint32_t sA, uint32_t sBq,
+                                              int stage, int kt, int tid) {
+  using C = wg::Cfg<BN>;
+  const int K = p.K, G = K / 32;
+  const int a_chunk = tid & 7;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = (tid >> 3) + 32 * i;
+    const int col = kt * wg::BK + a_chunk * 8;
+    const bool ok = t.a_src[i] != nullptr && col < K;
+    cp_async16(sA + stage * wg::A_STAGE + swz(row, a_chunk), ok ? t.a_src[i] + col : p.A, ok);
+  }
+#pragma unroll
+  for (int i = 0; i < C::BLOCKS_PER_THREAD; ++i) {
+    const int blk = tid + wg::THREADS * i;
+    if (blk < C::BLOCKS) {
+      const int kb = kt * (wg::BK / 32) + (blk & 1);
+      const bool ok = t.b_ok[i] && kb < G;
+      cp_async16(sBq + stage * C::BQ_STAGE + blk * 16, ok ? t.b_src[i] + kb * 16 : p.Wq, ok);
+    }
+  }
+}
+
+// The tile's scales (rows n0..n0+ncols of expert e: one contiguous run of ncols*G bytes) and its
+// first DIST k-tiles, as DIST cp.async groups (the scales in the first).
+template <int BN>
+__device__ __forceinline__ void wg_prologue(const WgTile<BN>& t, const GemmParams& p, uint32_t sA, uint32_t sBq,
+                                            uint32_t sS, int KT, int tid) {
+  const int G = p.K / 32;
+  const uint8_t* src = p.Ws + (static_cast<int64_t>(t.e) * p.N + t.n0) * G;
+  for (int i = tid * 16; i < t.ncols * G; i += wg::THREADS * 16) cp_async16(sS + i, src + i, true);
+#pragma unroll
+  for (int s = 0; s < wg::DIST; ++s) {
+    if (s < KT) wg_load_stage(t, p, sA, sBq, s, s, tid);
+    cp_async_commit();
+  }
+}
+
 template <int EPI, int BN>
 __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(const GemmParams p) {
   using namespace wg;
@@ -407,8 +488,8 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wgi = warp >> 2;  // warpgroup: tile rows 64 * wgi .. +63
-  const int K = p.K, N = p.N, G = K / 32;
-  const int KT = ceil_div(K, BK), NT = ceil_div(N, BN);
+  const int N = p.N, G = p.K / 32;
+  const int KT = ceil_div(p.K, BK), NT = ceil_div(N, BN);
 
   // 1024-byte aligned base (128-byte swizzle atoms must start on 1024-byte boundaries)
   const uint32_t raw_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -423,68 +504,15 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
   __syncthreads();
   const int total = s_toff[p.E] * NT;
 
-  for (int work = blockIdx.x; work < total; work += gridDim.x) {
-    const Tile tile = decode_tile(s_toff, p.E, NT, work);
-    const int e = tile.expert;
-    const int group_base = p.offsets[e];
-    const int m0 = tile.mtile * BM, n0 = tile.ntile * BN;
-    const int rows = min(BM, p.counts[e] - m0);
-    const int ncols = min(BN, N - n0);  // multiple of 32
-
-    // A: this thread copies 16-byte chunk (tid & 7) of rows (tid >> 3) + 32 i.
-    const int a_chunk = tid & 7;
-    const __nv_bfloat16* a_src[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = (tid >> 3) + 32 * i;
-      int64_t src_row = -1;
-      if (row < rows) {
-        const int gp = group_base + m0 + row;
-        src_row = EPI == kSwiglu ? p.perm[gp] / p.topk : gp;
-      }
-      a_src[i] = src_row >= 0 ? p.A + src_row * K : nullptr;
-    }
-    // B: this thread copies (and later dequantizes) MXFP4 blocks tid + 256 i of the k-tile:
-    // weight row blk >> 1, block blk & 1 of the k-tile's two.
-    const uint8_t* b_src[C::BLOCKS_PER_THREAD];
-    bool b_ok[C::BLOCKS_PER_THREAD];
-#pragma unroll
-    for (int i = 0; i < C::BLOCKS_PER_THREAD; ++i) {
-      const int blk = tid + THREADS * i, row = blk >> 1;
-      b_ok[i] = blk < C::BLOCKS && row < ncols;
-      b_src[i] = p.Wq + (static_cast<int64_t>(e) * N + n0 + (b_ok[i] ? row : 0)) * G * 16;
-    }
-
-    auto load_stage = [&](int stage, int kt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = (tid >> 3) + 32 * i;
-        const int col = kt * BK + a_chunk * 8;
-        const bool ok = a_src[i] != nullptr && col < K;
-        cp_async16(sA + stage * A_STAGE + swz(row, a_chunk), ok ? a_src[i] + col : p.A, ok);
-      }
-#pragma unroll
-      for (int i = 0; i < C::BLOCKS_PER_THREAD; ++i) {
-        const int blk = tid + THREADS * i;
-        if (blk < C::BLOCKS) {
-          const int kb = kt * (BK / 32) + (blk & 1);
-          const bool ok = b_ok[i] && kb < G;
-          cp_async16(sBq + stage * C::BQ_STAGE + blk * 16, ok ? b_src[i] + kb * 16 : p.Wq, ok);
-        }
-      }
-    };
-
-    __syncthreads();  // previous tile: every wgmma waited, every smem read done
-    {  // this tile's scales: rows n0..n0+ncols of expert e are one contiguous run of ncols*G bytes
-      const uint8_t* src = p.Ws + (static_cast<int64_t>(e) * N + n0) * G;
-      for (int i = tid * 16; i < ncols * G; i += THREADS * 16) cp_async16(sS + i, src + i, true);
-    }
-#pragma unroll
-    for (int s = 0; s < DIST; ++s) {
-      if (s < KT) load_stage(s, s);
-      cp_async_commit();
-    }
-
+  // Persistent loop; the next work item's scales and first k-tiles are loaded while this one's
+  // epilogue writes its results.
+  int work = blockIdx.x;
+  WgTile<BN> cur;
+  if (work < total) {
+    wg_setup_tile<EPI>(cur, p, s_toff, NT, work, tid);
+    wg_prologue(cur, p, sA, sBq, sS, KT, tid);
+  }
+  while (work < total) {
     float acc[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
@@ -493,7 +521,7 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
       const int stage = kt % STAGES, buf = kt & 1;
       cp_async_wait<DIST - 1>();  // this thread's copies of k-tile kt (and the scales) landed
       __syncthreads();            // ... everyone's; and every wgmma group <= kt-2 has completed
-      if (kt + DIST < KT) load_stage((kt + DIST) % STAGES, kt + DIST);
+      if (kt + DIST < KT) wg_load_stage(cur, p, sA, sBq, (kt + DIST) % STAGES, kt + DIST, tid);
       cp_async_commit();
 #pragma unroll
       for (int i = 0; i < C::BLOCKS_PER_THREAD; ++i) {  // the blocks this thread copied itself
@@ -501,7 +529,7 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
         if (blk >= C::BLOCKS) continue;
         const int row = blk >> 1, kb = kt * (BK / 32) + (blk & 1);
         uint32_t v[16];
-        if (b_ok[i] && kb < G) {
+        if (cur.b_ok[i] && kb < G) {
           const uint4 packed = *reinterpret_cast<const uint4*>(smem + (sBq - s_base) + stage * C::BQ_STAGE + blk * 16);
           dequant_block32(packed, scales[row * G + kb], v);
         } else {
@@ -520,7 +548,7 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
       const uint32_t a_tile = sA + stage * A_STAGE + wgi * 64 * 128;
       const uint32_t b_tile = sBdq + buf * C::BDQ;
       // (All 4 MMAs unconditionally: skipping them for a warpgroup whose rows are all padding made
-      // ptxas serialize every HGMMA (C7519, a wait after each) - measured in the SASS, not kept.)
+      // ptxas serialize every HGMMA (C7519, a wait after each) - seen in the SASS, not kept.)
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk)
         W::mma_m64k16(acc, W::desc_k_major_sw128(a_tile + kk * 32), W::desc_k_major_sw128(b_tile + kk * 32));
@@ -528,7 +556,17 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
       W::wait<1>();  // keep this k-tile's group in flight while the next one is dequantized
     }
     W::wait<0>();
-    cp_async_wait<0>();
+    cp_async_wait<0>();  // (only empty groups can be outstanding here)
+
+    // Start the next work item's loads: every warpgroup's MMAs and every dequantization of this
+    // tile are done after this barrier, so its A stages, packed-B stages and scales are free.
+    const int e = cur.e, group_base = cur.group_base, m0 = cur.m0, n0 = cur.n0, rows = cur.rows;
+    const int next = work + gridDim.x;
+    __syncthreads();
+    if (next < total) {
+      wg_setup_tile<EPI>(cur, p, s_toff, NT, next, tid);
+      wg_prologue(cur, p, sA, sBq, sS, KT, tid);
+    }
 
     // Epilogue: accumulator 4j + c holds row 16*(warp%4) + lane/4 + 8*(c/2) of this warpgroup's
     // 64 rows, column 8j + 2*(lane%4) + (c%2): (gate, linear) pairs stay in one thread.
@@ -559,6 +597,7 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
         }
       }
     }
+    work = next;
   }
 }
 
