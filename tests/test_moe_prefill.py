@@ -6,6 +6,12 @@ mma.sync variant, no local memory).
 GPU (marked gpu): each pipeline step against the reference, in correctness order (grouping, mlp1,
 mlp2, combine), then the whole op over shapes, skewed routing, experts without tokens, poisoned
 outputs, determinism and CUDA-graph replay.
+
+First GPU run, in this order (each line only after the previous passes):
+  pytest -s -x tests/test_moe_prefill.py -k "steps_in_order and mma_sync"   # grouping, mlp1, mlp2, combine
+  pytest -s -x tests/test_moe_prefill.py -k "steps_in_order"                 # the wgmma variants
+  pytest -s tests/test_moe_prefill.py -m gpu -k "not bench"
+  pytest -s tests/test_moe_prefill.py -k bench                               # timings vs dense bf16
 """
 
 from __future__ import annotations
