@@ -9,6 +9,8 @@
 # every GPU test (pytest -m gpu -rs) -> compute-sanitizer memcheck and racecheck on
 # bench/device/sanitize_cases.py -> `gptoss-kernels bench all --json` -> summary.md.
 # Files in OUT (7): summary.md run.log info.json pytest.log sanitizer.log bench.log bench.json
+# Knobs: GPTOSS_CHECK_STEPS (default "pytest,memcheck,racecheck,bench"), GPTOSS_BENCH_ARGS
+# (default "all"; e.g. "e2e"), GPTOSS_CHECK_BUDGET_S (default 470).
 set -uo pipefail
 
 OUT="${1:?usage: bash bench/device/run.sh OUT_DIR}"
@@ -17,6 +19,8 @@ OUT="$(cd "$OUT" && pwd)"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEV="$REPO/.device"
 BUDGET="${GPTOSS_CHECK_BUDGET_S:-470}"
+STEPS_WANTED=",${GPTOSS_CHECK_STEPS:-pytest,memcheck,racecheck,bench},"   # e.g. GPTOSS_CHECK_STEPS=bench
+BENCH_ARGS="${GPTOSS_BENCH_ARGS:-all}"                                   # e.g. GPTOSS_BENCH_ARGS="e2e --quick"
 PY="${PYTHON:-python3}"
 WORK=/tmp/gptoss-check
 SITE="$WORK/site"
@@ -120,7 +124,9 @@ step info "$(verdict $r)" $(( $(date +%s) - t ))
 # ---- 3. GPU tests ----
 t=$(date +%s)
 c=$(cap 170 230)
-if (( c > 0 )); then
+if [[ "$STEPS_WANTED" != *,pytest,* ]]; then
+  step "pytest -m gpu" "not asked for (GPTOSS_CHECK_STEPS)" 0
+elif (( c > 0 )); then
   extra=()
   $PY -c 'import pytest_timeout' 2>/dev/null && extra=(--timeout=90)
   timeout "$c" $PY -m pytest -m gpu -rs -q -p no:cacheprovider "${extra[@]}" tests > "$OUT/pytest.log" 2>&1; r=$?
@@ -136,6 +142,7 @@ SAN="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitize
 for tool in memcheck racecheck; do
   t=$(date +%s)
   c=$(cap 70 150)
+  if [[ "$STEPS_WANTED" != *,$tool,* ]]; then step "$tool" "not asked for (GPTOSS_CHECK_STEPS)" 0; continue; fi
   if [[ ! -x "$SAN" ]]; then step "$tool" "SKIPPED: compute-sanitizer not found" 0; continue; fi
   if (( c == 0 )); then step "$tool" "SKIPPED: no time left" 0; continue; fi
   echo "===== $tool step: start" >> "$OUT/sanitizer.log"
@@ -148,14 +155,17 @@ done
 # ---- 5. benchmarks ----
 t=$(date +%s)
 c=$(cap 400 20)
-if (( c > 0 )); then
-  timeout "$c" $PY -m gptoss_kernels.cli bench all --json "$WORK/bench.json" --max-seconds $(( c - 45 )) \
+if [[ "$STEPS_WANTED" != *,bench,* ]]; then
+  step "bench $BENCH_ARGS" "not asked for (GPTOSS_CHECK_STEPS)" 0
+elif (( c > 0 )); then
+  # shellcheck disable=SC2086 - BENCH_ARGS is a list of words
+  timeout "$c" $PY -m gptoss_kernels.cli bench $BENCH_ARGS --json "$WORK/bench.json" --max-seconds $(( c - 45 )) \
     > "$OUT/bench.log" 2>&1; r=$?
   [[ -f "$WORK/bench.json" ]] && cp "$WORK/bench.json" "$OUT/bench.json"
   case $r in 0) v=pass ;; 1) v="some cases failed verification or raised" ;; 124|137) v="TIMED OUT after ${c}s (partial JSON kept)" ;; *) v="fail (rc $r)" ;; esac
-  step "bench all" "$v" $(( $(date +%s) - t ))
+  step "bench $BENCH_ARGS" "$v" $(( $(date +%s) - t ))
 else
-  step "bench all" "SKIPPED: no time left" 0
+  step "bench $BENCH_ARGS" "SKIPPED: no time left" 0
 fi
 
 # ---- 6. summary ----
