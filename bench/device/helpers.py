@@ -114,12 +114,20 @@ def summary(out: pathlib.Path, steps_file: pathlib.Path | None) -> str:
     env = (bench or {}).get("env", {})
     dev = (info.get("devices") or [{}])[0]
     card = env.get("card") or dev.get("name") or "unknown card"
+    driver = env.get("driver")
+    if not driver:
+        try:
+            r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10)
+            driver = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            driver = None
     lines = [f"# Device check: {card}",
              "",
              f"- date: {env.get('date') or dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
              f"- commit: {os.environ.get('GPTOSS_GIT_COMMIT') or env.get('git_commit') or '?'}"
              f"{' (uncommitted changes at prepare time)' if os.environ.get('GPTOSS_GIT_DIRTY') == '1' else ''}",
-             f"- driver: {env.get('driver') or '?'}; torch {info.get('torch') or env.get('torch')} "
+             f"- driver: {driver or '?'}; torch {info.get('torch') or env.get('torch')} "
              f"(CUDA {info.get('torch_cuda') or env.get('torch_cuda')}); python {info.get('python') or env.get('python')}",
              f"- kernel families in the build: {', '.join((info.get('build') or {}).get('kernel_families') or []) or 'none'}; "
              f"kernels in use: {info.get('cuda_available')}" + (f" ({info.get('kernels_error')})" if info.get("kernels_error") else ""),
