@@ -18,7 +18,8 @@ S = sliding_window (a ring), full layers S = longest prompt + max_new_tokens.
 
 Batches in ``generate``: ``prompt_ids`` may be a list of ints / LongTensor [1, T] (returns a list of
 new ids) or a list of lists / LongTensor [B, T] (returns one list per prompt). Prompts may differ
-in length: each is prefilled on its own (chunked, into its row of the batch cache), then all B
+in length: they are prefilled together (chunks of at most ``prefill_chunk`` tokens packed over
+sequences with cu_seqlens, each into its row of the batch cache), then all B
 sequences decode together, one token each per step, each at its own position (``cache_seqlens``
 per sequence). A sequence that hit a stop token stops collecting tokens; decoding ends when all
 have stopped or after ``max_new_tokens``.
@@ -218,18 +219,26 @@ class GptOss:
         return reference.attention_varlen(q, k, v, sinks, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                                           sm_scale=self.config.sm_scale, sliding_window=W)
 
-    def _attend_chunk(self, i, q, k, v, kc, vc, p0: int, seqlens: torch.Tensor):
-        """One sequence's chunk at positions p0.. against its cache row kc/vc [1, S, nkv, d];
-        seqlens = int32 [p0] on the device."""
+    def _attend_chunk(self, i, q, k, v, kc, vc, cu: list[int], p0: list[int], cu_t, p0_t):
+        """Chunks of B sequences packed by cu (host list; cu_t the int32 device copy), sequence b's
+        chunk at positions p0[b].. (p0_t on the device) against the cache kc/vc [B, S, nkv, d]."""
         W, sinks = self.config.window(i), self.layers[i]["sinks"]
         if self._bf16:
-            return ops.attention_prefill(q, k, v, sinks, k_cache=kc, v_cache=vc, cache_seqlens=seqlens,
+            return ops.attention_prefill(q, k, v, sinks, cu_seqlens_q=cu_t, k_cache=kc, v_cache=vc, cache_seqlens=p0_t,
                                          sliding_window=W, sm_scale=self.config.sm_scale)
-        first = 0 if W is None else max(0, p0 - (W - 1))
-        if p0 > first:
-            slots = reference.cache_slots(torch.arange(first, p0, device=q.device), kc.shape[1])
-            k, v = torch.cat((kc[0, slots], k)), torch.cat((vc[0, slots], v))
-        return reference.attention(q, k, v, sinks, sm_scale=self.config.sm_scale, sliding_window=W, q_offset=p0 - first)
+        out = torch.empty_like(q)
+        for b in range(len(p0)):
+            s, e = cu[b], cu[b + 1]
+            if e == s:
+                continue
+            kk, vv = k[s:e], v[s:e]
+            first = 0 if W is None else max(0, p0[b] - (W - 1))
+            if p0[b] > first:
+                slots = reference.cache_slots(torch.arange(first, p0[b], device=q.device), kc.shape[1])
+                kk, vv = torch.cat((kc[b, slots], kk)), torch.cat((vc[b, slots], vv))
+            out[s:e] = reference.attention(q[s:e], kk, vv, sinks, sm_scale=self.config.sm_scale, sliding_window=W,
+                                           q_offset=p0[b] - first)
+        return out
 
     def _cache_append(self, k, v, kc, vc, seq_ids, positions):
         if self._bf16:
@@ -310,29 +319,60 @@ class GptOss:
                            torch.zeros(shape, dtype=self.dtype, device=self.device)))
         return caches
 
-    def _prefill(self, ids: torch.Tensor, b: int, caches) -> torch.Tensor:
-        """Prefill sequence b (ids [T] on device) into row b of the cache; float32 logits [V] of its last token."""
-        T = ids.shape[0]
+    def _prefill(self, prompts: list[list[int]], caches) -> torch.Tensor:
+        """Prefill every prompt into its row of the cache -> float32 logits [B, V] of each last token.
+
+        Chunks of at most ``prefill_chunk`` tokens in total, packed over sequences (cu_seqlens):
+        each sequence continues from where its previous chunk stopped (cache_seqlens)."""
+        B, lens = len(prompts), [len(p) for p in prompts]
         chunk = max(1, int(self.prefill_chunk))
-        x = None
-        for p0 in range(0, T, chunk):
-            p1 = min(T, p0 + chunk)
-            n = p1 - p0
-            x = F.embedding(ids[p0:p1], self.weights["embedding"])
-            positions = torch.arange(p0, p1, dtype=torch.int32, device=self.device)
-            seq_ids = torch.full((n,), b, dtype=torch.int32, device=self.device)
-            p0_t = torch.full((1,), p0, dtype=torch.int32, device=self.device)
+        dev = self.device
+        done = [0] * B
+        rows: list[torch.Tensor | None] = [None] * B
+        while any(done[b] < lens[b] for b in range(B)):
+            take, budget = [0] * B, chunk
+            for b in range(B):
+                take[b] = min(lens[b] - done[b], budget)
+                budget -= take[b]
+            cu = [0]
+            for b in range(B):
+                cu.append(cu[-1] + take[b])
+            p0 = list(done)
+            ids = torch.tensor([t for b in range(B) for t in prompts[b][p0[b]:p0[b] + take[b]]], device=dev)
+            pos_l = [p for b in range(B) for p in range(p0[b], p0[b] + take[b])]
+            positions = torch.tensor(pos_l, dtype=torch.int32, device=dev)
+            seq_ids = torch.tensor([b for b in range(B) for _ in range(take[b])], dtype=torch.int32, device=dev)
+            cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
+            p0_t = torch.tensor(p0, dtype=torch.int32, device=dev)
+            keep: dict[int, torch.Tensor | None] = {}   # cache length S -> rows a ring of S keeps
+
+            def kept(S: int):
+                if S not in keep:
+                    idx = [cu[b] + j for b in range(B) for j in range(take[b]) if p0[b] + j >= p0[b] + take[b] - S]
+                    keep[S] = None if len(idx) == cu[-1] else torch.tensor(idx, dtype=torch.long, device=dev)
+                return keep[S]
 
             def attend(i, q, k, v):
                 kc, vc = caches[i]
-                o = self._attend_chunk(i, q, k, v, kc[b:b + 1], vc[b:b + 1], p0, p0_t)
-                keep = min(n, kc.shape[1])  # a ring keeps only the chunk's last S positions
-                self._cache_append(k[n - keep:], v[n - keep:], kc, vc, seq_ids[n - keep:], positions[n - keep:])
+                o = self._attend_chunk(i, q, k, v, kc, vc, cu, p0, cu_t, p0_t)
+                sel = kept(kc.shape[1])
+                if sel is None:
+                    self._cache_append(k, v, kc, vc, seq_ids, positions)
+                else:   # a ring keeps only the last S positions of each chunk
+                    self._cache_append(k[sel].contiguous(), v[sel].contiguous(), kc, vc, seq_ids[sel], positions[sel])
                 return o
 
+            x = F.embedding(ids, self.weights["embedding"])
             for i in range(self.config.num_hidden_layers):
                 x = self._block(i, x, positions, attend)
-        return self._logits(x[-1:])[0]
+            last = [b for b in range(B) if take[b] and p0[b] + take[b] == lens[b]]
+            if last:
+                lg = self._logits(x[torch.tensor([cu[b + 1] - 1 for b in last], device=dev)])
+                for j, b in enumerate(last):
+                    rows[b] = lg[j]
+            for b in range(B):
+                done[b] += take[b]
+        return torch.stack(rows)
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, caches) -> torch.Tensor:
         """tokens int64 [B] at positions int32 [B] -> float32 logits [B, V]; appends to the cache.
@@ -403,8 +443,7 @@ class GptOss:
         with torch.inference_mode():
             st = self._decode_state(B, max_len)
             caches = st["caches"]
-            logits = torch.stack([self._prefill(torch.tensor(p, device=self.device), b, caches)
-                                  for b, p in enumerate(prompts)])
+            logits = self._prefill(prompts, caches)
             tokens = self._sample(logits, temperature, top_p, gen)
             positions = torch.tensor(lens, dtype=torch.int32, device=self.device)
             if st["step"] is None:
