@@ -48,6 +48,9 @@ constexpr int kMTiles = 2;                  // 16-row M-tiles per block
 constexpr int kKSplit = kWarps / kMTiles;   // warps sharing one M-tile's K range
 static_assert(kMTiles * kKSplit == kWarps, "warps = M-tiles x K-slices");
 constexpr int kUnroll = 3;                  // 128-k chunks loaded before the first use (per warp)
+// Tuning (not yet measured on a GPU): kMTiles (rows per item; x/act L2 traffic per weight byte is
+// ~ tokens / (4 kMTiles)), kUnroll (16-byte loads in flight: 2 kUnroll weight + 4 kUnroll x per
+// lane; 127 registers now, 128 is the cap for two 256-thread blocks per SM), kWarps.
 
 struct Shared {
   uint32_t bits[kMaxExperts / 32];  // selected-expert bitmap
