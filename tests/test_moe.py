@@ -444,6 +444,9 @@ def test_sass_decode_kernels(decode_kernels):
     for k in gemv:
         assert "LDG.E.128" in k.sass or "LDG.E.NA.128" in k.sass, f"{k.name}: no 16-byte loads"
         assert "HMMA.16816.F32.BF16" in k.sass, f"{k.name}: no bf16 tensor-core mma"
+        # the E2M1 decode relies on bf16 subnormals (codes 0/1 are 2^-126-scaled subnormals)
+        hmul = [ln for ln in k.sass.splitlines() if "HMUL2" in ln]
+        assert hmul and not any(".FTZ" in ln or ".FMZ" in ln for ln in hmul), f"{k.name}: flushing bf16 multiply"
         assert k.reg <= 128, f"{k.name}: {k.reg} registers (2 blocks of 256 threads per SM need <= 128)"
 
 
