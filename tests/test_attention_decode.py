@@ -176,6 +176,8 @@ def test_bindings_reject_bad_arguments_before_touching_cuda():
         C.attention_decode_bf16(**{**ptrs, "workspace": 16, "workspace_bytes": need - 1}, **big)
     with pytest.raises(ValueError, match="cache_size"):
         C.attention_decode_bf16(**ptrs, **{**ok, "cache_size": 0})
+    with pytest.raises(ValueError, match="variant must be"):
+        C.attention_decode_bf16(**ptrs, **ok, variant=3)
     C.attention_decode_bf16(**ptrs, **{**ok, "batch": 0})  # nothing to do, no CUDA call
 
 
@@ -204,13 +206,22 @@ def decode_kernels():
 
 
 def test_decode_kernel_sass(decode_kernels):
-    main = [k for n, k in decode_kernels.items() if "attention_decode_kernel" in n]
+    main = [k for n, k in decode_kernels.items() if "attention_decode_kernel(" in n]
     assert len(main) == 1
     k = main[0]
     assert "LDGSTS.E.BYPASS.128" in k.sass  # K/V tiles: 16-byte cp.async copies
     assert "LDG.E.128" in k.sass            # q rows: 16-byte loads
     assert "LDL" not in k.sass and "STL" not in k.sass and k.local == 0 and k.stack == 0
     assert k.reg <= 168, f"{k.reg} registers: fewer than 3 CTAs of 128 threads per SM"
+
+
+def test_decode_mma_kernel_sass(decode_kernels):
+    mma = [k for n, k in decode_kernels.items() if "attention_decode_mma_kernel" in n]
+    assert len(mma) == 1
+    k = mma[0]
+    assert "HMMA.16816.F32.BF16" in k.sass and "LDSM.16.M88.4" in k.sass and "LDSM.16.MT88.4" in k.sass
+    assert "LDGSTS.E.BYPASS.128" in k.sass
+    assert "LDL" not in k.sass and "STL" not in k.sass and k.local == 0 and k.stack == 0
 
 
 def test_rope_and_append_kernels_sass(decode_kernels):
@@ -221,6 +232,15 @@ def test_rope_and_append_kernels_sass(decode_kernels):
 
 
 # ---- GPU ----
+
+@pytest.fixture(params=[1, 2], ids=["fp32", "mma"])
+def variant(request, monkeypatch):
+    """Run a GPU test with each decode kernel (1: fp32 SIMT, 2: tensor cores; see gptoss/attention.h)."""
+    from gptoss_kernels.ops import attention as A
+
+    monkeypatch.setattr(A, "DECODE_VARIANT", request.param)
+    return request.param
+
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
@@ -270,45 +290,45 @@ LENGTHS = [1, 2, 127, 128, 129, 1000, 8193]
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 128])
 @pytest.mark.parametrize("L", LENGTHS)
-def test_decode_matches_reference(L, window):
+def test_decode_matches_reference(L, window, variant):
     _check(*_make_case([L], window), window)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 128])
-def test_decode_ragged_batch(window):
+def test_decode_ragged_batch(window, variant):
     lengths = [1, 129, 1000, 8193, 5, 128, 2, 4096]
     _check(*_make_case(lengths, window), window)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 128])
-def test_decode_strong_sinks(window):
+def test_decode_strong_sinks(window, variant):
     sinks = torch.where(torch.arange(64) % 2 == 0, 20.0, -20.0)
     sinks[5] = 0.0
     _check(*_make_case([3, 300, 2000], window, sinks=sinks), window)
 
 
 @pytest.mark.gpu
-def test_decode_large_preallocated_cache_mostly_empty_splits():
+def test_decode_large_preallocated_cache_mostly_empty_splits(variant):
     # S from the allocation (many splits), lengths short: most splits are empty partials
     _check(*_make_case([1, 100, 700], None, S=32768), None)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 64])
-def test_decode_batch_sizes(B):
+def test_decode_batch_sizes(B, variant):
     lengths = torch.randint(1, 3000, (B,)).tolist()
     _check(*_make_case(lengths, None), None)
 
 
 @pytest.mark.gpu
-def test_decode_longest_context():
+def test_decode_longest_context(variant):
     _check(*_make_case([131072], None), None)
 
 
 @pytest.mark.gpu
-def test_decode_cuda_graph_replay_equals_eager():
+def test_decode_cuda_graph_replay_equals_eager(variant):
     q, kc, vc, lens, sinks = _make_case([700, 3000], None, S=4096)
     # fill the rest of the cache so that changing the lengths stays within written slots
     kc[torch.isnan(kc)] = 0.5
@@ -331,7 +351,7 @@ def test_decode_cuda_graph_replay_equals_eager():
 
 
 @pytest.mark.gpu
-def test_decode_after_fused_append_matches_reference_pipeline():
+def test_decode_after_fused_append_matches_reference_pipeline(variant):
     # the decode step as the model runs it: RoPE + append, then attention over the cache
     B, S = 3, 512
     lengths = [5, 200, 512]
@@ -354,7 +374,7 @@ def test_decode_after_fused_append_matches_reference_pipeline():
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 8, 64])
 @pytest.mark.parametrize("L", [8192, 32768, 131072])
-def test_decode_bandwidth_report(L, B):
+def test_decode_bandwidth_report(L, B, variant):
     """Not a pass/fail performance gate: prints the fraction of copy bandwidth the kernel reaches on
     the K/V bytes it must read (goal >= 80%); run with -s. Asserts only a sane result."""
     kc = torch.empty(B, L, 8, 64, dtype=torch.bfloat16, device="cuda").normal_()
@@ -381,7 +401,7 @@ def test_decode_bandwidth_report(L, B):
     kv_bytes = 2 * kc.numel() * 2
     copy_bw = 2 * kc.numel() * 2 / t_copy  # read + write
     frac = (kv_bytes / t) / copy_bw
-    print(f"\nattention_decode B={B} L={L}: {t * 1e6:.1f} us, {kv_bytes / t / 1e9:.0f} GB/s on K/V = "
+    print(f"\nattention_decode variant={variant} B={B} L={L}: {t * 1e6:.1f} us, {kv_bytes / t / 1e9:.0f} GB/s on K/V = "
           f"{frac:.0%} of copy bandwidth ({copy_bw / 1e9:.0f} GB/s); splits="
           f"{_lib.C().attention_decode_num_splits(B, L, 64, 8, 64, 0)}")
     assert not torch.isnan(out).any() and frac > 0.05

@@ -18,6 +18,15 @@
 // one split the CTA applies the sink and writes bf16; with several, it writes its partial
 // (m, l, o) to the workspace and attention_decode_combine_kernel merges the splits and applies
 // the sink once. All math is fp32; only the output is rounded to bf16.
+//
+// Two main-loop kernels share this decomposition, the split plan, the workspace, the epilogue and
+// the combine (gptoss_attention_decode_bf16_variant picks one; kDefaultVariant is the default):
+//   1 attention_decode_kernel      fp32 FMAs (described above); about 65 instructions per key and
+//                                  KV head per warp, close to the issue rate that H100's HBM
+//                                  bandwidth allows (~70 per key per SM), so it may fall short of
+//                                  80% of copy bandwidth on long contexts.
+//   2 attention_decode_mma_kernel  tensor cores (mma.sync m16n8k16 bf16 -> fp32, described at
+//                                  the kernel); ~22 instructions per key, far below that limit.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -41,6 +50,9 @@ constexpr int kMinChunk = 64;
 constexpr int kMaxChunk = 2048;
 constexpr int kTargetCtas = 2 * 132;      // two CTAs per H100 SM
 constexpr int kPartialFloats = kGroup * kHeadDim;  // o of one (sequence, KV head, split)
+// Kernel used by variant 0: 1 = fp32 SIMT (attention_decode_kernel), 2 = tensor cores
+// (attention_decode_mma_kernel). Both share the split plan, workspace and combine.
+constexpr int kDefaultVariant = 1;
 
 struct DecodeParams {
   const __nv_bfloat16* q;
@@ -111,6 +123,50 @@ struct __align__(16) MergeSmem {
 };
 static_assert(sizeof(MergeSmem) <= sizeof(PipeSmem), "merge scratch reuses the pipeline buffers");
 
+// Epilogue shared by both kernels: merge the kWarps warps' partial states (each warp's o split
+// over kGroupsUsed key groups, summed here) and write the final bf16 output (one split) or the
+// CTA's partial (m, l, o) to the workspace. Called after a __syncthreads that follows the stores.
+template <int kGroupsUsed>
+__device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const DecodeParams& p, int split, int kvh,
+                                                      int64_t b) {
+  // thread t: head h = t / 16, dims 4 (t % 16) .. +3
+  const int h = threadIdx.x >> 4;
+  const int d0 = (threadIdx.x & 15) * 4;
+  gptoss::SoftmaxState acc_st = gptoss::softmax_empty();
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    float sa, sb;
+    acc_st = gptoss::softmax_merge(acc_st, gptoss::SoftmaxState{ms.m[w][h], ms.l[w][h]}, &sa, &sb);
+    float4 part = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int gg = 0; gg < kGroupsUsed; ++gg) {
+      const float4 v = *reinterpret_cast<const float4*>(&ms.o[w][gg][h][d0]);
+      part.x += v.x; part.y += v.y; part.z += v.z; part.w += v.w;
+    }
+    acc.x = acc.x * sa + part.x * sb;
+    acc.y = acc.y * sa + part.y * sb;
+    acc.z = acc.z * sa + part.z * sb;
+    acc.w = acc.w * sa + part.w * sb;
+  }
+
+  const int qh = kvh * kGroup + h;
+  if (p.splits == 1) {
+    const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
+    const float f = gptoss::softmax_sink_normalizer(acc_st, sink2);
+    __nv_bfloat162 r01 = __floats2bfloat162_rn(acc.x * f, acc.y * f);
+    __nv_bfloat162 r23 = __floats2bfloat162_rn(acc.z * f, acc.w * f);
+    uint2 packed;
+    packed.x = *reinterpret_cast<uint32_t*>(&r01);
+    packed.y = *reinterpret_cast<uint32_t*>(&r23);
+    *reinterpret_cast<uint2*>(p.out + (b * (kGroup * p.nkv) + qh) * kHeadDim + d0) = packed;
+  } else {
+    const int64_t part_idx = (b * p.nkv + kvh) * p.splits + split;
+    *reinterpret_cast<float4*>(p.ws_o + part_idx * kPartialFloats + h * kHeadDim + d0) = acc;
+    if ((threadIdx.x & 15) == 0) p.ws_ml[part_idx * kGroup + h] = make_float2(acc_st.m, acc_st.l);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const DecodeParams p) {
   __shared__ PipeSmem smem;
   const int split = blockIdx.x;
@@ -168,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
         cp_async16(&smem.kv[warp][stage][0][r][lane], kbase + off, valid ? 16 : 0);
         cp_async16(&smem.kv[warp][stage][1][r][lane], vbase + off, valid ? 16 : 0);
         slot += 4;
-        if (slot >= S) slot = S >= 4 ? slot - S : slot % S;
+        while (slot >= S) slot -= S;  // at most once when S >= 4
       }
     }
     cp_async_commit();  // always commit (possibly empty) so group counting stays uniform
@@ -254,42 +310,201 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
   }
   __syncthreads();
 
-  // thread t: head h = t / 16, dims 4 (t % 16) .. +3
-  const int h = threadIdx.x >> 4;
-  const int d0 = (threadIdx.x & 15) * 4;
-  gptoss::SoftmaxState acc_st = gptoss::softmax_empty();
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  merge_warps_and_store<4>(ms, p, split, kvh, b);
+}
+
+
+// ---- tensor-core variant (variant 2) ----------------------------------------------------------
+// Same CTA decomposition, pipeline depth and epilogue; the products run on mma.sync m16n8k16
+// (bf16 inputs, fp32 accumulation) in the FlashAttention-2 register layout with M = 16 rows of
+// which rows 0..7 are the group's 8 query heads and rows 8..15 are zero padding:
+//   S[16 x 16 keys] = Q[16 x 64] K^T : A = q from registers, B = K tile via ldmatrix (4 x4 loads)
+//   O[16 x 64] += P[16 x 16] V       : A = P from the S accumulators (rounded to bf16), B = V tile
+//                                      via ldmatrix.trans (4 x4 loads)
+// Lane (g = lane / 4, t = lane % 4) holds head g's logits of keys 2t, 2t+1 (+8) and o of head g,
+// dims 8n + 2t, +1. The tile in shared memory is [16 keys][8 chunks of 16 bytes], chunk index
+// XOR-swizzled with (key & 7) so that ldmatrix's 8 rows hit 8 different bank groups.
+// Differences from the fp32 SIMT kernel: q.k products are exact in fp32 either way (bf16 x bf16),
+// only the summation order differs; P is rounded to bf16 before P.V (relative 2^-9 per weight,
+// DEVELOPERS.md's accepted intermediate rounding); l sums the fp32 probabilities.
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+// d += a * b, m16n8k16, row.col, bf16 -> fp32
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__global__ void __launch_bounds__(kThreads) attention_decode_mma_kernel(const DecodeParams p) {
+  __shared__ PipeSmem smem;
+  // [warp][stage][K|V][key 0..15][chunk 0..7] view of the same buffer
+  uint4 (*tile)[kStages][2][kTile][8] = reinterpret_cast<uint4 (*)[kStages][2][kTile][8]>(&smem);
+  const int split = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+
+  const int L = p.seqlens[b];
+  const int end = L > 0 ? L : 0;
+  int start = 0;
+  if (p.window > 0) start = max(start, end - p.window);
+  start = max(start, end - p.S);
+  const int k0 = start + split * p.chunk;
+  const int k1 = min(end, k0 + p.chunk);
+  const int n = max(0, k1 - k0);
+  const int n_tiles = (n + kTile - 1) / kTile;
+
+  // A fragments of q (head g; rows 8..15 are zero): qa[ks][0] = dims 16ks + 2t, +1; qa[ks][1] = +8
+  uint32_t qa[4][2];
+  {
+    const uint32_t* qrow = reinterpret_cast<const uint32_t*>(p.q + (b * (kGroup * p.nkv) + kvh * kGroup + g) * kHeadDim);
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    float sa, sb;
-    acc_st = gptoss::softmax_merge(acc_st, gptoss::SoftmaxState{ms.m[w][h], ms.l[w][h]}, &sa, &sb);
-    float4 part = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int gg = 0; gg < 4; ++gg) {
-      const float4 v = *reinterpret_cast<const float4*>(&ms.o[w][gg][h][d0]);
-      part.x += v.x; part.y += v.y; part.z += v.z; part.w += v.w;
+    for (int ks = 0; ks < 4; ++ks) {
+      qa[ks][0] = __ldg(qrow + 8 * ks + t);
+      qa[ks][1] = __ldg(qrow + 8 * ks + 4 + t);
     }
-    acc.x = acc.x * sa + part.x * sb;
-    acc.y = acc.y * sa + part.y * sb;
-    acc.z = acc.z * sa + part.z * sb;
-    acc.w = acc.w * sa + part.w * sb;
   }
 
-  const int qh = kvh * kGroup + h;
-  if (p.splits == 1) {
-    const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
-    const float f = gptoss::softmax_sink_normalizer(acc_st, sink2);
-    __nv_bfloat162 r01 = __floats2bfloat162_rn(acc.x * f, acc.y * f);
-    __nv_bfloat162 r23 = __floats2bfloat162_rn(acc.z * f, acc.w * f);
-    uint2 packed;
-    packed.x = *reinterpret_cast<uint32_t*>(&r01);
-    packed.y = *reinterpret_cast<uint32_t*>(&r23);
-    *reinterpret_cast<uint2*>(p.out + (b * (kGroup * p.nkv) + qh) * kHeadDim + d0) = packed;
-  } else {
-    const int64_t part_idx = (b * p.nkv + kvh) * p.splits + split;
-    *reinterpret_cast<float4*>(p.ws_o + part_idx * kPartialFloats + h * kHeadDim + d0) = acc;
-    if ((threadIdx.x & 15) == 0) p.ws_ml[part_idx * kGroup + h] = make_float2(acc_st.m, acc_st.l);
+  float o[8][4];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[nt][i] = 0.0f;
+  gptoss::SoftmaxState st = gptoss::softmax_empty();  // head g, keys of this warp
+
+  const int64_t slot_stride = static_cast<int64_t>(p.nkv) * kHeadDim;
+  const int cg = lane >> 3, cc = lane & 7;  // copy mapping: key 4r + cg, chunk cc
+  const __nv_bfloat16* kbase = p.k_cache + (b * p.S * p.nkv + kvh) * kHeadDim + cc * 8;
+  const __nv_bfloat16* vbase = p.v_cache + (b * p.S * p.nkv + kvh) * kHeadDim + cc * 8;
+  const int my_tiles = n_tiles > warp ? (n_tiles - warp + kWarps - 1) / kWarps : 0;
+  auto issue = [&](int i) {
+    if (i < my_tiles) {
+      const int stage = i % kStages;
+      const int pos0 = k0 + (warp + kWarps * i) * kTile + cg;
+      const uint32_t S = static_cast<uint32_t>(p.S);
+      uint32_t slot = static_cast<uint32_t>(pos0) % S;
+#pragma unroll
+      for (int r = 0; r < kSteps; ++r) {
+        const int key = 4 * r + cg;
+        const bool valid = pos0 + 4 * r < k1;
+        const int64_t off = valid ? static_cast<int64_t>(slot) * slot_stride : 0;
+        cp_async16(&tile[warp][stage][0][key][cc ^ (key & 7)], kbase + off, valid ? 16 : 0);
+        cp_async16(&tile[warp][stage][1][key][cc ^ (key & 7)], vbase + off, valid ? 16 : 0);
+        slot += 4;
+        while (slot >= S) slot -= S;  // at most once when S >= 4
+      }
+    }
+    cp_async_commit();
+  };
+
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+
+  // ldmatrix row addresses: lane supplies row (lane & 7) of matrix (lane >> 3)
+  const int lm = lane >> 3, lr = lane & 7;
+  for (int i = 0; i < my_tiles; ++i) {
+    __syncwarp();  // every lane is done reading the stage about to be refilled
+    issue(i + kStages - 1);
+    cp_async_wait<kStages - 1>();
+    __syncwarp();  // the other lanes' copies of tile i are visible
+    const int stage = i % kStages;
+    const int base = k0 + (warp + kWarps * i) * kTile;
+
+    // S = Q K^T for keys 0..7 (s[0]) and 8..15 (s[1])
+    float s[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      // matrices: (keys 0-7, chunk 2ks), (keys 0-7, chunk 2ks+1), (keys 8-15, 2ks), (keys 8-15, 2ks+1)
+      const int key = (lm >> 1) * 8 + lr;
+      const int chunk = 2 * ks + (lm & 1);
+      uint32_t kb[4];
+      ldmatrix_x4(kb, &tile[warp][stage][0][key][chunk ^ (key & 7)]);
+      mma_16816(s[0], qa[ks][0], 0u, qa[ks][1], 0u, kb[0], kb[1]);
+      mma_16816(s[1], qa[ks][0], 0u, qa[ks][1], 0u, kb[2], kb[3]);
+    }
+
+    // online softmax of head g (rows 8..15 of s are padding and ignored)
+    float x[4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = base + 8 * j + 2 * t + e;
+        x[2 * j + e] = key < k1 ? s[j][e] * p.qk_scale : -INFINITY;
+      }
+    float tmax = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+    const float alpha = gptoss::softmax_update_max(st, tmax);
+    float pr[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      pr[e] = gptoss::softmax_prob(x[e], st.m);
+      st.l += pr[e];
+    }
+    if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        o[nt][0] *= alpha;
+        o[nt][1] *= alpha;
+      }
+    }
+    const uint32_t pa0 = pack_bf16x2(pr[0], pr[1]);  // row g, keys 2t, 2t+1
+    const uint32_t pa2 = pack_bf16x2(pr[2], pr[3]);  // row g, keys 8 + 2t, +1
+
+    // O += P V: matrices (keys 0-7, chunk nt), (keys 8-15, chunk nt), (keys 0-7, nt+1), (keys 8-15, nt+1)
+#pragma unroll
+    for (int nt = 0; nt < 8; nt += 2) {
+      const int key = (lm & 1) * 8 + lr;
+      const int chunk = nt + (lm >> 1);
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, &tile[warp][stage][1][key][chunk ^ (key & 7)]);
+      mma_16816(o[nt], pa0, 0u, pa2, 0u, vb[0], vb[1]);
+      mma_16816(o[nt + 1], pa0, 0u, pa2, 0u, vb[2], vb[3]);
+    }
   }
+  cp_async_wait<0>();
+
+  st.l += __shfl_xor_sync(0xffffffffu, st.l, 1);
+  st.l += __shfl_xor_sync(0xffffffffu, st.l, 2);
+
+  __syncthreads();
+  MergeSmem& ms = *reinterpret_cast<MergeSmem*>(&smem);
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+    *reinterpret_cast<float2*>(&ms.o[warp][0][g][8 * nt + 2 * t]) = make_float2(o[nt][0], o[nt][1]);
+  if (t == 0) {
+    ms.m[warp][g] = st.m;
+    ms.l[warp][g] = st.l;
+  }
+  __syncthreads();
+  merge_warps_and_store<1>(ms, p, split, kvh, b);
 }
 
 // Merge the split partials of one (sequence, KV head) and apply the sink once.
@@ -360,6 +575,16 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16(const void* q, const void*
                                                       int64_t cache_size, int num_q_heads, int num_kv_heads,
                                                       int head_dim, int sliding_window, float sm_scale,
                                                       cudaStream_t stream) {
+  return gptoss_attention_decode_bf16_variant(q, k_cache, v_cache, cache_seqlens, sinks, out, workspace,
+                                              workspace_bytes, batch, cache_size, num_q_heads, num_kv_heads, head_dim,
+                                              sliding_window, sm_scale, 0, stream);
+}
+
+GPTOSS_API gptoss_status gptoss_attention_decode_bf16_variant(
+    const void* q, const void* k_cache, const void* v_cache, const int32_t* cache_seqlens, const void* sinks,
+    void* out, void* workspace, size_t workspace_bytes, int64_t batch, int64_t cache_size, int num_q_heads,
+    int num_kv_heads, int head_dim, int sliding_window, float sm_scale, int variant, cudaStream_t stream) {
+  GPTOSS_REQUIRE(variant >= 0 && variant <= 2, "attention_decode: variant must be 0 (default), 1 (fp32) or 2 (mma)");
   GPTOSS_REQUIRE(batch >= 0, "attention_decode: batch must be >= 0");
   GPTOSS_REQUIRE(cache_size > 0 && cache_size < (int64_t(1) << 31),
                  "attention_decode: cache_size must be in [1, 2^31)");
@@ -401,7 +626,11 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16(const void* q, const void*
   p.ws_ml = need ? reinterpret_cast<float2*>(static_cast<float*>(workspace) + parts * kPartialFloats) : nullptr;
 
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(batch));
-  attention_decode_kernel<<<grid, kThreads, 0, stream>>>(p);
+  if (variant == 0) variant = kDefaultVariant;
+  if (variant == 2)
+    attention_decode_mma_kernel<<<grid, kThreads, 0, stream>>>(p);
+  else
+    attention_decode_kernel<<<grid, kThreads, 0, stream>>>(p);
   if (p.splits > 1) {
     GPTOSS_CUDA_TRY(cudaGetLastError(), "attention_decode launch");
     attention_decode_combine_kernel<<<dim3(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(batch)), 256, 0,

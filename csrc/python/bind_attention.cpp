@@ -80,16 +80,16 @@ GPTOSS_PY_BIND(attention) {
       "attention_decode_bf16",
       [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t seqlens, uintptr_t sinks, uintptr_t out,
          uintptr_t workspace, size_t workspace_bytes, int64_t batch, int64_t cache_size, int nq, int nkv, int d,
-         int window, float sm_scale, uintptr_t s) {
-        check(gptoss_attention_decode_bf16(ptr<const void>(q), ptr<const void>(k_cache), ptr<const void>(v_cache),
-                                           ptr<const int32_t>(seqlens), ptr<const void>(sinks), ptr<void>(out),
-                                           ptr<void>(workspace), workspace_bytes, batch, cache_size, nq, nkv, d,
-                                           window, sm_scale, stream(s)));
+         int window, float sm_scale, uintptr_t s, int variant) {
+        check(gptoss_attention_decode_bf16_variant(
+            ptr<const void>(q), ptr<const void>(k_cache), ptr<const void>(v_cache), ptr<const int32_t>(seqlens),
+            ptr<const void>(sinks), ptr<void>(out), ptr<void>(workspace), workspace_bytes, batch, cache_size, nq, nkv,
+            d, window, sm_scale, variant, stream(s)));
       },
       py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("sinks"),
       py::arg("out"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("batch"), py::arg("cache_size"),
       py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("sliding_window"),
-      py::arg("sm_scale"), py::arg("stream"));
+      py::arg("sm_scale"), py::arg("stream"), py::arg("variant") = 0);
   m.def(
       "rope_qkv_bf16",
       [](uintptr_t qkv, uintptr_t positions, uintptr_t q_out, uintptr_t k_out, uintptr_t v_out, int64_t T, int nq,

@@ -34,4 +34,12 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16(const void* q, const void*
                                                       int head_dim, int sliding_window, float sm_scale,
                                                       cudaStream_t stream);
 
+/* The same with an explicit kernel choice: variant 0 = the library's default, 1 = fp32 SIMT
+ * (q.k, softmax and p.v all in fp32 FMAs), 2 = tensor cores (mma.sync bf16 x bf16 -> fp32; P is
+ * rounded to bf16 before P.V). Same workspace, same split plan. */
+GPTOSS_API gptoss_status gptoss_attention_decode_bf16_variant(
+    const void* q, const void* k_cache, const void* v_cache, const int32_t* cache_seqlens, const void* sinks,
+    void* out, void* workspace, size_t workspace_bytes, int64_t batch, int64_t cache_size, int num_q_heads,
+    int num_kv_heads, int head_dim, int sliding_window, float sm_scale, int variant, cudaStream_t stream);
+
 #endif /* GPTOSS_ATTENTION_H_ */

@@ -30,6 +30,11 @@ def _rope_table(rope: reference.YarnParams) -> tuple[list[float], float]:
     return reference.yarn_inv_freq(rope).tolist(), float(rope.concentration)
 
 
+#: attention_decode kernel choice passed to the C ABI: 0 = the library default, 1 = fp32 SIMT,
+#: 2 = tensor cores (P rounded to bf16). For tests and benchmarks.
+DECODE_VARIANT = 0
+
+
 def _int32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int32 else t.to(torch.int32)
 
@@ -66,7 +71,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         with torch.cuda.device(dev):
             C.attention_decode_bf16(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cache_seqlens.data_ptr(),
                                     sinks.data_ptr(), out.data_ptr(), ws.data_ptr() if ws is not None else 0,
-                                    ws_bytes, B, S, nq, nkv, d, window, float(sm_scale), _checks.stream_of(dev))
+                                    ws_bytes, B, S, nq, nkv, d, window, float(sm_scale), _checks.stream_of(dev),
+                                    DECODE_VARIANT)
         return out
     if dev.type == "cuda":
         _lib.warn_reference_fallback("attention_decode")
