@@ -13,6 +13,10 @@ measured errors are printed (pytest -s).
 from __future__ import annotations
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -667,3 +671,20 @@ def test_gpu_bandwidth_report(T):
           f"{100 * bw / copy_bw:.0f}% of copy {copy_bw / 1e9:.0f} GB/s ({torch.cuda.get_device_name()})")
     x, ids, w = sets[-1]
     _check(out, x, ids, w, wt, f"bandwidth case T={T}")
+
+
+@gpu
+def test_gpu_pdl_off_gives_same_bits(tmp_path):
+    """GPTOSS_MOE_DECODE_PDL=0 (ordinary launches) in a fresh process: same bits as the default
+    (programmatic dependent launch changes scheduling only)."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    dst = tmp_path / "out.pt"
+    code = (f"import sys, torch; sys.path.insert(0, {str(repo)!r}); "
+            "from tests.test_moe import _gpu_case, _run_decode; "
+            "x, ids, w, wt = _gpu_case(16, 32, 2880, 2880, seed=81); "
+            f"torch.save(_run_decode(x, ids, w, wt).cpu(), {str(dst)!r})")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "GPTOSS_MOE_DECODE_PDL": "0"}, check=True,
+                   timeout=600)
+    x, ids, w, wt = _gpu_case(16, 32, 2880, 2880, seed=81)
+    out = _run_decode(x, ids, w, wt).cpu()
+    assert torch.equal(out.view(torch.int16), torch.load(dst).view(torch.int16))
