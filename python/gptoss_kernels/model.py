@@ -440,6 +440,7 @@ class GptOss:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed)
 
+        # inference_mode only around the compute: a generator must not leave it set while suspended
         with torch.inference_mode():
             st = self._decode_state(B, max_len)
             caches = st["caches"]
@@ -449,20 +450,21 @@ class GptOss:
             if st["step"] is None:
                 st["step"] = self._make_decode_fn(tokens, positions, st["seq_ids"], caches)
             step = st["step"]
-            done = [False] * B
-            for n in range(max_new_tokens):
-                host = tokens.tolist()           # the one host sync per step (stop checks)
-                out = []
-                for b in range(B):
-                    if done[b]:
-                        out.append(None)
-                        continue
-                    out.append(host[b])
-                    if host[b] in stops:
-                        done[b] = True
-                yield out
-                if all(done) or n == max_new_tokens - 1:
-                    return
+        done = [False] * B
+        for n in range(max_new_tokens):
+            host = tokens.tolist()           # the one host sync per step (stop checks)
+            out = []
+            for b in range(B):
+                if done[b]:
+                    out.append(None)
+                    continue
+                out.append(host[b])
+                if host[b] in stops:
+                    done[b] = True
+            yield out
+            if all(done) or n == max_new_tokens - 1:
+                return
+            with torch.inference_mode():
                 logits = step(tokens, positions)
                 tokens = self._sample(logits, temperature, top_p, gen)
                 positions = positions + 1
