@@ -356,13 +356,14 @@ gptoss_status resident_blocks(int& blocks) {
 
 // Whether to launch mlp2 and combine with programmatic stream serialization (PDL); set
 // GPTOSS_MOE_DECODE_PDL=0 to launch them the ordinary way.
-bool use_pdl() {
-  static const bool on = [] {
+bool& pdl_disabled() {
+  static bool disabled = [] {
     const char* v = std::getenv("GPTOSS_MOE_DECODE_PDL");
-    return !(v && v[0] == '0');
+    return v != nullptr && v[0] == '0';
   }();
-  return on;
+  return disabled;
 }
+bool use_pdl() { return !pdl_disabled(); }
 
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args... args) {
@@ -380,7 +381,13 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+  if (err == cudaSuccess) return err;
+  // A driver/runtime without PDL support: clear the error, launch the ordinary way from now on.
+  (void)cudaGetLastError();
+  pdl_disabled() = true;
+  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(args)...);
+  return cudaGetLastError();
 }
 
 // Grid of a GEMV launch: one wave of resident blocks, at most one block per worst-case item.
