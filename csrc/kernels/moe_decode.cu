@@ -48,6 +48,12 @@ constexpr int kMTiles = 2;                  // 16-row M-tiles per block
 constexpr int kKSplit = kWarps / kMTiles;   // warps sharing one M-tile's K range
 static_assert(kMTiles * kKSplit == kWarps, "warps = M-tiles x K-slices");
 constexpr int kUnroll = 3;                  // 128-k chunks loaded before the first use (per warp)
+// The two numbers (120b, T=1, k=4): 52.96 MB must be read (moe_bytes_read: 4 experts x 13.2 MB),
+// 0.2 GFLOP: the floor is the bytes, ~17-18 us at an H100's ~3 TB/s copy rate. Decode costs ~3.3
+// instructions per weight element (pair bits, one bf16 multiply, PRMTs, mma), ~11 us of issue at
+// T=1, under the memory time. Predicted: within 80% of copy bandwidth at T=1..16 if the loads in
+// flight (~49 KB per SM) hide DRAM latency; T*k near 256 with E=32 gets ~8 tokens per expert,
+// still one mma column tile, so the same bound holds. Not yet measured.
 // Tuning (not yet measured on a GPU): kMTiles (rows per item; x/act L2 traffic per weight byte is
 // ~ tokens / (4 kMTiles)), kUnroll (16-byte loads in flight: 2 kUnroll weight + 4 kUnroll x per
 // lane; 127 registers now, 128 is the cap for two 256-thread blocks per SM), kWarps.
