@@ -7,7 +7,6 @@ import io
 import os
 
 import pytest
-import torch
 
 from gptoss_kernels import GptOss, GptOssConfig, tokenizer
 
