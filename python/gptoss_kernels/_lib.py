@@ -56,6 +56,26 @@ def cuda_available() -> bool:
     return kernels_error() is None
 
 
+# kernel family -> the _C function its binding registers (a binding file may hold several
+# families, e.g. bind_attention.cpp holds the decode attention and the RoPE/cache kernels).
+KERNEL_ENTRY_POINTS = {
+    "mxfp4": "mxfp4_dequantize_bf16",
+    "moe_decode": "moe_mxfp4_decode",
+    "moe_prefill": "moe_prefill_mxfp4",
+    "router": "router_topk_bf16",
+    "attention_decode": "attention_decode_bf16",
+    "attention_prefill": "attention_prefill_bf16",
+    "rope": "rope_qkv_bf16",
+}
+
+
+def family_built(family: str | None) -> bool:
+    """This build compiled the kernels of `family` (whether or not this machine can run them)."""
+    if _C is None or family is None:
+        return False
+    return family in _C.families or hasattr(_C, KERNEL_ENTRY_POINTS.get(family, "-"))
+
+
 def build_archs() -> list[str]:
     return list(_build_info.CUDA_ARCHS) if _build_info is not None and not _build_info.REFERENCE_ONLY else []
 
@@ -82,21 +102,22 @@ def build_info() -> dict:
         "cuda_build_version": getattr(_build_info, "CUDA_VERSION", None),
         "cuda_archs": build_archs(),
         "kernels_built": kernels_built(),
-        "kernel_families": list(_C.families) if _C is not None else [],
+        "kernel_families": sorted(f for f in KERNEL_ENTRY_POINTS if family_built(f)),
         "abi_version": _C.abi_version if _C is not None else None,
     }
     return info
 
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
-def warn_reference_fallback(op: str) -> None:
-    """Say once per op that CUDA tensors are going through the reference path."""
-    if op not in _warned:
-        _warned.add(op)
+def warn_reference_fallback(op: str, reason: str | None = None) -> None:
+    """Say once per op (and reason) that CUDA tensors are going through the reference path."""
+    reason = reason or kernels_error() or "the kernels do not support these shapes or arguments"
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
         warnings.warn(f"gptoss_kernels.{op}: running the PyTorch reference on CUDA tensors because "
-                      f"{kernels_error()}", RuntimeWarning, stacklevel=3)
+                      f"{reason}", RuntimeWarning, stacklevel=3)
 
 
 def C():

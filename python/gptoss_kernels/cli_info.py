@@ -31,9 +31,8 @@ def collect() -> dict:
             info["devices"].append({"index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
                                     "memory_gib": round(p.total_memory / 2**30, 1),
                                     "multiprocessors": p.multi_processor_count})
-    families = set(info["build"]["kernel_families"])
-    info["ops"] = {op: ("kernel" if fam in families and info["cuda_available"] else
-                        "reference" + ("" if fam in families else " (no kernel in this build)"))
+    info["ops"] = {op: ("kernel" if _lib.family_built(fam) and info["cuda_available"] else
+                        "reference" + ("" if _lib.family_built(fam) else " (no kernel in this build)"))
                    for op, fam in OP_FAMILIES.items()}
     return info
 

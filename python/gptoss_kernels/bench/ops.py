@@ -64,31 +64,9 @@ class Context:
         return self.deadline is not None and time.monotonic() > self.deadline
 
 
-def kernel_families() -> set[str]:
-    return set(_lib.build_info()["kernel_families"])
-
-
-# kernel family -> (its name in cli_info.OP_FAMILIES, a function its binding registers on _C).
-# A family counts as built when either is present (binding families may group several ops, e.g.
-# the "attention" binding holds the decode and RoPE kernels).
-KERNEL_PROBES = {
-    "router": ("router", "router_topk_bf16"),
-    "moe_decode": ("moe_decode", "moe_mxfp4_decode"),
-    "moe_prefill": ("moe_prefill", "moe_prefill_mxfp4"),
-    "attention_decode": ("attention_decode", "attention_decode_bf16"),
-    "attention_prefill": ("attention_prefill", "attention_prefill_bf16"),
-    "rope": ("rope", "rope_qkv_bf16"),
-    "mxfp4": ("mxfp4", "mxfp4_dequantize_bf16"),
-}
-
-
 def family_built(family: str | None) -> bool:
     """This build compiled the kernels of `family` (whether or not this machine can run them)."""
-    if family is None:
-        return False
-    name, fn = KERNEL_PROBES.get(family, (family, None))
-    C = _lib.C()
-    return name in kernel_families() or (C is not None and fn is not None and hasattr(C, fn))
+    return _lib.family_built(family)
 
 
 def has_kernel(family: str | None, ctx: Context) -> bool:
