@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks, _lib, reference
+
+# Owner of the CUDA paths: csrc/kernels/dense.cu (issue 11): fused residual add + RMSNorm, and a
+# bf16 GEMV/skinny GEMM for small-batch projections and the unembedding.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+    """RMSNorm (spec §4.2 step 1), optionally fused with the residual add.
+
+    x bf16 [T, H]; weight bf16 or float32 [H]; residual: optional bf16 [T, H].
+    Without residual: returns y = RMSNorm(x) * weight, bf16 [T, H].
+    With residual: h = x + residual (rounded to bf16, the residual stream's dtype), returns
+    (y = RMSNorm(h) * weight, h); h is written to residual_out if given (may alias residual).
+    """
+    _checks.tensor("x", x, dtype=torch.bfloat16, ndim=2)
+    T, H = x.shape
+    _checks.tensor("weight", weight, dtype=(torch.bfloat16, torch.float32), shape=(H,))
+    if residual is not None:
+        _checks.tensor("residual", residual, dtype=torch.bfloat16, shape=(T, H))
+    dev = _checks.same_device(x=x, weight=weight, residual=residual, out=out, residual_out=residual_out)
+    out = _checks.out_tensor("out", out, shape=(T, H), dtype=torch.bfloat16, device=dev)
+    if dev.type == "cuda":
+        _lib.warn_reference_fallback("rms_norm")
+    if residual is None:
+        out.copy_(reference.rms_norm(x, weight, eps))
+        return out
+    h = (x.float() + residual.float()).to(torch.bfloat16)
+    residual_out = _checks.out_tensor("residual_out", residual_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
+    residual_out.copy_(h)
+    out.copy_(reference.rms_norm(h, weight, eps))
+    return out, residual_out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """y = x W^T + b with fp32 accumulation. x bf16 [T, K]; weight bf16 [N, K]; bias bf16 [N] or None.
+
+    out_dtype bf16 or float32 (the unembedding's logits). For small T (decode) the CUDA path is a
+    bandwidth-bound GEMV reading W once; for large T it defers to torch (cuBLAS)."""
+    _checks.tensor("x", x, dtype=torch.bfloat16, ndim=2)
+    T, K = x.shape
+    _checks.tensor("weight", weight, dtype=torch.bfloat16, shape=(None, K))
+    N = weight.shape[0]
+    if bias is not None:
+        _checks.tensor("bias", bias, dtype=torch.bfloat16, shape=(N,))
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
+    dev = _checks.same_device(x=x, weight=weight, bias=bias, out=out)
+    out = _checks.out_tensor("out", out, shape=(T, N), dtype=out_dtype, device=dev)
+    if dev.type == "cuda":
+        out.copy_(F.linear(x, weight, bias))  # cuBLAS until the GEMV kernel lands
+        return out
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    out.copy_(y)
+    return out
