@@ -66,6 +66,7 @@ KERNEL_ENTRY_POINTS = {
     "attention_decode": "attention_decode_bf16",
     "attention_prefill": "attention_prefill_bf16",
     "rope": "rope_qkv_bf16",
+    "dense": "linear_bf16",
 }
 
 

@@ -10,4 +10,5 @@
 #include "gptoss/attention.h" /* includes gptoss/rope.h */
 #include "gptoss/moe_prefill.h"
 #include "gptoss/moe.h"
+#include "gptoss/dense.h"
 #endif /* GPTOSS_GPTOSS_H_ */

@@ -5,8 +5,19 @@ import torch.nn.functional as F
 
 from .. import _checks, _lib, reference
 
-# Owner of the CUDA paths: csrc/kernels/dense.cu (issue 11): fused residual add + RMSNorm, and a
-# bf16 GEMV/skinny GEMM for small-batch projections and the unembedding.
+# CUDA paths: csrc/kernels/dense.cu (issue 11): fused residual add + RMSNorm, and a bf16 GEMV/skinny
+# GEMM for small-batch projections and the unembedding (T <= LINEAR_MAX_TOKENS; cuBLAS above).
+
+#: Largest token count the GEMV kernel takes; above it linear() uses torch (cuBLAS).
+LINEAR_MAX_TOKENS = 64
+
+
+def _aligned(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _kernel(dev: torch.device) -> bool:
+    return dev.type == "cuda" and _lib.cuda_available() and _lib.family_built("dense")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
@@ -25,13 +36,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5, residu
         _checks.tensor("residual", residual, dtype=torch.bfloat16, shape=(T, H))
     dev = _checks.same_device(x=x, weight=weight, residual=residual, out=out, residual_out=residual_out)
     out = _checks.out_tensor("out", out, shape=(T, H), dtype=torch.bfloat16, device=dev)
+    if residual is not None:
+        residual_out = _checks.out_tensor("residual_out", residual_out, shape=(T, H), dtype=torch.bfloat16,
+                                          device=dev)
+    if _kernel(dev) and H > 0 and H % 8 == 0 and _aligned(x, weight, residual, out,
+                                                           residual_out if residual is not None else None):
+        with torch.cuda.device(dev):
+            _lib.C().rms_norm_bf16(x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
+                                   weight.dtype == torch.float32, out.data_ptr(),
+                                   0 if residual is None else residual_out.data_ptr(), T, H, float(eps),
+                                   _checks.stream_of(dev))
+        return out if residual is None else (out, residual_out)
     if dev.type == "cuda":
-        _lib.warn_reference_fallback("rms_norm")
+        _lib.warn_reference_fallback("rms_norm", None if not _kernel(dev) else
+                                     "H is not a multiple of 8 or a tensor is not 16-byte aligned")
     if residual is None:
         out.copy_(reference.rms_norm(x, weight, eps))
         return out
     h = (x.float() + residual.float()).to(torch.bfloat16)
-    residual_out = _checks.out_tensor("residual_out", residual_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
     residual_out.copy_(h)
     out.copy_(reference.rms_norm(h, weight, eps))
     return out, residual_out
@@ -53,8 +75,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise TypeError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
     dev = _checks.same_device(x=x, weight=weight, bias=bias, out=out)
     out = _checks.out_tensor("out", out, shape=(T, N), dtype=out_dtype, device=dev)
+    if T == 0:
+        return out
+    if _kernel(dev) and T <= LINEAR_MAX_TOKENS and N > 0 and K > 0 and K % 8 == 0 and _aligned(x, weight):
+        with torch.cuda.device(dev):
+            _lib.C().linear_bf16(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                 out.data_ptr(), out_dtype == torch.float32, T, N, K, _checks.stream_of(dev))
+        return out
     if dev.type == "cuda":
-        out.copy_(F.linear(x, weight, bias))  # cuBLAS until the GEMV kernel lands
+        # cuBLAS (bf16 result, then converted: for float32 out this is one extra bf16 rounding)
+        out.copy_(F.linear(x, weight, bias))
         return out
     y = x.float() @ weight.float().t()
     if bias is not None:

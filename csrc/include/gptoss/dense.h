@@ -1,0 +1,33 @@
+/* Dense kernels between the big ones in a decode step: fused residual add + RMSNorm, and a
+ * bf16 GEMV / skinny GEMM for small token counts (projections, unembedding). */
+#ifndef GPTOSS_DENSE_H_
+#define GPTOSS_DENSE_H_
+#include "gptoss/common.h"
+
+/* RMSNorm of T rows of H, optionally fused with the residual add (spec §4.2 step 1).
+ *   x            : bf16 [T, H]
+ *   residual     : bf16 [T, H] or NULL. With it, h = bf16(x + residual) (fp32 sum, one rounding)
+ *                  is written to residual_out (which may alias residual: in-place residual
+ *                  stream) and normalized; without it, h = x and residual_out is not touched.
+ *   weight       : [H], bf16 (weight_fp32 = 0) or float32 (weight_fp32 = 1)
+ *   out          : bf16 [T, H], y = bf16(h * rsqrt(mean(h^2) + eps) * weight), fp32 math.
+ * H must be a positive multiple of 8; x, residual, residual_out, out 16-byte aligned (weight
+ * 16-byte aligned too). T may be 0. out must not alias x or residual unless equal to them. */
+GPTOSS_API gptoss_status gptoss_rms_norm_bf16(const void* x, const void* residual, const void* weight,
+                                              int weight_fp32, void* out, void* residual_out, int64_t T,
+                                              int64_t H, float eps, cudaStream_t stream);
+
+/* Largest T gptoss_linear_bf16 accepts (callers use cuBLAS above it). */
+GPTOSS_API int64_t gptoss_linear_bf16_max_tokens(void);
+
+/* y = x W^T + b for a few tokens, fp32 accumulation, W read once (tensor-core GEMV).
+ *   x    : bf16 [T, K]     weight : bf16 [N, K] (row-major, the nn.Linear layout)
+ *   bias : bf16 [N] or NULL
+ *   out  : [T, N], bf16 (out_fp32 = 0) or float32 (out_fp32 = 1); one rounding of the fp32 sum.
+ * 1 <= T <= gptoss_linear_bf16_max_tokens() (T = 0 is a no-op), N >= 1, K a positive multiple
+ * of 8; x and weight 16-byte aligned. Graph-safe; no workspace. */
+GPTOSS_API gptoss_status gptoss_linear_bf16(const void* x, const void* weight, const void* bias, void* out,
+                                            int out_fp32, int64_t T, int64_t N, int64_t K,
+                                            cudaStream_t stream);
+
+#endif /* GPTOSS_DENSE_H_ */

@@ -1,0 +1,335 @@
+// Dense kernels of a decode step (gptoss/dense.h):
+//  - fused residual add + RMSNorm: one block per token row, 16-byte loads, the row held in
+//    registers between the sum of squares and the scaling (a two-pass loop for very wide rows);
+//  - bf16 GEMV / skinny GEMM for T <= 64 tokens: y^T[N, T] = W[N, K] x^T[K, T] on mma.sync
+//    m16n8k16 with W as the A operand straight from 16-byte streaming loads (no shared-memory
+//    staging: the reduction over k is permuted so that one 16-byte chunk feeds two mmas, see
+//    csrc/norm.cuh), x from L1, K split over the warps of a block and reduced in shared memory.
+//    Every W byte is read once; several 16-byte loads per thread are in flight.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+#include "gptoss/dense.h"
+#include "norm.cuh"
+
+namespace {
+
+using gptoss::dense::bf16_round;
+using gptoss::dense::rms_apply;
+using gptoss::dense::rms_inv;
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kRmsMaxThreads = 1024;
+
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    w[i] = *reinterpret_cast<const uint32_t*>(&p);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// 8 weights of chunk c as floats.
+__device__ __forceinline__ void load_weight8(const __nv_bfloat16* w, int c, float (&f)[8]) {
+  unpack8(__ldg(reinterpret_cast<const uint4*>(w) + c), f);
+}
+__device__ __forceinline__ void load_weight8(const float* w, int c, float (&f)[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(w) + 2 * c);
+  const float4 b = __ldg(reinterpret_cast<const float4*>(w) + 2 * c + 1);
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+// h chunk: x (+ residual, rounded to bf16, stored to residual_out); returns its sum of squares.
+template <bool kResidual>
+__device__ __forceinline__ float residual_chunk(const uint4* xr, const uint4* rr, uint4* ro, int c, uint4& h) {
+  h = __ldg(xr + c);
+  float f[8];
+  unpack8(h, f);
+  if constexpr (kResidual) {
+    float r[8];
+    unpack8(rr[c], r);  // plain load: residual may alias residual_out
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = gptoss::dense::residual_add(f[i], r[i]);
+    h = pack8(f);  // exact: f already holds bf16 values
+    ro[c] = h;
+  }
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s = fmaf(f[i], f[i], s);
+  return s;
+}
+
+template <typename WT>
+__device__ __forceinline__ uint4 norm_chunk(const uint4& h, const WT* w, int c, float inv) {
+  float f[8], wf[8];
+  unpack8(h, f);
+  load_weight8(w, c, wf);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = rms_apply(f[i], inv, wf[i]);
+  return pack8(f);
+}
+
+// Sum over the block (blockDim.x a multiple of 32), the same value in every thread; fixed order.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_sums[kRmsMaxThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = 0.f;
+  const int nw = blockDim.x >> 5;
+  for (int i = 0; i < nw; ++i) t += warp_sums[i];
+  return t;
+}
+
+// V > 0: each thread keeps its V chunks of h in registers (chunks <= V * blockDim.x).
+// V == 0: any width; h is read back from residual_out (or x) for the scaling pass.
+template <int V, bool kResidual, typename WT>
+__global__ void __launch_bounds__(kRmsMaxThreads) rms_norm_kernel(
+    const uint4* __restrict__ x, const uint4* residual, const WT* __restrict__ weight, uint4* __restrict__ out,
+    uint4* residual_out, int chunks, float eps) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * chunks;
+  const uint4* xr = x + base;
+  const uint4* rr = kResidual ? residual + base : nullptr;
+  uint4* ro = kResidual ? residual_out + base : nullptr;
+  uint4* yr = out + base;
+  float ss = 0.f;
+  if constexpr (V > 0) {
+    uint4 h[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int c = threadIdx.x + i * blockDim.x;
+      h[i] = make_uint4(0, 0, 0, 0);
+      if (c < chunks) ss += residual_chunk<kResidual>(xr, rr, ro, c, h[i]);
+    }
+    const float inv = rms_inv(block_sum(ss), 8 * chunks, eps);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int c = threadIdx.x + i * blockDim.x;
+      if (c < chunks) yr[c] = norm_chunk(h[i], weight, c, inv);
+    }
+  } else {
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+      uint4 h;
+      ss += residual_chunk<kResidual>(xr, rr, ro, c, h);
+    }
+    const float inv = rms_inv(block_sum(ss), 8 * chunks, eps);
+    // each thread reads back only the chunks it wrote itself
+    const uint4* hr = kResidual ? static_cast<const uint4*>(ro) : xr;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) yr[c] = norm_chunk(hr[c], weight, c, inv);
+  }
+}
+
+template <int V, bool kResidual, typename WT>
+void launch_rms(const void* x, const void* residual, const void* weight, void* out, void* residual_out, int64_t T,
+                int chunks, int threads, float eps, cudaStream_t stream) {
+  rms_norm_kernel<V, kResidual, WT><<<static_cast<unsigned>(T), threads, 0, stream>>>(
+      static_cast<const uint4*>(x), static_cast<const uint4*>(residual), static_cast<const WT*>(weight),
+      static_cast<uint4*>(out), static_cast<uint4*>(residual_out), chunks, eps);
+}
+
+template <bool kResidual, typename WT>
+void dispatch_rms(const void* x, const void* residual, const void* weight, void* out, void* residual_out, int64_t T,
+                  int chunks, float eps, cudaStream_t stream) {
+  auto threads_for = [&](int v) {
+    const int t = (chunks + v - 1) / v;
+    return (t + 31) / 32 * 32;
+  };
+  if (chunks <= kRmsMaxThreads)
+    launch_rms<1, kResidual, WT>(x, residual, weight, out, residual_out, T, chunks, threads_for(1), eps, stream);
+  else if (chunks <= 2 * kRmsMaxThreads)
+    launch_rms<2, kResidual, WT>(x, residual, weight, out, residual_out, T, chunks, threads_for(2), eps, stream);
+  else if (chunks <= 4 * kRmsMaxThreads)
+    launch_rms<4, kResidual, WT>(x, residual, weight, out, residual_out, T, chunks, threads_for(4), eps, stream);
+  else
+    launch_rms<0, kResidual, WT>(x, residual, weight, out, residual_out, T, chunks, kRmsMaxThreads, eps, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV / skinny GEMM (T <= 64)
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kLinearMaxTokens = 64;
+constexpr int kRowsPerBlock = 16;  // one mma M tile of W rows per block
+constexpr int kUnroll = 4;         // 32-wide k steps per load batch: 8 x 16-byte W loads in flight
+
+// W is streamed once: bypass L1 (it would only evict x).
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// NT: 8-token tiles (T <= 8 * NT); WARPS: warps splitting K inside a block of 16 W rows.
+template <int NT, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) linear_gemv_kernel(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ bias,
+    void* __restrict__ out, int out_fp32, int T, int N, int K) {
+  namespace d = gptoss::dense;
+  __shared__ float red[WARPS][NT * 4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  // rows past N read row N-1 (in bounds) and are not stored
+  const int64_t r0 = min(n0 + d::gemv_w_row(lane, 0), static_cast<int64_t>(N) - 1);
+  const int64_t r1 = min(n0 + d::gemv_w_row(lane, 1), static_cast<int64_t>(N) - 1);
+  const int kq = d::gemv_chunk_k(lane);
+  const __nv_bfloat16* w0 = w + r0 * K + kq;
+  const __nv_bfloat16* w1 = w + r1 * K + kq;
+  const int tok = d::gemv_x_token(lane);
+  const __nv_bfloat16* xq = x + static_cast<int64_t>(tok) * K + kq;
+
+  const int steps = (K + 31) / 32;
+  const int s_begin = steps * warp / WARPS, s_end = steps * (warp + 1) / WARPS;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[j][c] = 0.f;
+
+  for (int s = s_begin; s < s_end; s += kUnroll) {
+    uint4 a[kUnroll], b[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k = (s + u) * 32;
+      a[u] = b[u] = make_uint4(0, 0, 0, 0);
+      if (s + u < s_end && k + kq < K) {
+        a[u] = ld_stream(w0 + k);
+        b[u] = ld_stream(w1 + k);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k = (s + u) * 32;
+      if (s + u < s_end) {  // warp-uniform
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          uint4 xv = make_uint4(0, 0, 0, 0);
+          if (j * 8 + tok < T && k + kq < K)
+            xv = __ldg(reinterpret_cast<const uint4*>(xq + static_cast<int64_t>(j * 8) * K + k));
+          mma_16816(acc[j], a[u].x, b[u].x, a[u].y, b[u].y, xv.x, xv.y);
+          mma_16816(acc[j], a[u].z, b[u].z, a[u].w, b[u].w, xv.z, xv.w);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[warp][j * 4 + c][lane] = acc[j][c];
+  __syncthreads();
+  for (int e = threadIdx.x; e < NT * 4 * 32; e += 32 * WARPS) {
+    const int l = e & 31, jc = e >> 5, j = jc >> 2, c = jc & 3;
+    const int64_t row = n0 + d::gemv_c_row(l, c);
+    const int t = j * 8 + d::gemv_c_token(l, c);
+    if (row >= N || t >= T) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int q = 0; q < WARPS; ++q) v += red[q][jc][l];
+    if (bias != nullptr) v += __bfloat162float(bias[row]);
+    const int64_t o = static_cast<int64_t>(t) * N + row;
+    if (out_fp32)
+      static_cast<float*>(out)[o] = v;
+    else
+      static_cast<__nv_bfloat16*>(out)[o] = __float2bfloat16_rn(v);
+  }
+}
+
+template <int NT>
+void launch_linear(const void* x, const void* w, const void* bias, void* out, int out_fp32, int T, int N, int K,
+                   cudaStream_t stream) {
+  const int64_t blocks = (static_cast<int64_t>(N) + kRowsPerBlock - 1) / kRowsPerBlock;
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  const auto* bb = static_cast<const __nv_bfloat16*>(bias);
+  // few row tiles (the projections): more warps per tile keep enough loads in flight per SM
+  if (blocks < 1024)
+    linear_gemv_kernel<NT, 8><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(xb, wb, bb, out, out_fp32, T, N, K);
+  else
+    linear_gemv_kernel<NT, 4><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(xb, wb, bb, out, out_fp32, T, N, K);
+}
+
+}  // namespace
+
+GPTOSS_API gptoss_status gptoss_rms_norm_bf16(const void* x, const void* residual, const void* weight,
+                                              int weight_fp32, void* out, void* residual_out, int64_t T,
+                                              int64_t H, float eps, cudaStream_t stream) {
+  GPTOSS_REQUIRE(T >= 0, "rms_norm: T must be >= 0");
+  GPTOSS_REQUIRE(H > 0 && H % 8 == 0, "rms_norm: H must be a positive multiple of 8");
+  GPTOSS_REQUIRE(H / 8 <= INT32_MAX, "rms_norm: H too large");
+  GPTOSS_REQUIRE(T <= 0x7fffffff, "rms_norm: T too large (at most 2^31 - 1 rows)");
+  if (T == 0) return GPTOSS_OK;
+  GPTOSS_REQUIRE(x && weight && out, "rms_norm: null pointer");
+  GPTOSS_REQUIRE(!residual || residual_out, "rms_norm: residual_out is required with residual");
+  GPTOSS_REQUIRE(gptoss::aligned(x, 16) && gptoss::aligned(out, 16) && gptoss::aligned(weight, 16) &&
+                     (!residual || (gptoss::aligned(residual, 16) && gptoss::aligned(residual_out, 16))),
+                 "rms_norm: x, residual, residual_out, weight and out must be 16-byte aligned");
+  const int chunks = static_cast<int>(H / 8);
+  if (residual) {
+    if (weight_fp32)
+      dispatch_rms<true, float>(x, residual, weight, out, residual_out, T, chunks, eps, stream);
+    else
+      dispatch_rms<true, __nv_bfloat16>(x, residual, weight, out, residual_out, T, chunks, eps, stream);
+  } else {
+    if (weight_fp32)
+      dispatch_rms<false, float>(x, nullptr, weight, out, nullptr, T, chunks, eps, stream);
+    else
+      dispatch_rms<false, __nv_bfloat16>(x, nullptr, weight, out, nullptr, T, chunks, eps, stream);
+  }
+  GPTOSS_RETURN_LAUNCH_STATUS("rms_norm_bf16 launch");
+}
+
+GPTOSS_API int64_t gptoss_linear_bf16_max_tokens(void) { return kLinearMaxTokens; }
+
+GPTOSS_API gptoss_status gptoss_linear_bf16(const void* x, const void* weight, const void* bias, void* out,
+                                            int out_fp32, int64_t T, int64_t N, int64_t K,
+                                            cudaStream_t stream) {
+  GPTOSS_REQUIRE(T >= 0 && T <= kLinearMaxTokens, "linear: T must be in [0, 64] (use cuBLAS above)");
+  GPTOSS_REQUIRE(N >= 1 && N <= INT32_MAX - kRowsPerBlock, "linear: N must be in [1, 2^31 - 17]");
+  GPTOSS_REQUIRE(K > 0 && K % 8 == 0 && K <= INT32_MAX - 64, "linear: K must be a positive multiple of 8");
+  if (T == 0) return GPTOSS_OK;
+  GPTOSS_REQUIRE(x && weight && out, "linear: null pointer");
+  GPTOSS_REQUIRE(gptoss::aligned(x, 16) && gptoss::aligned(weight, 16),
+                 "linear: x and weight must be 16-byte aligned");
+  GPTOSS_REQUIRE(gptoss::aligned(out, out_fp32 ? 4 : 2) && (!bias || gptoss::aligned(bias, 2)),
+                 "linear: out and bias must be aligned to their element size");
+  const int t = static_cast<int>(T), n = static_cast<int>(N), k = static_cast<int>(K);
+  const int ofp = out_fp32 ? 1 : 0;
+  if (T <= 8)
+    launch_linear<1>(x, weight, bias, out, ofp, t, n, k, stream);
+  else if (T <= 16)
+    launch_linear<2>(x, weight, bias, out, ofp, t, n, k, stream);
+  else if (T <= 32)
+    launch_linear<4>(x, weight, bias, out, ofp, t, n, k, stream);
+  else
+    launch_linear<8>(x, weight, bias, out, ofp, t, n, k, stream);
+  GPTOSS_RETURN_LAUNCH_STATUS("linear_bf16 launch");
+}
