@@ -408,3 +408,232 @@ def test_decode_bandwidth_report(L, B, variant):
           f"{frac:.0%} of copy bandwidth ({copy_bw / 1e9:.0f} GB/s); splits="
           f"{_lib.C().attention_decode_num_splits(B, L, 64, 8, 64, 0)}")
     assert not torch.isnan(out).any() and frac > 0.05
+
+
+# ---- lane-level emulation of the mma.sync path (CPU) ----------------------------------------------
+# The fragment semantics below are the PTX ISA's (written from the ISA's tables, not from the
+# kernel): ldmatrix .m8n8.x4 .b16 -- lane l gives the address of row l % 8 of matrix l // 8 and
+# receives in register j row l // 4, columns 2 (l % 4), +1 of matrix j (.trans: rows 2 (l % 4), +1
+# of column l // 4); mma.m16n8k16 .row.col bf16 -- A regs {(g, 2t), (g+8, 2t), (g, 2t+8),
+# (g+8, 2t+8)}, B regs {(k=2t, n=g), (k=2t+8, n=g)}, C/D {(g, 2t), (g+8, 2t)}, each a pair along the
+# column (g = lane // 4, t = lane % 4). The emulators then follow the kernel's own index math line
+# by line, so a wrong swizzle, fragment index, mask or tile range shows up as a mismatch against
+# the reference on the CPU.
+_LANE = np.arange(32)
+_G, _T = _LANE >> 2, _LANE & 3
+_PAIR = np.arange(2)
+
+
+def _ldsm_x4(smem: np.ndarray, row_elem: np.ndarray, trans: bool = False) -> np.ndarray:
+    """smem: flat float32 (bf16 values); row_elem [32]: element offset of the 16-byte row each lane
+    addresses. -> [32 lanes, 4 regs, 2 halves]."""
+    assert np.all(row_elem % 8 == 0), "ldmatrix rows must be 16-byte aligned"
+    mats = smem[row_elem[:, None] + np.arange(8)].reshape(4, 8, 8)
+    if trans:
+        mats = mats.transpose(0, 2, 1)
+    return mats[:, _G[:, None], 2 * _T[:, None] + _PAIR].transpose(1, 0, 2)
+
+
+_A_ROW = np.stack([_G, _G + 8, _G, _G + 8], 1)
+_A_COL = np.stack([2 * _T, 2 * _T, 2 * _T + 8, 2 * _T + 8], 1)
+_C_ROW = np.stack([_G, _G, _G + 8, _G + 8], 1)
+_C_COL = np.stack([2 * _T, 2 * _T + 1, 2 * _T, 2 * _T + 1], 1)
+
+
+def _mma16816(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """a [32, 4, 2], b [32, 2, 2] (bf16 values), c [32, 4] fp32 -> d [32, 4] = A B + C."""
+    A = np.zeros((16, 16), np.float64)
+    A[_A_ROW[:, :, None], _A_COL[:, :, None] + _PAIR] = a
+    Bm = np.zeros((16, 8), np.float64)
+    Bm[np.stack([2 * _T, 2 * _T + 8], 1)[:, :, None] + _PAIR, _G[:, None, None]] = b
+    Cm = np.zeros((16, 8), np.float64)
+    Cm[_C_ROW, _C_COL] = c
+    D = A @ Bm + Cm
+    return D[_C_ROW, _C_COL].astype(np.float32)
+
+
+def _bf16(x) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).float().numpy()
+
+
+def test_emulated_fragments_multiply_matrices():
+    """The fragment helpers themselves: ldmatrix + mma of plain row-major tiles give A B^T."""
+    rng = np.random.default_rng(0)
+    A = _bf16(rng.standard_normal((16, 16)))
+    Bt = _bf16(rng.standard_normal((8, 16)))   # [n][k], k contiguous (the K tile of Q K^T)
+    sa, sb = A.reshape(-1), Bt.reshape(-1)
+    a = _ldsm_x4(sa, ((_LANE & 7) + ((_LANE >> 3) & 1) * 8) * 16 + (_LANE >> 4) * 8)
+    b = _ldsm_x4(sb, (_LANE & 7) * 16 + (_LANE >> 3) * 8 % 16)[:, :2]
+    d = _mma16816(a, b, np.zeros((32, 4), np.float32))
+    D = np.zeros((16, 8))
+    D[_C_ROW, _C_COL] = d
+    np.testing.assert_allclose(D, A.astype(np.float64) @ Bt.T.astype(np.float64), rtol=1e-6, atol=1e-6)
+    # .trans: a [k][n] tile (n contiguous) gives the same B operand
+    Bkn = Bt.T.copy()  # [16 k][8 n]
+    bt = _ldsm_x4(Bkn.reshape(-1), (((_LANE & 7) + ((_LANE >> 3) & 1) * 8) * 8), trans=True)[:, :2]
+    np.testing.assert_array_equal(bt, b)
+
+
+_LOG2E = np.float32(1.4426950408889634)
+
+
+def _plan_chunk(B, S, nkv, window):
+    """attention_decode.cu plan_splits (the chunk; the binding gives the split count to check it)."""
+    n = window if 0 < window < S else S
+    heads = max(B * nkv, 1)
+    want = -(-264 // heads)
+    chunk = -(-(-(-n // want)) // 64) * 64
+    return min(max(chunk, 64), 2048)
+
+
+def _emulate_decode_mma(q, kc, vc, lens, sinks, window, sm_scale, splits):
+    """attention_decode_mma_kernel + merge_warps_and_store<1> + attention_decode_combine_kernel,
+    lane by lane (fp32 where the kernel is fp32, P rounded to bf16 like pack_bf16x2)."""
+    q, kc, vc = q.float().numpy(), kc.float().numpy(), vc.float().numpy()
+    sinks = sinks.float().numpy()
+    B, nq, d = q.shape
+    S, nkv = kc.shape[1], kc.shape[2]
+    chunk = _plan_chunk(B, S, nkv, window)
+    n_max = window if 0 < window < S else S
+    assert splits == -(-n_max // chunk), "the emulated split plan differs from the library's"
+    qk_scale = np.float32(sm_scale) * _LOG2E
+    out = np.full((B, nq, d), np.nan, np.float32)
+    lm, lr = _LANE >> 3, _LANE & 7
+    cg, cc = _LANE >> 3, _LANE & 7
+    for b in range(B):
+        L = int(lens[b])
+        end = max(L, 0)
+        start = 0
+        if window > 0:
+            start = max(start, end - window)
+        start = max(start, end - S)
+        for kvh in range(nkv):
+            parts = []
+            for split in range(splits):
+                k0 = start + split * chunk
+                k1 = min(end, k0 + chunk)
+                n = max(0, k1 - k0)
+                n_tiles = (n + 15) // 16
+                # A fragments of q: head g; regs 1 and 3 (rows 8..15) are zero
+                qh = q[b, kvh * 8 + _G]  # [32, 64]
+                qa = [np.stack([np.take_along_axis(qh, 16 * ks + 2 * _T[:, None] + _PAIR, 1),
+                                np.zeros((32, 2), np.float32),
+                                np.take_along_axis(qh, 16 * ks + 8 + 2 * _T[:, None] + _PAIR, 1),
+                                np.zeros((32, 2), np.float32)], 1) for ks in range(4)]
+                warp_state = []
+                for warp in range(4):
+                    o = np.zeros((8, 32, 4), np.float32)
+                    m = np.full(32, -np.inf, np.float32)
+                    l = np.zeros(32, np.float32)
+                    my_tiles = (n_tiles - warp + 3) // 4 if n_tiles > warp else 0
+                    for i in range(my_tiles):
+                        tile = np.full((2, 16, 8, 8), np.nan, np.float32)  # [K|V][key][chunk][8]
+                        pos0 = k0 + (warp + 4 * i) * 16 + cg
+                        slot = pos0 % S
+                        for r in range(4):
+                            key = 4 * r + cg
+                            valid = pos0 + 4 * r < k1
+                            for ln in range(32):
+                                src_k = kc[b, slot[ln], kvh, cc[ln] * 8:cc[ln] * 8 + 8] if valid[ln] else 0.0
+                                src_v = vc[b, slot[ln], kvh, cc[ln] * 8:cc[ln] * 8 + 8] if valid[ln] else 0.0
+                                tile[0, key[ln], cc[ln] ^ (key[ln] & 7)] = src_k
+                                tile[1, key[ln], cc[ln] ^ (key[ln] & 7)] = src_v
+                            slot = slot + 4
+                            slot = np.where(slot >= S, slot - S, slot)
+                            while np.any(slot >= S):
+                                slot = np.where(slot >= S, slot - S, slot)
+                        assert not np.isnan(tile).any(), "a tile element was never written"
+                        flat = tile.reshape(-1)
+                        elem = lambda kv, key, ch: ((kv * 16 + key) * 8 + (ch ^ (key & 7))) * 8
+                        base = k0 + (warp + 4 * i) * 16
+                        s = [np.zeros((32, 4), np.float32), np.zeros((32, 4), np.float32)]
+                        for ks in range(4):
+                            key = (lm >> 1) * 8 + lr
+                            ch = 2 * ks + (lm & 1)
+                            kb = _ldsm_x4(flat, elem(0, key, ch))
+                            s[0] = _mma16816(qa[ks], kb[:, 0:2], s[0])
+                            s[1] = _mma16816(qa[ks], kb[:, 2:4], s[1])
+                        x = np.empty((32, 4), np.float32)
+                        for j in range(2):
+                            for e in range(2):
+                                key = base + 8 * j + 2 * _T + e
+                                x[:, 2 * j + e] = np.where(key < k1, s[j][:, e] * qk_scale, -np.inf)
+                        tmax = x.max(1)
+                        tmax = np.maximum(tmax, tmax[_LANE ^ 1])
+                        tmax = np.maximum(tmax, tmax[_LANE ^ 2])
+                        m_new = np.maximum(m, tmax)
+                        alpha = np.where(m == m_new, 1.0, np.where(m == -np.inf, 0.0, np.exp2(m - m_new))).astype(np.float32)
+                        m = m_new
+                        l = l * alpha
+                        pr = np.where(x == -np.inf, 0.0, np.exp2(x - m[:, None])).astype(np.float32)
+                        l = l + pr.sum(1, dtype=np.float32)
+                        o[:, :, 0] *= alpha
+                        o[:, :, 1] *= alpha
+                        pb = _bf16(pr)
+                        pa = np.stack([pb[:, 0:2], np.zeros((32, 2), np.float32), pb[:, 2:4],
+                                       np.zeros((32, 2), np.float32)], 1)
+                        for nt in range(0, 8, 2):
+                            key = (lm & 1) * 8 + lr
+                            ch = nt + (lm >> 1)
+                            vb = _ldsm_x4(flat, elem(1, key, ch), trans=True)
+                            o[nt] = _mma16816(pa, vb[:, 0:2], o[nt])
+                            o[nt + 1] = _mma16816(pa, vb[:, 2:4], o[nt + 1])
+                    l = l + l[_LANE ^ 1]
+                    l = l + l[_LANE ^ 2]
+                    # ms.o[warp][0][g][8 nt + 2t .. +1], ms.m/l[warp][g] from t == 0
+                    ow = np.zeros((8, 64), np.float32)
+                    for nt in range(8):
+                        ow[_G, 8 * nt + 2 * _T] = o[nt][:, 0]
+                        ow[_G, 8 * nt + 2 * _T + 1] = o[nt][:, 1]
+                    warp_state.append((m[_T == 0], l[_T == 0], ow))
+                # merge the warps (softmax_merge semantics)
+                am, al, ao = np.full(8, -np.inf, np.float32), np.zeros(8, np.float32), np.zeros((8, 64), np.float32)
+                for wm, wl, wo in warp_state:
+                    mm = np.maximum(am, wm)
+                    sa = np.where(am == mm, 1.0, np.where(am == -np.inf, 0.0, np.exp2(am - mm)))
+                    sb = np.where(wm == mm, 1.0, np.where(wm == -np.inf, 0.0, np.exp2(wm - mm)))
+                    am, al, ao = mm, al * sa + wl * sb, ao * sa[:, None] + wo * sb[:, None]
+                parts.append((am, al, ao))
+            # combine the splits, then the sink once
+            am, al, ao = np.full(8, -np.inf, np.float32), np.zeros(8, np.float32), np.zeros((8, 64), np.float32)
+            for wm, wl, wo in parts:
+                mm = np.maximum(am, wm)
+                sa = np.where(am == mm, 1.0, np.where(am == -np.inf, 0.0, np.exp2(am - mm)))
+                sb = np.where(wm == mm, 1.0, np.where(wm == -np.inf, 0.0, np.exp2(wm - mm)))
+                am, al, ao = mm, al * sa + wl * sb, ao * sa[:, None] + wo * sb[:, None]
+            sink2 = sinks[kvh * 8:kvh * 8 + 8] * _LOG2E
+            M = np.maximum(am, sink2)
+            sc = np.where(am == M, 1.0, np.where(am == -np.inf, 0.0, np.exp2(am - M)))
+            z = al * sc + np.where(sink2 == M, 1.0, np.exp2(sink2 - M))
+            f = np.where(z > 0, sc / np.where(z > 0, z, 1.0), 0.0)
+            out[b, kvh * 8:kvh * 8 + 8] = ao * f[:, None]
+    return torch.from_numpy(out).to(torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # exp2(-inf - -inf), masked by where
+@pytest.mark.parametrize("S,lengths,window", [
+    (16, [1, 5, 16], 0),          # L = 1, a tail, L = S
+    (40, [17, 33, 40], 0),        # tails not a multiple of the 16-key tile, several warps
+    (32, [70, 32, 33], 32),       # ring buffer: wrap, L = S = W, L = W + 1
+    (48, [70, 40, 20], 32),       # window shorter than the cache (the window, not S, bounds the keys)
+    (256, [256, 200, 3], 0),      # several splits (chunk 64), an empty split, the combine
+    (128, [300, 129, 128], 128),  # sliding layer: 128-slot ring, window incl. the current token
+])
+def test_emulated_mma_decode_matches_reference(S, lengths, window):
+    """CPU evidence for attention_decode_mma_kernel's index math: split plan, warp tiles, ring-buffer
+    slots, swizzled tile, ldmatrix/mma fragments, masking, online softmax, warp merge, combine and
+    the sink, emulated lane by lane against reference.attention_decode."""
+    B, nkv = len(lengths), 1
+    torch.manual_seed(S + len(lengths))
+    q = (torch.randn(B, 8 * nkv, 64) * 0.5).to(torch.bfloat16)
+    kc = torch.randn(B, S, nkv, 64).to(torch.bfloat16)
+    vc = torch.randn(B, S, nkv, 64).to(torch.bfloat16)
+    sinks = torch.randn(8 * nkv).to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    splits = _C().attention_decode_num_splits(B, S, 8 * nkv, nkv, 64, window)
+    if S == 256:
+        assert splits > 1
+    got = _emulate_decode_mma(q, kc, vc, lens, sinks, window, 0.125, splits)
+    ref = R.attention_decode(q, kc, vc, lens, sinks, sliding_window=window or None)
+    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < 1e-2, err
