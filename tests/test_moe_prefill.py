@@ -459,3 +459,249 @@ def test_misaligned_out_and_bias_views():
     p["w1_bias"] = b1
     P.run(*args(p), 1.702, 7.0, out)
     assert rel_err(out, R.moe(*args(p))) < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the GEMM kernels' index and fragment logic, emulated
+# ---------------------------------------------------------------------------------------------
+# A numpy twin of grouped_gemm_mma_kernel and grouped_gemm_wgmma_kernel (csrc/kernels/moe_prefill.cu)
+# that mirrors their code line by line: which thread copies which 16 bytes to which swizzled
+# shared-memory offset (load_stage / wg_load_stage, the dequantization stores), ldmatrix.x4 (lanes
+# 8i..8i+7 give the row addresses of matrix i; thread t receives row t/4, 32-bit word t%4), the
+# PTX mma.m16n8k16 A/B/C fragment layouts, the wgmma K-major 128-byte-swizzle read of the
+# descriptor (fields decoded from gemm_wgmma.cuh's bit layout: address = start + (m%8)*128 +
+# (m/8)*SBO + 2k, then bits 4-6 ^= bits 7-9), wgmma's accumulator layout, the persistent work list,
+# the gathers through the permutation and both epilogues. Values stay in float64 (the weights are
+# exact bf16 values), so every accumulator is checked against the dense product to 1e-9: any
+# misplaced element shows. What it cannot check: the hardware itself (the layouts are the PTX ISA's
+# as written here), cp.async/wgmma ordering, and the bf16 bit trick (test_host_dequant_bits_exact).
+
+import numpy as np
+
+
+def _swz(r, c):
+    return r * 128 + ((c ^ (r & 7)) << 4)
+
+
+def _ldmatrix_x4(smem16, addr):
+    """smem16: float64 [bytes/2]; addr: int [32] byte addresses given by the lanes -> [4, 32, 2]."""
+    lane = np.arange(32)
+    out = np.empty((4, 32, 2))
+    for i in range(4):
+        row_addr = addr[8 * i + lane // 4]
+        idx = row_addr // 2 + 2 * (lane % 4)
+        out[i, :, 0] = smem16[idx]
+        out[i, :, 1] = smem16[idx + 1]
+    return out
+
+
+def _mma_16816(acc, a, b0, b1):
+    """acc [32, 4] += mma.m16n8k16 with the PTX fragment layouts; a [4, 32, 2], b0/b1 [32, 2]."""
+    lane = np.arange(32)
+    g, tq = lane >> 2, lane & 3
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    for j in range(2):
+        A[g, 2 * tq + j] = a[0, :, j]
+        A[g + 8, 2 * tq + j] = a[1, :, j]
+        A[g, 2 * tq + 8 + j] = a[2, :, j]
+        A[g + 8, 2 * tq + 8 + j] = a[3, :, j]
+        B[2 * tq + j, g] = b0[:, j]
+        B[2 * tq + 8 + j, g] = b1[:, j]
+    D = A @ B
+    for j in range(2):
+        acc[:, j] += D[g, 2 * tq + j]
+        acc[:, 2 + j] += D[g + 8, 2 * tq + j]
+
+
+def _stage_a(A_tile, K, kt):
+    """load_stage's A part: thread tid copies chunk tid&7 of rows (tid>>3)+32i (zeros: padding, col >= K)."""
+    s = np.zeros(128 * 64)
+    for tid in range(256):
+        for i in range(4):
+            row, ch = (tid >> 3) + 32 * i, tid & 7
+            col = kt * 64 + ch * 8
+            if col < K:
+                o = _swz(row, ch) // 2
+                s[o:o + 8] = A_tile[row, col:col + 8]
+    return s
+
+
+def _store_bdq(s, W_tile, ncols, G, kt, blk, row):
+    """One thread's dequantized block (row, block blk&1 of k-tile kt) -> 4 swizzled chunks.
+    dequant_block32: word 4q+i = elements (8q+2i, 8q+2i+1), so chunk q = elements 8q..8q+7."""
+    kb = kt * 2 + (blk & 1)
+    v = W_tile[row, 32 * kb:32 * kb + 32] if (row < ncols and kb < G) else np.zeros(32)
+    for q in range(4):
+        o = _swz(row, (blk & 1) * 4 + q) // 2
+        s[o:o + 8] = v[8 * q:8 * q + 8]
+
+
+def _tile_mma_sync(A_tile, W_tile, rows, ncols, K):
+    """grouped_gemm_mma_kernel's main loop for one work item -> acc [8 warps, 4 mi, 4 nj, 32, 4]."""
+    G = K // 32
+    acc = np.zeros((8, 4, 4, 32, 4))
+    lane = np.arange(32)
+    for kt in range((K + 63) // 64):
+        sA = _stage_a(A_tile, K, kt)
+        sB = np.zeros(128 * 64)
+        for tid in range(256):
+            _store_bdq(sB, W_tile, ncols, G, kt, tid & 1, tid >> 1)
+        for warp in range(8):
+            warp_m, warp_n = warp >> 2, warp & 3
+            if not warp_m * 64 < rows:
+                continue
+            for kk in range(4):
+                a = [_ldmatrix_x4(sA, _swz(warp_m * 64 + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)))
+                     for mi in range(4)]
+                b = [None] * 4
+                for nj2 in range(2):
+                    n = warp_n * 32 + nj2 * 16 + (lane & 7) + ((lane >> 4) << 3)
+                    r = _ldmatrix_x4(sB, _swz(n, kk * 2 + ((lane >> 3) & 1)))
+                    b[2 * nj2], b[2 * nj2 + 1] = (r[0], r[1]), (r[2], r[3])
+                for mi in range(4):
+                    for nj in range(4):
+                        _mma_16816(acc[warp, mi, nj], a[mi], *b[nj])
+    # (row, col, value) of every accumulator, in the epilogue's mapping
+    out = []
+    for warp in range(8):
+        warp_m, warp_n = warp >> 2, warp & 3
+        for mi in range(4):
+            for h in range(2):
+                row = warp_m * 64 + mi * 16 + (lane >> 2) + 8 * h
+                for nj in range(4):
+                    n = warp_n * 32 + nj * 8 + 2 * (lane & 3)
+                    out.append((row, n, acc[warp, mi, nj, :, 2 * h], acc[warp, mi, nj, :, 2 * h + 1]))
+    return out
+
+
+def _desc_k_major_sw128(addr):  # gemm_wgmma.cuh desc_k_major_sw128, bit for bit
+    return ((addr & 0x3FFFF) >> 4) | (1 << 16) | ((1024 >> 4) << 32) | (1 << 62)
+
+
+def _wgmma_read(smem16, desc, nrows):
+    """The [nrows, 16] bf16 operand a K-major descriptor names (PTX canonical layouts)."""
+    start = (desc & 0x3FFF) << 4
+    sbo = ((desc >> 32) & 0x3FFF) << 4
+    mode = desc >> 62
+    assert mode == 1 and (desc >> 49) & 7 == 0, "128-byte swizzle, base offset 0"
+    m = np.arange(nrows)[:, None]
+    k = np.arange(16)[None, :]
+    addr = start + (m % 8) * 128 + (m // 8) * sbo + 2 * k
+    addr = addr ^ (((addr >> 7) & 7) << 4)
+    return smem16[addr // 2]
+
+
+def _tile_wgmma(A_tile, W_tile, rows, ncols, K, BN):
+    """grouped_gemm_wgmma_kernel's main loop for one work item: the shared memory (1024-aligned base:
+    A stages, then 2 Bdq buffers) as the threads write it, read back through the descriptors."""
+    STAGES, A_STAGE, BDQ = 4, 128 * 64 * 2, BN * 64 * 2
+    G = K // 32
+    smem = np.zeros((STAGES * A_STAGE + 2 * BDQ) // 2)
+    sA, sBdq = 0, STAGES * A_STAGE
+    D = np.zeros((128, BN))
+    for kt in range((K + 63) // 64):
+        stage, buf = kt % STAGES, kt & 1
+        smem[(sA + stage * A_STAGE) // 2:(sA + (stage + 1) * A_STAGE) // 2] = _stage_a(A_tile, K, kt)
+        b = np.zeros(BDQ // 2)
+        for tid in range(256):
+            for i in range((BN * 2 + 255) // 256):  # BLOCKS_PER_THREAD
+                blk = tid + 256 * i
+                if blk < BN * 2:
+                    _store_bdq(b, W_tile, ncols, G, kt, blk, blk >> 1)
+        smem[(sBdq + buf * BDQ) // 2:(sBdq + (buf + 1) * BDQ) // 2] = b
+        for wgi in range(2):
+            a_tile = sA + stage * A_STAGE + wgi * 64 * 128
+            b_tile = sBdq + buf * BDQ
+            for kk in range(4):
+                Am = _wgmma_read(smem, _desc_k_major_sw128(a_tile + kk * 32), 64)
+                Bm = _wgmma_read(smem, _desc_k_major_sw128(b_tile + kk * 32), BN)
+                D[64 * wgi:64 * wgi + 64] += Am @ Bm.T
+    # accumulator i of lane l of warp w (PTX wgmma D layout) -> the epilogue's (row, col)
+    out = []
+    lane = np.arange(32)
+    for warp in range(8):
+        wgi = warp >> 2
+        reg = np.zeros((32, BN // 2))
+        for i in range(BN // 2):
+            r = 64 * wgi + 16 * (warp % 4) + lane // 4 + 8 * ((i // 2) % 2)
+            c = 8 * (i // 4) + 2 * (lane % 4) + i % 2
+            reg[:, i] = D[r, c]
+        for h in range(2):
+            row = wgi * 64 + 16 * (warp & 3) + (lane >> 2) + 8 * h
+            for j in range(BN // 8):
+                n = 8 * j + 2 * (lane & 3)
+                out.append((row, n, reg[:, 4 * j + 2 * h], reg[:, 4 * j + 2 * h + 1]))
+    return out
+
+
+def _emulate_prefill(host, p, variant, alpha=1.702, limit=7.0):
+    """The whole op (route, mlp1, mlp2, combine) with the GEMM work items run through the tile
+    emulations above; also checks every accumulator against the dense product of its tile."""
+    x = p["x"].float().double().numpy()
+    ids = p["topk_ids"]
+    T, k = ids.shape
+    E = p["w1_blocks"].shape[0]
+    H = x.shape[1]
+    I = p["w1_blocks"].shape[1] // 2  # noqa: E741
+    BN = {P.MMA_SYNC: 128, P.WGMMA: 192, P.WGMMA_N128: 128, P.WGMMA_N256: 256}[variant]
+    counts, offsets, perm, tile_off = host.moe_prefill_route(ids.numpy(), E, 128, 1024)
+    wflat = p["topk_weights"].reshape(-1).double().numpy()
+    act = np.full((T * k, I), np.nan)
+    y = np.full((T * k, H), np.nan)
+    for mlp1 in (True, False):
+        pre = "w1" if mlp1 else "w2"
+        A = x if mlp1 else act
+        N, K = (2 * I, H) if mlp1 else (H, I)
+        NT = (N + BN - 1) // BN
+        W = R.mxfp4_dequantize(p[pre + "_blocks"], p[pre + "_scales"], torch.float32).double().numpy()
+        bias = p[pre + "_bias"].double().numpy()
+        for e, mt, nt in host.moe_prefill_decode_tiles(tile_off, NT).tolist():
+            gb, m0, n0 = int(offsets[e]), mt * 128, nt * BN
+            rows, ncols = min(128, int(counts[e]) - m0), min(BN, N - n0)
+            A_tile = np.zeros((128, K))
+            for row in range(rows):
+                gp = gb + m0 + row
+                A_tile[row] = A[perm[gp] // k] if mlp1 else A[gp]
+            W_tile = np.zeros((BN, K))
+            W_tile[:ncols] = W[e, n0:n0 + ncols]
+            want = A_tile @ W_tile.T
+            if variant == P.MMA_SYNC:
+                accs = _tile_mma_sync(A_tile, W_tile, rows, ncols, K)
+            else:
+                accs = _tile_wgmma(A_tile, W_tile, rows, ncols, K, BN)
+            for row, n, v0, v1 in accs:  # the epilogue, per lane
+                for ln in range(32):
+                    r, c = int(row[ln]) if np.ndim(row) else int(row), int(n[ln]) if np.ndim(n) else int(n)
+                    if r >= rows or n0 + c >= N:
+                        continue
+                    assert abs(v0[ln] - want[r, c]) <= 1e-9 * (1 + abs(want[r, c])), (e, mt, nt, r, c)
+                    assert abs(v1[ln] - want[r, c + 1]) <= 1e-9 * (1 + abs(want[r, c + 1])), (e, mt, nt, r, c + 1)
+                    gp = gb + m0 + r
+                    z0, z1 = v0[ln] + bias[e, n0 + c], v1[ln] + bias[e, n0 + c + 1]
+                    if mlp1:
+                        gate, lin = min(z0, limit), min(max(z1, -limit), limit)
+                        a = gate / (1.0 + np.exp(-alpha * gate)) * (lin + 1.0)
+                        act[gp, (n0 + c) // 2] = float(torch.tensor(a).to(torch.bfloat16).double())
+                    else:
+                        rr = int(perm[gp])
+                        y[rr, n0 + c] = z0 * wflat[rr]
+                        y[rr, n0 + c + 1] = z1 * wflat[rr]
+    out = y.reshape(T, k, H).sum(1)
+    return torch.from_numpy(out).float().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", [P.MMA_SYNC, P.WGMMA, P.WGMMA_N128, P.WGMMA_N256])
+def test_gemm_tile_emulation(host, variant):
+    # H = 96 (K tail of mlp1: 1.5 k-tiles; mlp2 N = 96 < BN), I = 160 (2I = 320: N tails for every
+    # BN; mlp2 K = 160 = 2.5 k-tiles), expert 0 in every token (150 rows: 2 m-tiles, the second
+    # partial), expert 5 without rows, T*k = 300.
+    T, E, H, I, k = 150, 6, 96, 160, 2  # noqa: E741
+    g = torch.Generator().manual_seed(3)
+    p = make_problem(T, E, H, I, k, device="cpu", seed=3)
+    ids = torch.stack([torch.zeros(T, dtype=torch.int64), torch.randint(1, E - 1, (T,), generator=g)], 1)
+    p["topk_ids"] = ids.to(torch.int32)
+    got = _emulate_prefill(host, p, variant)
+    ref = R.moe(*args(p))
+    assert not torch.isnan(got).any()
+    assert rel_err(got, ref) < TOL
