@@ -637,3 +637,132 @@ def test_emulated_mma_decode_matches_reference(S, lengths, window):
     ref = R.attention_decode(q, kc, vc, lens, sinks, sliding_window=window or None)
     err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < 1e-2, err
+
+
+def _transpose_reduce8(acc: np.ndarray) -> np.ndarray:
+    """attention_decode.cu transpose_reduce8 with shuffles: acc [32, 8] -> [32] (lane c of a group of
+    8 returns the group's sum of acc[:, c])."""
+    acc = acc.copy()
+    c = _LANE & 7
+    for width, xor in ((4, 4), (2, 2), (1, 1)):
+        up = (c & xor) != 0
+        send = np.where(up[:, None], acc[:, :width], acc[:, width:2 * width])
+        keep = np.where(up[:, None], acc[:, width:2 * width], acc[:, :width])
+        acc[:, :width] = keep + send[_LANE ^ xor]
+    return acc[:, 0]
+
+
+def _emulate_decode_fp32(q, kc, vc, lens, sinks, window, sm_scale, splits):
+    """attention_decode_kernel (the default variant) + merge_warps_and_store<4> + combine, lane by
+    lane: lane (g = lane / 8, c = lane % 8) holds dims 8c..8c+7 of key 4r + g."""
+    q, kc, vc = q.float().numpy(), kc.float().numpy(), vc.float().numpy()
+    sinks = sinks.float().numpy()
+    B, nq, d = q.shape
+    S, nkv = kc.shape[1], kc.shape[2]
+    chunk = _plan_chunk(B, S, nkv, window)
+    qk_scale = np.float32(sm_scale) * _LOG2E
+    g, c = _LANE >> 3, _LANE & 7
+    out = np.full((B, nq, d), np.nan, np.float32)
+
+    def merge(states):
+        am, al, ao = np.full(8, -np.inf, np.float32), np.zeros(8, np.float32), np.zeros((8, 64), np.float32)
+        for wm, wl, wo in states:
+            mm = np.maximum(am, wm)
+            sa = np.where(am == mm, 1.0, np.where(am == -np.inf, 0.0, np.exp2(am - mm)))
+            sb = np.where(wm == mm, 1.0, np.where(wm == -np.inf, 0.0, np.exp2(wm - mm)))
+            am, al, ao = mm, al * sa + wl * sb, ao * sa[:, None] + wo * sb[:, None]
+        return am, al, ao
+
+    for b in range(B):
+        L = int(lens[b])
+        end = max(L, 0)
+        start = 0
+        if window > 0:
+            start = max(start, end - window)
+        start = max(start, end - S)
+        for kvh in range(nkv):
+            # qf[lane][h][i] = q[head 8 kvh + h][8c + i] * qk_scale
+            qf = q[b, kvh * 8:kvh * 8 + 8][:, (8 * c)[:, None] + np.arange(8)].transpose(1, 0, 2) * qk_scale
+            parts = []
+            for split in range(splits):
+                k0 = start + split * chunk
+                k1 = min(end, k0 + chunk)
+                n = max(0, k1 - k0)
+                n_tiles = (n + 15) // 16
+                warp_state = []
+                for warp in range(4):
+                    o = np.zeros((32, 8, 8), np.float32)   # [lane][h][j]
+                    m = np.full(32, -np.inf, np.float32)
+                    l = np.zeros(32, np.float32)
+                    my_tiles = (n_tiles - warp + 3) // 4 if n_tiles > warp else 0
+                    for i in range(my_tiles):
+                        pos0 = k0 + (warp + 4 * i) * 16 + g
+                        slot = pos0 % S
+                        kv = np.zeros((2, 4, 32, 8), np.float32)  # [K|V][r][lane]: what each lane copied
+                        for r in range(4):
+                            valid = pos0 + 4 * r < k1
+                            kv[0, r] = np.where(valid[:, None], kc[b, slot, kvh][np.arange(32)[:, None], (8 * c)[:, None] + np.arange(8)], 0)
+                            kv[1, r] = np.where(valid[:, None], vc[b, slot, kvh][np.arange(32)[:, None], (8 * c)[:, None] + np.arange(8)], 0)
+                            slot = slot + 4
+                            while np.any(slot >= S):
+                                slot = np.where(slot >= S, slot - S, slot)
+                        s = np.empty((32, 4), np.float32)
+                        for r in range(4):
+                            acc = qf[:, :, 0] * kv[0, r][:, None, 0]
+                            for j in range(1, 8):
+                                acc = (qf[:, :, j] * kv[0, r][:, None, j] + acc).astype(np.float32)
+                            logit = _transpose_reduce8(acc)
+                            s[:, r] = np.where(pos0 + 4 * r < k1, logit, -np.inf)
+                        tmax = s.max(1)
+                        tmax = np.maximum(tmax, tmax[_LANE ^ 8])
+                        tmax = np.maximum(tmax, tmax[_LANE ^ 16])
+                        m_new = np.maximum(m, tmax)
+                        alpha = np.where(m == m_new, 1.0, np.where(m == -np.inf, 0.0, np.exp2(m - m_new))).astype(np.float32)
+                        m = m_new
+                        l = l * alpha
+                        pr = np.where(s == -np.inf, 0.0, np.exp2(s - m[:, None])).astype(np.float32)
+                        l = l + pr.sum(1, dtype=np.float32)
+                        o *= alpha[np.arange(8)][None, :, None]           # head h's factor from lane h
+                        for r in range(4):
+                            ph = pr[(g << 3)[:, None] | np.arange(8), r]  # [lane][h] from lane (g, h)
+                            o += ph[:, :, None] * kv[1, r][:, None, :]
+                    l = l + l[_LANE ^ 8]
+                    l = l + l[_LANE ^ 16]
+                    ow = np.zeros((4, 8, 64), np.float32)  # ms.o[warp][group][head][dim]
+                    for ln in range(32):
+                        ow[g[ln], :, 8 * c[ln]:8 * c[ln] + 8] = o[ln]
+                    warp_state.append((m[:8].copy(), l[:8].copy(), ow.sum(0)))  # g == 0 lanes: head c
+                parts.append(merge(warp_state))
+            am, al, ao = merge(parts)
+            sink2 = sinks[kvh * 8:kvh * 8 + 8] * _LOG2E
+            M = np.maximum(am, sink2)
+            sc = np.where(am == M, 1.0, np.where(am == -np.inf, 0.0, np.exp2(am - M)))
+            z = al * sc + np.where(sink2 == M, 1.0, np.exp2(sink2 - M))
+            f = np.where(z > 0, sc / np.where(z > 0, z, 1.0), 0.0)
+            out[b, kvh * 8:kvh * 8 + 8] = ao * f[:, None]
+    return torch.from_numpy(out).to(torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("S,lengths,window", [
+    (16, [1, 5, 16], 0),
+    (40, [17, 33, 40], 0),
+    (32, [70, 32, 33], 32),
+    (48, [70, 40, 20], 32),
+    (256, [256, 200, 3], 0),
+])
+def test_emulated_fp32_decode_matches_reference(S, lengths, window):
+    """The same for attention_decode_kernel (variant 1, the library default): the lane mapping,
+    transpose_reduce8's shuffles, the max/alpha/probability shuffles and the 4-group merge."""
+    B, nkv = len(lengths), 1
+    torch.manual_seed(S + 7 * len(lengths))
+    q = (torch.randn(B, 8 * nkv, 64) * 0.5).to(torch.bfloat16)
+    kc = torch.randn(B, S, nkv, 64).to(torch.bfloat16)
+    vc = torch.randn(B, S, nkv, 64).to(torch.bfloat16)
+    sinks = torch.randn(8 * nkv).to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    splits = _C().attention_decode_num_splits(B, S, 8 * nkv, nkv, 64, window)
+    got = _emulate_decode_fp32(q, kc, vc, lens, sinks, window, 0.125, splits)
+    ref = R.attention_decode(q, kc, vc, lens, sinks, sliding_window=window or None)
+    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < 5e-3, err  # fp32 throughout: only the output rounding to bf16 remains
