@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from . import _lib, ops, reference
 from .config import GptOssConfig
 
-__all__ = ["GptOss", "GptOssConfig", "weight_shapes"]
+__all__ = ["GptOss", "GptOssConfig", "MemoryPlanError", "weight_shapes"]
 
 _FLOAT, _U8 = "float", "uint8"
 
@@ -158,34 +158,122 @@ class GptOss:
     # memory
     # ------------------------------------------------------------------------------------------
     @staticmethod
-    def memory_plan(config: GptOssConfig, gpu_bytes: float = 80e9, batch: int = 1, *,
-                    reserve_bytes: float = 3e9, kv_dtype_bytes: int = 2, weight_dtype_bytes: int = 2) -> dict:
-        """How many KV-cache tokens fit on a card, computed without allocating anything.
+    def workspace_bytes(config: GptOssConfig, batch: int = 1, prefill_chunk: int | None = None) -> dict:
+        """Device memory besides weights and KV cache, an upper estimate (bytes):
+
+        decode: the step's static buffers (residual stream, projections, fp32 logits [B, V]) and
+        the sampler's temporaries (top-p sorts [B, V]: ~40 B per logit), counted twice for the
+        CUDA graph's private pool; prefill: one chunk's activations (bf16: x, norm, qkv, q/k/v, attention
+        out, projection, MoE in/out, the MoE's routed rows gate/up [T k, 2I] and SwiGLU [T k, I]
+        and its gathered inputs [T k, H]), doubled for the allocator's reuse pattern, plus the
+        last-token logits."""
+        c = config
+        chunk = int(prefill_chunk if prefill_chunk is not None else GptOss.prefill_chunk)
+        H, V, I, k = c.hidden_size, c.vocab_size, c.intermediate_size, c.experts_per_token
+        nqd = c.num_attention_heads * c.head_dim
+        per_row = 2 * (6 * H + c.qkv_dim + 2 * nqd + k * (2 * I + I + H))
+        decode = batch * (2 * (6 * H + c.qkv_dim + 2 * nqd) + V * 4 + V * 40) * 2
+        prefill = 2 * chunk * per_row + batch * V * 4
+        return {"decode": int(decode), "prefill": int(prefill), "total": int(decode + prefill)}
+
+    @staticmethod
+    def kv_cache_bytes(config: GptOssConfig, batch: int, cache_len: int, kv_dtype_bytes: int = 2) -> int:
+        """Bytes new_cache(batch, cache_len) allocates: full layers cache_len slots, sliding layers
+        the window (a ring)."""
+        per_slot = 2 * config.num_key_value_heads * config.head_dim * kv_dtype_bytes
+        slots = sum((config.sliding_window if config.is_sliding(i) else cache_len)
+                    for i in range(config.num_hidden_layers))
+        return int(batch * slots * per_slot)
+
+    @staticmethod
+    def memory_plan(config: GptOssConfig, gpu_bytes: float = 80e9, batch: int = 1, context: int | None = None, *,
+                    reserve_bytes: float = 1.5e9, prefill_chunk: int | None = None, kv_dtype_bytes: int = 2,
+                    weight_dtype_bytes: int = 2) -> dict:
+        """The memory plan of one card, computed without allocating anything.
 
         weights_bytes: every weight as this class stores it (MXFP4 experts, the rest bf16; equals
-        the HF checkpoint's total_size). kv_bytes_per_token: K+V of one position over all full
-        layers (what grows with the context). sliding_kv_bytes: the fixed ring buffers of the
-        sliding layers for ``batch`` sequences. reserve_bytes: CUDA context, activations, prefill
-        chunk workspace and allocator slack (default 3 GB). tokens_fit: positions (summed over the
-        batch) that fit in the rest; tokens_per_sequence = tokens_fit // batch, also capped at
-        max_position_embeddings as ``context_per_sequence``.
+        the HF checkpoint's total_size). workspace_bytes: decode buffers + sampler + one prefill
+        chunk (``workspace_bytes()``). reserve_bytes: CUDA context, cuBLAS workspace and allocator
+        slack (default 1.5 GB). kv_bytes_per_token: K+V of one position over all full layers (what
+        grows with the context). sliding_kv_bytes: the sliding layers' fixed rings for ``batch``
+        sequences. tokens_fit: positions (summed over the batch) that fit in the rest;
+        tokens_per_sequence = tokens_fit // batch, also capped at max_position_embeddings as
+        ``context_per_sequence``. With ``context`` (positions per sequence, prompt + new tokens):
+        kv_cache_bytes, need_bytes (everything) and fits = need_bytes <= gpu_bytes; without it,
+        fits = the weights, workspaces and rings fit.
         """
         gshapes, lshapes = weight_shapes(config)
         weights_bytes = sum(_nbytes(s, k, weight_dtype_bytes) for s, k in gshapes.values())
         weights_bytes += sum(_nbytes(s, k, weight_dtype_bytes) for spec in lshapes for s, k in spec.values())
+        ws = GptOss.workspace_bytes(config, batch, prefill_chunk)["total"]
         per_layer_token = 2 * config.num_key_value_heads * config.head_dim * kv_dtype_bytes
         n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
         n_full = config.num_hidden_layers - n_sliding
         kv_per_token = n_full * per_layer_token
         sliding = n_sliding * batch * (config.sliding_window or 0) * per_layer_token
-        free = gpu_bytes - weights_bytes - reserve_bytes - sliding
+        free = gpu_bytes - weights_bytes - ws - reserve_bytes - sliding
         tokens_fit = max(0, int(free // kv_per_token)) if kv_per_token else (1 << 62 if free >= 0 else 0)
         per_seq = tokens_fit // batch
-        return {"gpu_bytes": int(gpu_bytes), "weights_bytes": int(weights_bytes), "reserve_bytes": int(reserve_bytes),
-                "kv_bytes_per_token": int(kv_per_token), "sliding_kv_bytes": int(sliding),
-                "full_layers": n_full, "sliding_layers": n_sliding, "batch": batch,
-                "tokens_fit": tokens_fit, "tokens_per_sequence": per_seq,
+        plan = {"gpu_bytes": int(gpu_bytes), "weights_bytes": int(weights_bytes), "workspace_bytes": int(ws),
+                "reserve_bytes": int(reserve_bytes), "kv_bytes_per_token": int(kv_per_token),
+                "sliding_kv_bytes": int(sliding), "full_layers": n_full, "sliding_layers": n_sliding,
+                "batch": batch, "tokens_fit": tokens_fit, "tokens_per_sequence": per_seq,
                 "context_per_sequence": min(per_seq, config.max_position_embeddings), "fits": free >= 0}
+        if context is not None:
+            kv = GptOss.kv_cache_bytes(config, batch, context, kv_dtype_bytes)
+            need = weights_bytes + ws + reserve_bytes + kv
+            plan.update(context=int(context), kv_cache_bytes=int(kv), need_bytes=int(need),
+                        fits=bool(need <= gpu_bytes and context <= config.max_position_embeddings))
+        return plan
+
+    @staticmethod
+    def format_memory_plan(plan: dict) -> str:
+        """One line for the CLI."""
+        G = 2 ** 30
+        s = (f"memory plan ({plan['gpu_bytes'] / G:.1f} GiB card): weights {plan['weights_bytes'] / G:.1f} GiB, "
+             f"workspaces {plan['workspace_bytes'] / G:.2f} GiB, reserve {plan['reserve_bytes'] / G:.1f} GiB, "
+             f"KV {plan['kv_bytes_per_token'] / 1024:.0f} KiB/position; batch {plan['batch']}: up to "
+             f"{plan['context_per_sequence']} positions per sequence")
+        if "context" in plan:
+            s += (f"; this request: {plan['context']} positions x {plan['batch']} -> KV cache "
+                  f"{plan['kv_cache_bytes'] / G:.2f} GiB, {'fits' if plan['fits'] else 'does NOT fit'}")
+        return s
+
+    def plan_request(self, batch: int, max_len: int, available_bytes: float | None = None) -> dict:
+        """The memory plan of a generate call (batch sequences of up to max_len positions, the
+        full-layer cache rounded up to cache_granularity) on this model's device.
+        available_bytes: memory beside the loaded weights; None: on CUDA what is still free
+        (driver-free + torch-cached + this model's current cache), on the CPU unlimited."""
+        S = self._cache_len(max_len)
+        if available_bytes is None:
+            if self.device.type != "cuda":
+                available_bytes = float(1 << 62)
+            else:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+                held = 0
+                if self._state is not None:
+                    held = sum(t.numel() * t.element_size() for kv in self._state["caches"] for t in kv)
+                available_bytes = free + cached + held
+        wb = self.weights_bytes()
+        plan = GptOss.memory_plan(self.config, gpu_bytes=available_bytes + wb, batch=batch, context=S,
+                                  prefill_chunk=self.prefill_chunk,
+                                  weight_dtype_bytes=torch.empty((), dtype=self.dtype).element_size())
+        return plan
+
+    def check_memory(self, batch: int, max_len: int, available_bytes: float | None = None) -> dict:
+        """plan_request, raising MemoryPlanError (with the largest context that would fit) when
+        the request does not fit."""
+        plan = self.plan_request(batch, max_len, available_bytes)
+        if not plan["fits"]:
+            G = 2 ** 30
+            raise MemoryPlanError(
+                f"{batch} sequence(s) x {max_len} positions do not fit on {self.device}: KV cache "
+                f"{plan['kv_cache_bytes'] / G:.2f} GiB + workspaces {plan['workspace_bytes'] / G:.2f} GiB + reserve "
+                f"{plan['reserve_bytes'] / G:.1f} GiB, with {(plan['gpu_bytes'] - plan['weights_bytes']) / G:.2f} GiB "
+                f"available beside the weights; at most {plan['context_per_sequence']} positions per sequence fit "
+                f"at batch {batch} (shorten the prompt or the number of new tokens)")
+        return plan
 
     def weights_bytes(self) -> int:
         ts = list(self.weights.values()) + [t for L in self.layers for t in L.values()]
@@ -193,22 +281,61 @@ class GptOss:
 
     # ------------------------------------------------------------------------------------------
     # op dispatch: bf16 -> public ops; float32 (CPU tests) -> the same reference math
+    # Every helper takes optional out= buffers: the decode step passes static ones (CUDA graph).
     # ------------------------------------------------------------------------------------------
     @property
     def _bf16(self) -> bool:
         return self.dtype == torch.bfloat16
+
+    def _norm(self, x, weight, residual=None, out=None, residual_out=None):
+        """RMSNorm(x) or, with residual, (RMSNorm(x + residual), x + residual) (the residual add
+        fused; residual_out may alias residual: the stream updated in place)."""
+        eps = self.config.rms_norm_eps
+        if self._bf16:
+            return ops.rms_norm(x, weight, eps=eps, residual=residual, out=out, residual_out=residual_out)
+        if residual is not None:
+            h = x + residual
+            if residual_out is not None:
+                residual_out.copy_(h)
+                h = residual_out
+        else:
+            h = x
+        y = reference.rms_norm(h, weight, eps)
+        if out is not None:
+            y = out.copy_(y)
+        return y if residual is None else (y, h)
+
+    def _linear(self, x, weight, bias=None, out=None, out_dtype=None):
+        if self._bf16:
+            return ops.linear(x, weight, bias, out=out, out_dtype=out_dtype or torch.bfloat16)
+        y = F.linear(x, weight, bias)
+        return y if out is None else out.copy_(y)
+
+    def _split_qkv(self, qkv):
+        c = self.config
+        T, nq, nkv, d = qkv.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        return (qkv[:, : nq * d].reshape(T, nq, d), qkv[:, nq * d: (nq + nkv) * d].reshape(T, nkv, d),
+                qkv[:, (nq + nkv) * d:].reshape(T, nkv, d))
 
     def _rope(self, qkv, positions):
         c = self.config
         if self._bf16:
             return ops.rope_qkv(qkv, positions, num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
                                 head_dim=c.head_dim, rope=c.yarn)
-        T, nq, nkv, d = qkv.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = qkv[:, : nq * d].reshape(T, nq, d)
-        k = qkv[:, nq * d: (nq + nkv) * d].reshape(T, nkv, d)
-        v = qkv[:, (nq + nkv) * d:].reshape(T, nkv, d)
+        q, k, v = self._split_qkv(qkv)
         cos, sin = reference.rope_cos_sin(positions, c.yarn)
         return reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin), v.contiguous()
+
+    def _rope_append(self, qkv, seq_ids, positions, kc, vc, q_out=None):
+        """Decode: rotate q (returned) and write rotated k and v into the cache (one fused op)."""
+        c = self.config
+        if self._bf16:
+            return ops.rope_and_cache_append(qkv, seq_ids, positions, kc, vc, q_out=q_out,
+                                             num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                                             head_dim=c.head_dim, rope=c.yarn)
+        q, k, v = self._rope(qkv, positions)
+        self._cache_append(k, v, kc, vc, seq_ids, positions)
+        return q if q_out is None else q_out.copy_(q)
 
     def _attend_packed(self, i, q, k, v, cu_seqlens):
         """Causal attention over whole sequences packed by cu_seqlens (no cache)."""
@@ -248,38 +375,59 @@ class GptOss:
             kc[seq_ids.long(), slots] = k
             vc[seq_ids.long(), slots] = v
 
-    def _attend_decode(self, i, q, kc, vc, seqlens):
+    def _attend_decode(self, i, q, kc, vc, seqlens, out=None):
         W, sinks = self.config.window(i), self.layers[i]["sinks"]
         if self._bf16:
-            return ops.attention_decode(q, kc, vc, seqlens, sinks, sliding_window=W, sm_scale=self.config.sm_scale)
-        return reference.attention_decode(q, kc, vc, seqlens, sinks, sliding_window=W, sm_scale=self.config.sm_scale)
+            return ops.attention_decode(q, kc, vc, seqlens, sinks, sliding_window=W, sm_scale=self.config.sm_scale,
+                                        out=out)
+        o = reference.attention_decode(q, kc, vc, seqlens, sinks, sliding_window=W, sm_scale=self.config.sm_scale)
+        return o if out is None else out.copy_(o)
 
-    def _moe(self, L, u):
+    def _moe(self, L, u, ids_out=None, w_out=None, out=None):
         c = self.config
         if self._bf16:
-            ids, w = ops.router_topk(u, L["gate_w"], L["gate_b"], c.experts_per_token)
+            ids, w = ops.router_topk(u, L["gate_w"], L["gate_b"], c.experts_per_token,
+                                     out=None if ids_out is None else (ids_out, w_out))
+            # the router's ids are always in [0, E): no validation (it would sync with the host per layer)
             return ops.moe_mxfp4(u, ids, w, L["w1_blocks"], L["w1_scales"], L["w1_bias"], L["w2_blocks"],
-                                 L["w2_scales"], L["w2_bias"], swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
+                                 L["w2_scales"], L["w2_bias"], swiglu_alpha=c.swiglu_alpha,
+                                 swiglu_limit=c.swiglu_limit, out=out, validate_ids=False)
         ids, w = reference.router_topk(u, L["gate_w"], L["gate_b"], c.experts_per_token)
-        return reference.moe(u, ids, w, L["w1_blocks"], L["w1_scales"], L["w1_bias"], L["w2_blocks"],
-                             L["w2_scales"], L["w2_bias"], swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
+        y = reference.moe(u, ids, w, L["w1_blocks"], L["w1_scales"], L["w1_bias"], L["w2_blocks"],
+                          L["w2_scales"], L["w2_bias"], swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
+        return y if out is None else out.copy_(y)
 
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
-    def _block(self, i, x, positions, attend):
-        """Block i on hidden states x [T, H] (spec §4.2-4.3); attend(i, q, k, v) -> [T, nq, d]."""
-        L, eps = self.layers[i], self.config.rms_norm_eps
-        a = reference.rms_norm(x, L["attn_norm"], eps)
-        q, k, v = self._rope(F.linear(a, L["qkv_w"], L["qkv_b"]), positions)
-        o = attend(i, q, k, v)
-        x = x + F.linear(o.reshape(x.shape[0], -1), L["out_w"], L["out_b"])
-        u = reference.rms_norm(x, L["mlp_norm"], eps)
-        return x + self._moe(L, u)
+    def _layers(self, x, attend, buf: dict | None = None):
+        """All blocks (spec §4.2-4.3) on the residual stream x [T, H]; attend(i, qkv) -> [T, nq, d].
+        Every residual add is fused with the norm that follows it (attention-in of the next layer,
+        MoE-in, the final norm). Returns the final-normed hidden states [T, H].
+
+        buf: static buffers (the decode step): x is then updated in place and every op writes into
+        its buffer (a, qkv, proj, ids, wts, moe), so the step allocates nothing of its own."""
+        g = (lambda name: None) if buf is None else buf.get
+        inplace = buf is not None
+        T, n = x.shape[0], self.config.num_hidden_layers
+        a = self._norm(x, self.layers[0]["attn_norm"], out=g("a"))
+        for i in range(n):
+            L = self.layers[i]
+            qkv = self._linear(a, L["qkv_w"], L["qkv_b"], out=g("qkv"))
+            o = attend(i, qkv)
+            p = self._linear(o.reshape(T, -1), L["out_w"], L["out_b"], out=g("proj"))
+            a, x = self._norm(p, L["mlp_norm"], residual=x, out=g("a"), residual_out=x if inplace else None)
+            m = self._moe(L, a, g("ids"), g("wts"), out=g("moe"))
+            w_next = self.layers[i + 1]["attn_norm"] if i + 1 < n else self.weights["norm"]
+            a, x = self._norm(m, w_next, residual=x, out=g("a"), residual_out=x if inplace else None)
+        return a
+
+    def _unembed(self, h, out=None):
+        """Final-normed hidden states -> float32 logits."""
+        return self._linear(h, self.weights["unembedding"], out=out, out_dtype=torch.float32).float()
 
     def _logits(self, x):
-        h = reference.rms_norm(x, self.weights["norm"], self.config.rms_norm_eps)
-        return F.linear(h, self.weights["unembedding"]).float()
+        return self._unembed(self._norm(x, self.weights["norm"]))
 
     def _ids_tensor(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, device=self.device)
@@ -298,10 +446,12 @@ class GptOss:
         x = F.embedding(ids.reshape(-1), self.weights["embedding"])
         positions = torch.arange(T, dtype=torch.int32, device=self.device).repeat(B)
         cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=self.device)
-        attend = lambda i, q, k, v: self._attend_packed(i, q, k, v, cu)  # noqa: E731
-        for i in range(self.config.num_hidden_layers):
-            x = self._block(i, x, positions, attend)
-        return self._logits(x).reshape(B, T, -1)
+
+        def attend(i, qkv):
+            q, k, v = self._rope(qkv, positions)
+            return self._attend_packed(i, q, k, v, cu)
+
+        return self._unembed(self._layers(x, attend)).reshape(B, T, -1)
 
     __call__ = forward
 
@@ -323,7 +473,10 @@ class GptOss:
         """Prefill every prompt into its row of the cache -> float32 logits [B, V] of each last token.
 
         Chunks of at most ``prefill_chunk`` tokens in total, packed over sequences (cu_seqlens):
-        each sequence continues from where its previous chunk stopped (cache_seqlens)."""
+        each sequence continues from where its previous chunk stopped (cache_seqlens). Per chunk
+        the host builds the chunk's index tensors once (one upload each); the layers then run
+        device work only (no host sync per layer on CUDA: attention_prefill reads the chunk's
+        offsets on the device, the MoE skips its id validation)."""
         B, lens = len(prompts), [len(p) for p in prompts]
         chunk = max(1, int(self.prefill_chunk))
         dev = self.device
@@ -344,7 +497,7 @@ class GptOss:
             seq_ids = torch.tensor([b for b in range(B) for _ in range(take[b])], dtype=torch.int32, device=dev)
             cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
             p0_t = torch.tensor(p0, dtype=torch.int32, device=dev)
-            keep: dict[int, torch.Tensor | None] = {}   # cache length S -> rows a ring of S keeps
+            keep: dict[int, torch.Tensor | None] = {}   # cache length S -> rows a ring of S keeps (once per chunk)
 
             def kept(S: int):
                 if S not in keep:
@@ -352,7 +505,8 @@ class GptOss:
                     keep[S] = None if len(idx) == cu[-1] else torch.tensor(idx, dtype=torch.long, device=dev)
                 return keep[S]
 
-            def attend(i, q, k, v):
+            def attend(i, qkv):
+                q, k, v = self._rope(qkv, positions)
                 kc, vc = caches[i]
                 o = self._attend_chunk(i, q, k, v, kc, vc, cu, p0, cu_t, p0_t)
                 sel = kept(kc.shape[1])
@@ -363,46 +517,97 @@ class GptOss:
                 return o
 
             x = F.embedding(ids, self.weights["embedding"])
-            for i in range(self.config.num_hidden_layers):
-                x = self._block(i, x, positions, attend)
+            h = self._layers(x, attend)
             last = [b for b in range(B) if take[b] and p0[b] + take[b] == lens[b]]
             if last:
-                lg = self._logits(x[torch.tensor([cu[b + 1] - 1 for b in last], device=dev)])
+                lg = self._unembed(h[torch.tensor([cu[b + 1] - 1 for b in last], device=dev)])
                 for j, b in enumerate(last):
                     rows[b] = lg[j]
             for b in range(B):
                 done[b] += take[b]
         return torch.stack(rows)
 
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, caches) -> torch.Tensor:
-        """tokens int64 [B] at positions int32 [B] -> float32 logits [B, V]; appends to the cache.
-        Device-only work (capturable in a CUDA graph when the ops are)."""
-        x = F.embedding(tokens, self.weights["embedding"])
-        seqlens = positions + 1
+    # ---- the decode step: static buffers, every op writes in place, one CUDA graph ------------
+    def _decode_buffers(self, batch: int) -> dict:
+        """Static tensors of the decode step for `batch` sequences (see _decode_step)."""
+        c, dev, dt = self.config, self.device, self.dtype
+        B, H, V, k = batch, c.hidden_size, c.vocab_size, c.experts_per_token
+        z = lambda *shape, dtype=dt: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
+        return {
+            "tok": z(B, dtype=torch.int64),          # in: token fed at `pos`; out: the sampled next token
+            "pos": z(B, dtype=torch.int32),          # position of `tok` (advanced by the step)
+            "seqlens": z(B, dtype=torch.int32),      # pos + 1 (cache length incl. the new token)
+            "seq_ids": torch.arange(B, dtype=torch.int32, device=dev),
+            "x": z(B, H), "a": z(B, H), "qkv": z(B, c.qkv_dim), "q": z(B, c.num_attention_heads, c.head_dim),
+            "o": z(B, c.num_attention_heads, c.head_dim), "proj": z(B, H), "moe": z(B, H),
+            "ids": z(B, k, dtype=torch.int32), "wts": z(B, k, dtype=torch.float32),
+            "logits": z(B, V, dtype=torch.float32),
+            # sampling state (device scalars: the captured graph reads them at replay)
+            "temperature": torch.ones(1, dtype=torch.float32, device=dev),
+            "top_p": torch.ones(1, dtype=torch.float32, device=dev),
+            "seed": z(1, dtype=torch.int64), "counter": z(1, dtype=torch.int64),
+            "vidx": torch.arange(V, dtype=torch.int64, device=dev),
+            "rowoff": (torch.arange(B, dtype=torch.int64, device=dev) * V).unsqueeze(1),
+        }
 
-        def attend(i, q, k, v):
+    def _decode_step(self, st: dict, mode: str) -> None:
+        """One token per sequence, all in place on st's buffers (device work only: capturable):
+        embed buf.tok at buf.pos, 36 blocks (fused RoPE + KV append, decode attention, fused
+        residual norms), unembedding into buf.logits (fp32), sample into buf.tok, advance pos and
+        seqlens."""
+        b, caches = st["buf"], st["caches"]
+        torch.index_select(self.weights["embedding"], 0, b["tok"], out=b["x"])
+
+        def attend(i, qkv):
             kc, vc = caches[i]
-            self._cache_append(k, v, kc, vc, seq_ids, positions)
-            return self._attend_decode(i, q, kc, vc, seqlens)
+            q = self._rope_append(qkv, b["seq_ids"], b["pos"], kc, vc, q_out=b["q"])
+            return self._attend_decode(i, q, kc, vc, b["seqlens"], out=b["o"])
 
-        for i in range(self.config.num_hidden_layers):
-            x = self._block(i, x, positions, attend)
-        return self._logits(x)
+        h = self._layers(b["x"], attend, buf=b)
+        self._unembed(h, out=b["logits"])
+        self._sample_into(b["logits"], mode, b)
+        b["pos"].add_(1)
+        b["seqlens"].add_(1)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
-        """logits float32 [B, V] -> int64 [B], on the device, no host sync."""
-        if temperature <= 0.0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:
+    def _sample_mode(temperature: float, top_p: float) -> str:
+        return "greedy" if temperature <= 0.0 else ("top_p" if top_p < 1.0 else "sample")
+
+    @staticmethod
+    def _noise(b: dict, B: int) -> torch.Tensor:
+        """Exp(1) noise float32 [B, V] from a counter-based hash of (seed, counter, row, vocab id):
+        device-only integer ops, so a captured graph draws fresh noise at each replay (the counter
+        advances on the device) and a seed gives the same tokens on every device. All products stay
+        below 2^63 (32-bit values times 31-bit constants)."""
+        M = 0xFFFFFFFF
+        x = b["rowoff"][:B] + b["vidx"]
+        h = (x + b["seed"] * 0x9E3779B + b["counter"] * 0x632BE5AB) & M
+        for c in (0x7FEB352D, 0x68E31DA5, 0x2C1B3C6D):
+            h = ((h ^ (h >> 16)) * c) & M
+        h = h ^ (h >> 16)
+        u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)    # (0, 1)
+        return -torch.log(u)
+
+    @staticmethod
+    def _sample_into(logits: torch.Tensor, mode: str, b: dict) -> None:
+        """Sample one token per row of logits float32 [B, V] into b["tok"] on the device, no host
+        sync. greedy: argmax. sample/top_p: softmax(logits / temperature) (then the smallest
+        prefix of the sorted probabilities reaching top_p) sampled with the exponential trick,
+        argmax(p / Exp(1)); the draw counter advances."""
+        tok = b["tok"]
+        if mode == "greedy":
+            torch.argmax(logits, dim=-1, out=tok)
+            return
+        probs = torch.softmax(logits / b["temperature"], dim=-1)
+        noise = GptOss._noise(b, logits.shape[0])
+        if mode == "top_p":
             p_sorted, idx = torch.sort(probs, dim=-1, descending=True)
-            drop = (torch.cumsum(p_sorted, -1) - p_sorted) > top_p   # keeps the smallest prefix reaching top_p
-            p_sorted = p_sorted.masked_fill(drop, 0.0)
-            noise = torch.empty_like(p_sorted).exponential_(generator=gen)
-            return idx.gather(-1, (p_sorted / noise).argmax(-1, keepdim=True)).squeeze(-1)
-        noise = torch.empty_like(probs).exponential_(generator=gen)   # Gumbel/exponential trick
-        return (probs / noise).argmax(-1)
+            drop = (torch.cumsum(p_sorted, -1) - p_sorted) > b["top_p"]   # keeps the smallest prefix reaching top_p
+            j = (p_sorted.masked_fill(drop, 0.0) / noise).argmax(-1, keepdim=True)
+            tok.copy_(idx.gather(-1, j).squeeze(-1))
+        else:
+            torch.argmax(probs / noise, dim=-1, out=tok)
+        b["counter"].add_(1)
 
     @staticmethod
     def _normalize_prompts(prompt_ids) -> tuple[list[list[int]], bool]:
@@ -417,10 +622,17 @@ class GptOss:
             return [list(map(int, p)) for p in prompt_ids], False
         return [list(map(int, prompt_ids))], True
 
+    #: decode steps queued ahead of the one whose tokens the host reads (stop checks): the GPU
+    #: never waits for the host between steps; a stop costs at most this many extra steps.
+    decode_lookahead: int = 2
+
     def stream(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                stop_token_ids: Sequence[int] | None = None, seed: int | None = None) -> Iterator[list[int | None]]:
         """Yield, per step, the new token of every sequence (None once a sequence has stopped).
-        A stop token is yielded, then that sequence stops."""
+        A stop token is yielded, then that sequence stops.
+
+        Sampling (temperature > 0) is seeded by `seed` (None: drawn from torch's default CPU
+        generator); the same seed gives the same draws on every device for the same logits."""
         prompts, _ = self._normalize_prompts(prompt_ids)
         c = self.config
         if max_new_tokens <= 0:
@@ -435,96 +647,120 @@ class GptOss:
         if max_len > c.max_position_embeddings:
             warnings.warn(f"generating up to position {max_len} > max_position_embeddings {c.max_position_embeddings}")
         stops = set(stop_token_ids or ())
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed)
+        mode = self._sample_mode(temperature, top_p)
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 31 - 1, ()))
 
         # inference_mode only around the compute: a generator must not leave it set while suspended
         with torch.inference_mode():
             st = self._decode_state(B, max_len)
-            caches = st["caches"]
-            logits = self._prefill(prompts, caches)
-            tokens = self._sample(logits, temperature, top_p, gen)
-            positions = torch.tensor(lens, dtype=torch.int32, device=self.device)
-            if st["step"] is None:
-                st["step"] = self._make_decode_fn(tokens, positions, st["seq_ids"], caches)
-            step = st["step"]
+            b = st["buf"]
+            logits = self._prefill(prompts, st["caches"])
+            b["temperature"].fill_(max(float(temperature), 1e-6))
+            b["top_p"].fill_(float(top_p))
+            b["seed"].fill_(int(seed) & 0x7FFFFFFF)
+            b["counter"].zero_()
+            self._sample_into(logits, mode, b)
+            b["pos"].copy_(torch.tensor(lens, dtype=torch.int32))
+            b["seqlens"].copy_(b["pos"] + 1)
+            step = self._step_fn(st, mode)
+            ring = _TokenRing(b["tok"], max(0, int(self.decode_lookahead)))
+            ring.push()
+        queued = 0            # decode steps enqueued (token n comes out of step n)
         done = [False] * B
         for n in range(max_new_tokens):
-            host = tokens.tolist()           # the one host sync per step (stop checks)
+            with torch.inference_mode():
+                while queued < min(n + ring.depth, max_new_tokens - 1):
+                    step()
+                    ring.push()
+                    queued += 1
+                host = ring.pop()            # waits for token n only (the steps after it keep running)
             out = []
-            for b in range(B):
-                if done[b]:
+            for j in range(B):
+                if done[j]:
                     out.append(None)
                     continue
-                out.append(host[b])
-                if host[b] in stops:
-                    done[b] = True
+                out.append(host[j])
+                if host[j] in stops:
+                    done[j] = True
             yield out
-            if all(done) or n == max_new_tokens - 1:
+            if all(done):
                 return
-            with torch.inference_mode():
-                logits = step(tokens, positions)
-                tokens = self._sample(logits, temperature, top_p, gen)
-                positions = positions + 1
 
     #: full-layer cache length is rounded up to this, so that generate calls of similar lengths
     #: reuse one cache and one captured CUDA graph
     cache_granularity: int = 256
 
-    def _decode_state(self, batch: int, max_len: int) -> dict:
-        """The cache (and decode step) for `batch` sequences of up to `max_len` positions. Reused
-        across calls with the same batch and rounded length: stale entries are never read (a query
-        only sees positions of its own sequence written in this call)."""
+    def _cache_len(self, max_len: int) -> int:
         g = max(1, int(self.cache_granularity))
-        S = -(-max_len // g) * g
+        return -(-max_len // g) * g
+
+    def _decode_state(self, batch: int, max_len: int) -> dict:
+        """The cache, static buffers and captured decode steps for `batch` sequences of up to
+        `max_len` positions. Reused across calls with the same batch and rounded length: stale
+        entries are never read (a query only sees positions of its own sequence written in this
+        call). On CUDA a request that does not fit the free memory raises MemoryPlanError before
+        anything is allocated."""
+        S = self._cache_len(max_len)
         st = self._state
         if st is not None and st["B"] == batch and st["S"] == S:
             return st
         self._state = self._graph = None   # free the old cache first
-        self._state = {"B": batch, "S": S, "caches": self.new_cache(batch, S), "step": None,
-                       "seq_ids": torch.arange(batch, dtype=torch.int32, device=self.device)}
+        if self.device.type == "cuda":
+            self.check_memory(batch, max_len)
+        self._state = {"B": batch, "S": S, "caches": self.new_cache(batch, S), "steps": {},
+                       "buf": self._decode_buffers(batch)}
         return self._state
 
     def release_cache(self) -> None:
         """Free the KV cache and the captured decode graph kept between generate calls."""
         self._state = self._graph = None
 
-    def _make_decode_fn(self, tokens, positions, seq_ids, caches):
-        """Decode step function (tokens, positions) -> logits; a CUDA graph replay on CUDA."""
-        eager = lambda t, p: self._decode_step(t, p, seq_ids, caches)  # noqa: E731
-        if self.device.type != "cuda" or not self.use_cuda_graph:
-            return eager
-        if not _lib.cuda_available() or not self._bf16:
-            # the reference path reads tensors on the host: not capturable
-            warnings.warn(f"GptOss: decode runs eagerly (no CUDA graph): "
-                          f"{_lib.kernels_error() or 'float32 model uses the reference'}", RuntimeWarning)
-            return eager
+    def _step_fn(self, st: dict, mode: str):
+        """The decode step for a sampling mode: a CUDA graph replay on CUDA (captured once per
+        state and mode), else the eager step. Both update st's buffers in place."""
+        if mode in st["steps"]:
+            return st["steps"][mode]
+        eager = lambda: self._decode_step(st, mode)  # noqa: E731
+        fn = eager
+        if self.device.type == "cuda" and self.use_cuda_graph:
+            if not _lib.cuda_available() or not self._bf16:
+                # the reference path reads tensors on the host: not capturable
+                warnings.warn(f"GptOss: decode runs eagerly (no CUDA graph): "
+                              f"{_lib.kernels_error() or 'float32 model uses the reference'}", RuntimeWarning)
+            else:
+                graph = self._capture(st, mode)
+                if graph is not None:
+                    fn = graph.replay
+                    self._graph = graph
+        st["steps"][mode] = fn
+        return fn
+
+    def _capture(self, st: dict, mode: str):
+        """Capture one decode step in a CUDA graph without changing the state: the warm-up step
+        runs for real (it writes the cache slot the first real step rewrites with the same
+        values), so the small state it advances is saved and restored."""
+        b = st["buf"]
+        saved = {n: b[n].clone() for n in ("tok", "pos", "seqlens", "counter")}
         try:
-            tok_buf, pos_buf = tokens.clone(), positions.clone()
             s = torch.cuda.Stream(self.device)
             s.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(s):  # warm-up: writes the same cache slot the first real step writes
-                self._decode_step(tok_buf, pos_buf, seq_ids, caches)
+            with torch.cuda.stream(s):   # warm-up outside the capture: lazy inits, allocator pools
+                self._decode_step(st, mode)
             torch.cuda.current_stream(self.device).wait_stream(s)
+            for n, t in saved.items():
+                b[n].copy_(t)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._decode_step(tok_buf, pos_buf, seq_ids, caches)
+                self._decode_step(st, mode)
         except Exception as e:  # an op that syncs with the host (e.g. a reference fallback) cannot be captured
             warnings.warn(f"GptOss: decode step not captured in a CUDA graph ({type(e).__name__}: {e}); "
                           f"running it eagerly", RuntimeWarning)
             torch.cuda.synchronize(self.device)
-            return eager
-
-        def replay(t, p):
-            tok_buf.copy_(t)
-            pos_buf.copy_(p)
-            graph.replay()
-            return out
-
-        self._graph = graph
-        return replay
+            graph = None
+        for n, t in saved.items():
+            b[n].copy_(t)
+        return graph
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  stop_token_ids: Sequence[int] | None = None, seed: int | None = None):
@@ -537,3 +773,37 @@ class GptOss:
                 if t is not None:
                     out[b].append(t)
         return out[0] if single else out
+
+
+class MemoryPlanError(RuntimeError):
+    """A generate request whose KV cache and workspaces do not fit the device's free memory."""
+
+
+class _TokenRing:
+    """Sampled ids read back without stalling the device: each push copies the token buffer into
+    a slot of a pinned host ring (non-blocking, stream-ordered) and records an event; pop waits for
+    the oldest slot's event only. depth + 1 slots: at most depth steps run ahead of the reader."""
+
+    def __init__(self, src: torch.Tensor, depth: int):
+        self.src, self.depth = src, depth
+        self.cuda = src.is_cuda
+        R = depth + 1
+        self.host = torch.empty((R,) + tuple(src.shape), dtype=src.dtype, pin_memory=self.cuda)
+        self.events = [torch.cuda.Event() for _ in range(R)] if self.cuda else None
+        self.w = self.r = 0
+
+    def push(self) -> None:
+        s = self.w % len(self.host)
+        assert self.w - self.r < len(self.host), "token ring overrun"
+        self.host[s].copy_(self.src, non_blocking=self.cuda)
+        if self.cuda:
+            self.events[s].record()
+        self.w += 1
+
+    def pop(self) -> list[int]:
+        assert self.r < self.w, "token ring underrun"
+        s = self.r % len(self.host)
+        if self.cuda:
+            self.events[s].synchronize()
+        self.r += 1
+        return self.host[s].tolist()

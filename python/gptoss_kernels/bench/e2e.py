@@ -225,3 +225,249 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
     if cuda and not getattr(ctx, "broken", None):
         torch.cuda.empty_cache()
     return rows, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode-step profile: every op of one step, its time (eager, CUDA events, cold L2) against its
+# bytes. `python -m gptoss_kernels.bench.e2e --profile` (the byte table alone without a GPU).
+# ---------------------------------------------------------------------------------------------
+
+def decode_step_ops(shape: ModelShape, batch: int = 1, context: int = 1024) -> list[dict]:
+    """The ops of one decode step in the model's order (GptOss._decode_step), each with its calls
+    per step and the bytes one call must move at the least: weights read once, activations read
+    and written, the KV cache read (`context` positions per sequence including the new token;
+    sliding layers at most the window). Experts: moe_bytes_read's expected distinct experts of
+    the batch (exactly k at batch 1). Dict keys: op, calls, bytes (per call), group."""
+    from ..ops.moe import moe_bytes_read
+
+    s, B, bf = shape, batch, 2
+    H, V, E, k, I = s.hidden, s.vocab, s.num_experts, s.k, s.intermediate
+    nqd, kvd = s.nq * s.head_dim, s.nkv * s.head_dim
+    qkv = nqd + 2 * kvd
+    L, Ls = s.num_layers, s.num_sliding_layers
+    Lf = L - Ls
+    kv_pos = 2 * kvd * bf                     # K + V of one position in one layer
+    rows = [
+        ("embedding", 1, 2 * B * H * bf, "other"),
+        ("rms_norm (first)", 1, 2 * B * H * bf + H * bf, "norms"),
+        ("qkv linear + bias", L, qkv * H * bf + qkv * bf + B * H * bf + B * qkv * bf, "attention"),
+        ("rope + cache append", L, 2 * B * qkv * bf + 2 * B * 4, "attention"),
+        ("attention_decode (sliding)", Ls,
+         2 * B * nqd * bf + B * min(context, s.sliding_window) * kv_pos + s.nq * bf + B * 4, "attention"),
+        ("attention_decode (full)", Lf, 2 * B * nqd * bf + B * context * kv_pos + s.nq * bf + B * 4, "attention"),
+        ("out linear + bias", L, H * nqd * bf + H * bf + B * nqd * bf + B * H * bf, "attention"),
+        ("residual + rms_norm", 2 * L, 4 * B * H * bf + H * bf, "norms"),
+        ("router top-k", L, E * H * bf + E * bf + B * H * bf + B * k * 8, "moe"),
+        ("moe_mxfp4", L, moe_bytes_read(B, k, E, H, I), "moe"),
+        ("unembedding (fp32 logits)", 1, V * H * bf + B * H * bf + B * V * 4, "unembedding"),
+        ("sample (argmax)", 1, B * V * 4 + B * 8, "other"),
+    ]
+    return [{"op": op, "calls": n, "bytes": int(b), "group": g} for op, n, b, g in rows if n]
+
+
+def decode_step_bytes(shape: ModelShape, batch: int = 1, context: int = 1024) -> dict[str, float]:
+    """Bytes of one decode step by group (attention = projections + RoPE/append + KV reads) and in
+    total, from decode_step_ops."""
+    out: dict[str, float] = {}
+    for r in decode_step_ops(shape, batch, context):
+        out[r["group"]] = out.get(r["group"], 0.0) + r["calls"] * r["bytes"]
+    out["total"] = sum(out.values())
+    return out
+
+
+def _profile_model(shape_name: str, device: torch.device, layers: int = 2):
+    """A model of the real shapes with `layers` layers (one sliding, one full): every op of the
+    step has the 120b/20b shapes; the step total is the per-layer times times the layer count."""
+    import dataclasses
+
+    GptOss, GptOssConfig = load_model_api()
+    cfg = config_for(shape_name, GptOssConfig)
+    cfg = dataclasses.replace(cfg, num_hidden_layers=layers, layer_types=cfg.layer_types[:layers])
+    return GptOss.from_config(cfg, device=device, seed=0)
+
+
+def _op_calls(model, st: dict, layer_ids: dict[str, int]) -> dict[str, object]:
+    """Closures running each op of the decode step on the model's static buffers (the same calls
+    _decode_step makes). layer_ids: which layer stands for the sliding / full attention ops."""
+    from .. import ops
+
+    c, b, W = model.config, st["buf"], model.weights
+    eps = c.rms_norm_eps
+    Ls = model.layers[layer_ids["sliding"]]
+    calls = {
+        "embedding": lambda: torch.index_select(W["embedding"], 0, b["tok"], out=b["x"]),
+        "rms_norm (first)": lambda: ops.rms_norm(b["x"], Ls["attn_norm"], eps=eps, out=b["a"]),
+        "qkv linear + bias": lambda: ops.linear(b["a"], Ls["qkv_w"], Ls["qkv_b"], out=b["qkv"]),
+        "out linear + bias": lambda: ops.linear(b["o"].reshape(b["o"].shape[0], -1), Ls["out_w"], Ls["out_b"],
+                                                out=b["proj"]),
+        "residual + rms_norm": lambda: ops.rms_norm(b["proj"], Ls["mlp_norm"], eps=eps, residual=b["x"],
+                                                    out=b["a"], residual_out=b["x"]),
+        "router top-k": lambda: ops.router_topk(b["a"], Ls["gate_w"], Ls["gate_b"], c.experts_per_token,
+                                                out=(b["ids"], b["wts"])),
+        "moe_mxfp4": lambda: ops.moe_mxfp4(b["a"], b["ids"], b["wts"], Ls["w1_blocks"], Ls["w1_scales"],
+                                           Ls["w1_bias"], Ls["w2_blocks"], Ls["w2_scales"], Ls["w2_bias"],
+                                           swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
+                                           out=b["moe"], validate_ids=False),
+        "unembedding (fp32 logits)": lambda: ops.linear(b["a"], W["unembedding"], out=b["logits"],
+                                                        out_dtype=torch.float32),
+        "sample (argmax)": lambda: torch.argmax(b["logits"], dim=-1, out=b["tok"]),
+    }
+    kc, vc = st["caches"][layer_ids["sliding"]]
+    calls["rope + cache append"] = lambda: ops.rope_and_cache_append(
+        b["qkv"], b["seq_ids"], b["pos"], kc, vc, q_out=b["q"], num_q_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, rope=c.yarn)
+    for kind in ("sliding", "full"):
+        i = layer_ids[kind]
+        kci, vci = st["caches"][i]
+        calls[f"attention_decode ({kind})"] = (lambda kci=kci, vci=vci, i=i: ops.attention_decode(
+            b["q"], kci, vci, b["seqlens"], model.layers[i]["sinks"], sliding_window=c.window(i),
+            sm_scale=c.sm_scale, out=b["o"]))
+    return calls
+
+
+def _time_cold(fn, device: torch.device, flush: torch.Tensor, reps: int) -> float:
+    """Median µs of fn between CUDA events, each run after overwriting a buffer larger than L2
+    (cold weights; the flush also gives the host time to queue the op, so launch latency is not
+    timed)."""
+    import statistics
+
+    fn()
+    torch.cuda.synchronize(device)
+    pairs = []
+    for _ in range(reps):
+        flush.add_(1)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        pairs.append((e0, e1))
+    torch.cuda.synchronize(device)
+    return statistics.median(a.elapsed_time(z) * 1e3 for a, z in pairs)
+
+
+def profile_decode_step(config_name: str = "120b", batch: int = 1, context: int = 1024, *,
+                        device: torch.device | str | None = None, copy_gbps: float | None = None,
+                        reps: int = 30, progress=lambda msg: None) -> dict:
+    """Per-op profile of one decode step at the real shapes. Returns {"rows": [...], "summary":
+    {...}, "mode": "gpu" | "bytes-only"}: each row op, calls, bytes, and on a GPU us (per call,
+    eager, CUDA events, cold L2), gbps, pct_copy (of the copy bandwidth measured here).
+
+    The GPU run builds the model with 2 layers (one sliding, one full; random weights), fills
+    positions up to `context`, times every op of the step, and also times the captured 2-layer
+    step (graph replay) against the sum of its ops: the difference is launch gaps and overlap."""
+    shape = ModelShape.preset(config_name)
+    rows = decode_step_ops(shape, batch, context)
+    total_bytes = sum(r["calls"] * r["bytes"] for r in rows)
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    summary = {"config": shape.name, "batch": batch, "context": context, "bytes_per_step": total_bytes,
+               "bytes_per_token": total_bytes / batch}
+    if dev.type != "cuda":
+        return {"mode": "bytes-only", "rows": rows, "summary": summary,
+                "note": "no GPU: the byte table only (no timings)"}
+    from .timing import measure_limits
+
+    if copy_gbps is None:
+        progress("profile: measuring the copy bandwidth")
+        copy_gbps = measure_limits(dev, quick=True).copy_gbps
+    progress(f"profile: building {shape.name} shapes with 2 layers on {dev}")
+    model = _profile_model(config_name, dev)
+    S = model._cache_len(context)
+    st = model._decode_state(batch, S)
+    b = st["buf"]
+    b["tok"].random_(0, min(199998, shape.vocab))
+    b["pos"].fill_(context - 1)
+    b["seqlens"].fill_(context)
+    for kc, vc in st["caches"]:      # a filled cache (values only matter for NaN-free timing)
+        kc.normal_()
+        vc.normal_()
+    layer_ids = {"sliding": 0 if model.config.is_sliding(0) else 1, "full": 1 if model.config.is_sliding(0) else 0}
+    with torch.inference_mode():
+        calls = _op_calls(model, st, layer_ids)
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20) or 50 * 2**20
+        flush = torch.zeros(4 * l2 // 4, dtype=torch.float32, device=dev)
+        for r in rows:
+            progress(f"profile: {r['op']}")
+            us = _time_cold(calls[r["op"]], dev, flush, reps)
+            r["us"] = us
+            r["gbps"] = r["bytes"] / (us * 1e-6) / 1e9
+            r["pct_copy"] = 100.0 * r["gbps"] / copy_gbps
+        # the 2-layer step replayed as one graph against the sum of its ops
+        step = model._step_fn(st, "greedy")
+        graph = model._graph is not None
+        step()
+        torch.cuda.synchronize(dev)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        n = 20
+        e0.record()
+        for _ in range(n):
+            step()
+        e1.record()
+        torch.cuda.synchronize(dev)
+        step_us = e0.elapsed_time(e1) * 1e3 / n
+    L = model.config.num_hidden_layers
+    per = {r["op"]: r for r in rows}
+    small = sum(per[o]["us"] for o in ("embedding", "rms_norm (first)", "unembedding (fp32 logits)", "sample (argmax)"))
+    small += per["residual + rms_norm"]["us"] * 2 * L
+    for o in ("qkv linear + bias", "rope + cache append", "out linear + bias", "router top-k", "moe_mxfp4"):
+        small += per[o]["us"] * L
+    small += per["attention_decode (sliding)"]["us"] + per["attention_decode (full)"]["us"]
+    sum_us = sum(r["us"] * r["calls"] for r in rows)
+    bound_us = total_bytes / (copy_gbps * 1e9) * 1e6
+    summary.update(copy_gbps=copy_gbps, sum_us=sum_us, sum_tok_s=batch / (sum_us * 1e-6), bound_us=bound_us,
+                   bound_tok_s=batch / (bound_us * 1e-6), pct_of_bound=100.0 * bound_us / sum_us,
+                   step2_graph=bool(graph), step2_us=step_us, step2_sum_ops_us=small,
+                   device_name=torch.cuda.get_device_name(dev))
+    del model, st, calls
+    torch.cuda.empty_cache()
+    return {"mode": "gpu", "rows": rows, "summary": summary}
+
+
+def format_profile(prof: dict) -> str:
+    s = prof["summary"]
+    gpu = prof["mode"] == "gpu"
+    head = (f"decode-step profile, {s['config']}, batch {s['batch']}, context {s['context']}"
+            + (f", {s['device_name']} (eager per op, CUDA events, cold L2)" if gpu else f" -- {prof['note']}"))
+    lines = [head, f"{'op':<28} {'calls':>5} {'MB/call':>9} {'us/call':>8} {'GB/s':>7} {'%copy':>6} {'us/step':>8}"]
+    for r in prof["rows"]:
+        mb = r["bytes"] / 1e6
+        if gpu:
+            lines.append(f"{r['op']:<28} {r['calls']:>5} {mb:>9.3f} {r['us']:>8.1f} {r['gbps']:>7.0f} "
+                         f"{r['pct_copy']:>5.0f}% {r['us'] * r['calls']:>8.0f}")
+        else:
+            lines.append(f"{r['op']:<28} {r['calls']:>5} {mb:>9.3f} {'-':>8} {'-':>7} {'-':>6} {'-':>8}")
+    lines.append(f"bytes per step {s['bytes_per_step'] / 1e9:.3f} GB ({s['bytes_per_token'] / 1e9:.3f} GB/token)")
+    if gpu:
+        lines.append(f"sum of ops {s['sum_us']:.0f} us/step = {s['sum_tok_s']:.0f} tok/s; bound at the measured copy "
+                     f"{s['copy_gbps']:.0f} GB/s: {s['bound_us']:.0f} us = {s['bound_tok_s']:.0f} tok/s; "
+                     f"sum is {s['pct_of_bound']:.0f}% of the bound")
+        lines.append(f"2-layer step {'(CUDA graph)' if s['step2_graph'] else '(eager)'}: {s['step2_us']:.0f} us "
+                     f"vs its ops summed {s['step2_sum_ops_us']:.0f} us")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m gptoss_kernels.bench.e2e",
+                                description="Per-op profile of one decode step (bytes only without a GPU).")
+    p.add_argument("--profile", action="store_true", help="run the decode-step profile (the only mode here)")
+    p.add_argument("--config", choices=("120b", "20b"), default="120b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the profile to this file")
+    a = p.parse_args(argv)
+    prof = profile_decode_step(a.config, a.batch, a.context, device=a.device,
+                               progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_profile(prof))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(prof, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

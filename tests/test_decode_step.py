@@ -1,0 +1,297 @@
+"""The fast decode path's pieces on the CPU (issue 11): the static-buffer decode step and its
+sampler, the look-ahead token read-back, the memory plan of a request (120b arithmetic), the
+decode-step byte table of the profile; and on a GPU: the CUDA-graph step against the eager
+step on kernel shapes, and the 120b profile.
+
+First GPU run: `pytest -q -s tests/test_decode_step.py -m gpu` then
+`python -m gptoss_kernels.bench.e2e --profile` (the per-op table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from gptoss_kernels import GptOss, GptOssConfig
+from gptoss_kernels.bench import e2e
+from gptoss_kernels.bench.shapes import ModelShape
+from gptoss_kernels.model import MemoryPlanError, _TokenRing
+
+
+def tiny(**kw) -> GptOssConfig:
+    base = dict(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=96, hidden_size=64,
+                intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    base.update(kw)
+    return GptOssConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def m32():
+    return GptOss.from_config(tiny(), device="cpu", seed=1, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the step and the sampler (CPU)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_step_equals_forward_logits(dtype):
+    """One static-buffer decode step after a prefill gives the logits of a full forward pass at
+    that position, advances pos/seqlens in place and writes the greedy token into buf.tok.
+    fp32: only summation order differs (1e-5); bf16: the same ops on both paths, but the cache
+    holds k/v computed in a different chunking (2e-2, bf16 rounding through 2 layers)."""
+    m = GptOss.from_config(tiny(), device="cpu", seed=2, dtype=dtype)
+    prompt = [3, 14, 15, 92, 65, 35, 8, 9, 7]     # 9 > window 4: the ring has wrapped
+    with torch.inference_mode():
+        st = m._decode_state(1, 16)
+        m._prefill([prompt], st["caches"])
+        b = st["buf"]
+        b["tok"].fill_(11)
+        b["pos"].fill_(len(prompt))
+        b["seqlens"].fill_(len(prompt) + 1)
+        m._decode_step(st, "greedy")
+        ref = m(torch.tensor([prompt + [11]]))[0, -1]
+    got = b["logits"][0]
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+    assert int(b["tok"][0]) == int(got.argmax())
+    assert int(b["pos"][0]) == len(prompt) + 1 and int(b["seqlens"][0]) == len(prompt) + 2
+    m.release_cache()
+
+
+def test_noise_is_exponential_and_counter_based():
+    b = {"rowoff": (torch.arange(3) * 50000).unsqueeze(1), "vidx": torch.arange(50000),
+         "seed": torch.tensor([123]), "counter": torch.tensor([0])}
+    n0 = GptOss._noise(b, 3)
+    assert n0.shape == (3, 50000) and n0.dtype == torch.float32 and torch.isfinite(n0).all() and (n0 > 0).all()
+    # Exp(1): mean 1, P(X > 1) = e^-1 (150k draws: standard errors ~0.003 and ~0.0013)
+    assert abs(n0.mean().item() - 1.0) < 0.02
+    assert abs((n0 > 1).float().mean().item() - math.exp(-1)) < 0.01
+    assert torch.equal(n0, GptOss._noise(b, 3))                         # deterministic
+    b["counter"] += 1
+    n1 = GptOss._noise(b, 3)
+    assert (n1 != n0).float().mean() > 0.99                              # fresh draws per step
+    assert abs(torch.corrcoef(torch.stack([n0.flatten(), n1.flatten()]))[0, 1].item()) < 0.02
+    assert (n0[0] != n0[1]).float().mean() > 0.99                        # rows differ
+
+
+def test_sampler_frequencies_match_probabilities():
+    """2000 draws of the exponential-trick sampler from fixed logits: frequencies within 5
+    standard errors of softmax(logits / T); top_p keeps the smallest prefix reaching p."""
+    V, N = 6, 2000
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    b = {"tok": torch.zeros(1, dtype=torch.int64), "temperature": torch.tensor([0.8]), "top_p": torch.tensor([1.0]),
+         "seed": torch.tensor([7]), "counter": torch.tensor([0]), "vidx": torch.arange(V),
+         "rowoff": torch.zeros(1, 1, dtype=torch.int64)}
+    sampler = GptOss._sample_into
+    counts = torch.zeros(V)
+    for _ in range(N):
+        sampler(logits, "sample", b)
+        counts[int(b["tok"])] += 1
+    assert int(b["counter"]) == N
+    p = torch.softmax(logits[0] / 0.8, -1)
+    se = (p * (1 - p) / N).sqrt()
+    assert ((counts / N - p).abs() <= 5 * se + 1e-3).all(), (counts / N, p)
+    b["top_p"].fill_(0.7)          # p sorted: 0.60, 0.17, ... -> the prefix {0, 1} reaches 0.7
+    seen = set()
+    for _ in range(300):
+        sampler(logits, "top_p", b)
+        seen.add(int(b["tok"]))
+    assert seen == {0, 1}
+    sampler(logits, "greedy", b)
+    assert int(b["tok"]) == 0
+
+
+def test_sampling_seeded_and_lookahead_independent(m32):
+    prompt = [5, 6, 7, 8, 9]
+    base = m32.generate(prompt, 10, temperature=1.0, top_p=0.95, seed=3)
+    assert base == m32.generate(prompt, 10, temperature=1.0, top_p=0.95, seed=3)
+    assert base != m32.generate(prompt, 10, temperature=1.0, top_p=0.95, seed=4)
+    greedy = m32.generate(prompt, 10)
+    saved = m32.decode_lookahead
+    try:
+        for la in (0, 1, 5):
+            m32.decode_lookahead = la
+            assert m32.generate(prompt, 10, temperature=1.0, top_p=0.95, seed=3) == base
+            assert m32.generate(prompt, 10) == greedy
+            stop = greedy[3]
+            assert m32.generate(prompt, 10, stop_token_ids=[stop]) == greedy[:greedy.index(stop) + 1]
+    finally:
+        m32.decode_lookahead = saved
+
+
+def test_stream_runs_exactly_the_needed_steps(m32, monkeypatch):
+    """max_new_tokens tokens need max_new_tokens - 1 decode steps whatever the look-ahead."""
+    calls = []
+    real = GptOss._decode_step
+
+    def counting(self, st, mode):
+        calls.append(mode)
+        return real(self, st, mode)
+
+    monkeypatch.setattr(GptOss, "_decode_step", counting)
+    for n in (1, 2, 7):
+        calls.clear()
+        assert len(m32.generate([1, 2, 3], n)) == n
+        assert len(calls) == n - 1
+
+
+def test_token_ring_cpu():
+    src = torch.zeros(2, dtype=torch.int64)
+    r = _TokenRing(src, depth=2)
+    for v in range(3):
+        src.fill_(v)
+        r.push()
+    with pytest.raises(AssertionError, match="overrun"):
+        r.push()
+    assert [r.pop(), r.pop()] == [[0, 0], [1, 1]]
+    src.fill_(5)
+    r.push()
+    assert [r.pop(), r.pop()] == [[2, 2], [5, 5]]
+    with pytest.raises(AssertionError, match="underrun"):
+        r.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# memory plan
+# ---------------------------------------------------------------------------------------------
+
+def test_memory_plan_requests_120b_on_80gb():
+    cfg = GptOssConfig.gpt_oss_120b()
+    G = 80e9
+    one = GptOss.memory_plan(cfg, G, batch=1, context=131072)
+    kv = (18 * 131072 + 18 * 128) * 2 * 8 * 64 * 2        # full layers the context, sliding the ring
+    assert one["kv_cache_bytes"] == kv == GptOss.kv_cache_bytes(cfg, 1, 131072)
+    assert one["need_bytes"] == 65_248_815_744 + one["workspace_bytes"] + one["reserve_bytes"] + kv
+    assert one["fits"]                                      # ≈ 72 GB: the longest context fits at batch 1
+    assert not GptOss.memory_plan(cfg, G, batch=4, context=131072)["fits"]    # 4 x 4.8 GB of KV: no
+    assert GptOss.memory_plan(cfg, G, batch=4, context=32768)["fits"]
+    assert GptOss.memory_plan(cfg, G, batch=64, context=4096)["fits"]         # ≈ 10 GB of KV
+    assert not GptOss.memory_plan(cfg, G, batch=64, context=8192)["fits"]     # ≈ 19.6 GB of KV
+    assert not GptOss.memory_plan(cfg, G, batch=1, context=131073)["fits"]    # past max_position_embeddings
+    # the workspaces: one 2048-token prefill chunk dominates (~0.63 GB); the decode step ~18 MB at batch 1
+    ws = GptOss.workspace_bytes(cfg, 1)
+    assert 0.5e9 < ws["prefill"] < 0.8e9 and ws["decode"] < 20e6
+    assert GptOss.workspace_bytes(cfg, 64)["decode"] < 1.2e9
+    # a plan's tokens_fit agrees with the request check at the boundary
+    p = GptOss.memory_plan(cfg, G, batch=2)
+    ctx = p["tokens_per_sequence"]
+    assert GptOss.memory_plan(cfg, G, batch=2, context=min(ctx, 131072))["fits"]
+    assert not GptOss.memory_plan(cfg, G, batch=2, context=ctx + 16)["fits"]
+    assert "positions per sequence" in GptOss.format_memory_plan(one)
+    # 20b: 12 full layers, 24 KiB of KV per position: 16 x 131072 positions (51.5 GB) fit, 32 do not
+    twenty = GptOss.memory_plan(GptOssConfig.gpt_oss_20b(), G, batch=32, context=131072)
+    assert twenty["weights_bytes"] == 13_761_264_768 and twenty["fits"] is False
+    assert GptOss.memory_plan(GptOssConfig.gpt_oss_20b(), G, batch=16, context=131072)["fits"]
+
+
+def test_check_memory_refuses_cleanly(m32):
+    # the tiny fp32 model: KV per position 1 full layer x 2 x 2 x 16 x 4 B = 256 B
+    plan = m32.plan_request(1, 300)
+    assert plan["fits"] and plan["context"] == 512          # the cache is rounded to 256 positions
+    need_beside_weights = plan["need_bytes"] - plan["weights_bytes"]
+    m32.check_memory(1, 300, available_bytes=need_beside_weights)
+    with pytest.raises(MemoryPlanError, match="do not fit"):
+        m32.check_memory(1, 300, available_bytes=need_beside_weights - 1)
+    with pytest.raises(MemoryPlanError, match="at most"):
+        m32.check_memory(8, 100_000, available_bytes=need_beside_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode-step bytes (the profile's table)
+# ---------------------------------------------------------------------------------------------
+
+def test_decode_step_bytes_120b_batch1():
+    s = ModelShape.preset("120b")
+    g = e2e.decode_step_bytes(s, 1, 1024)
+    ops = {r["op"]: r for r in e2e.decode_step_ops(s, 1, 1024)}
+    experts = 36 * 4 * s.expert_bytes()
+    assert abs(experts - 1.906e9) < 1e6
+    assert abs(ops["moe_mxfp4"]["bytes"] * 36 - experts) < 36 * 50_000      # + x, out, routing
+    proj = 36 * (ops["qkv linear + bias"]["bytes"] + ops["out linear + bias"]["bytes"])
+    assert abs(proj - 1.912e9) < 2e6
+    assert abs(ops["unembedding (fp32 logits)"]["bytes"] - 1.158e9) < 2e6    # + x, fp32 logits
+    assert ops["attention_decode (full)"]["bytes"] > 1024 * 2048             # the KV of 1024 positions
+    assert ops["attention_decode (sliding)"]["calls"] == 18 and ops["residual + rms_norm"]["calls"] == 72
+    assert abs(g["total"] - 5.05e9) < 0.01e9
+    # against the bench's component sum (which leaves activations out): within 0.2%
+    other = e2e.decode_bytes_per_step(s, 1, 1024)["total"]
+    assert abs(g["total"] - other) / other < 2e-3
+    b64 = e2e.decode_step_bytes(s, 64, 1024)["total"]
+    assert 3 * g["total"] < b64                                              # ~all experts at batch 64
+
+
+def test_profile_bytes_only_on_cpu():
+    prof = e2e.profile_decode_step("120b", 1, 1024, device="cpu")
+    assert prof["mode"] == "bytes-only"
+    text = e2e.format_profile(prof)
+    assert "no GPU" in text and "moe_mxfp4" in text and "5.052 GB" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_cfg(**kw) -> GptOssConfig:
+    # shapes the kernels cover: head_dim 64, 64/8 heads, H = I = 2880; few experts and layers
+    base = dict(num_hidden_layers=2, num_experts=8, experts_per_token=4, vocab_size=1024,
+                num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128)
+    base.update(kw)
+    return GptOssConfig(**base)
+
+
+@pytest.mark.gpu
+def test_graph_decode_equals_eager_decode():
+    """The captured step and the eager step run the same kernels on the same buffers: greedy
+    tokens must be identical (the kernels are deterministic), for batch 1 and 2, through a ring
+    wrap (prompt 200 > window 128), with sampling too (same seed)."""
+    cfg = _kernel_cfg(num_hidden_layers=3)
+    m = GptOss.from_config(cfg, device="cuda", seed=0)
+    g = torch.Generator().manual_seed(0)
+    p1 = torch.randint(0, cfg.vocab_size, (200,), generator=g).tolist()
+    p2 = torch.randint(0, cfg.vocab_size, (90,), generator=g).tolist()
+    out = {}
+    for graph in (True, False):
+        m.use_cuda_graph = graph
+        m.release_cache()
+        out[graph] = (m.generate(p1, 24), m.generate([p1, p2], 12),
+                      m.generate(p1, 12, temperature=1.0, top_p=0.9, seed=1))
+        if graph:
+            assert m._graph is not None, "the decode step was not captured"
+    assert out[True] == out[False]
+
+
+@pytest.mark.gpu
+def test_graph_decode_matches_cpu_reference():
+    """Greedy tokens of the captured decode are near-argmax of the CPU fp32-math reference's
+    logits (bf16 kernels may flip near-ties only; slack 5% of the logit std)."""
+    cfg = _kernel_cfg()
+    gpu = GptOss.from_config(cfg, device="cuda", seed=0)
+    cpu = gpu.to("cpu")
+    prompt = torch.randint(0, cfg.vocab_size, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    out = gpu.generate(prompt, 12)
+    assert gpu._graph is not None
+    ref = cpu(torch.tensor([prompt + out[:-1]]))[0, len(prompt) - 1:]
+    top = ref.max(-1).values
+    got = ref[torch.arange(len(out)), torch.tensor(out)]
+    assert bool(((top - got) <= 0.05 * float(ref.std())).all())
+
+
+@pytest.mark.gpu
+def test_profile_runs_on_gpu(capsys):
+    prof = e2e.profile_decode_step("120b", 1, 1024, reps=5)
+    with capsys.disabled():
+        print("\n" + e2e.format_profile(prof))
+    assert prof["mode"] == "gpu"
+    assert all(r["us"] > 0 and math.isfinite(r["us"]) for r in prof["rows"])
+    assert prof["summary"]["step2_graph"]
+
+
+def test_dataclass_replace_keeps_config_valid():
+    # the profile's 2-layer model of the real shapes (built on the GPU only)
+    cfg = GptOssConfig.gpt_oss_120b()
+    two = dataclasses.replace(cfg, num_hidden_layers=2, layer_types=cfg.layer_types[:2])
+    assert two.is_sliding(0) and not two.is_sliding(1) and two.hidden_size == 2880
