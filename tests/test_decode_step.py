@@ -290,6 +290,18 @@ def test_profile_runs_on_gpu(capsys):
     assert prof["summary"]["step2_graph"]
 
 
+def test_cli_refuses_a_request_that_does_not_fit(capsys):
+    import argparse
+
+    from gptoss_kernels.cli_generate import _friendly
+
+    def cmd(args):
+        raise MemoryPlanError("1 sequence(s) x 999999 positions do not fit")
+
+    assert _friendly(cmd)(argparse.Namespace(command="generate")) == 2
+    assert "do not fit" in capsys.readouterr().err
+
+
 def test_dataclass_replace_keeps_config_valid():
     # the profile's 2-layer model of the real shapes (built on the GPU only)
     cfg = GptOssConfig.gpt_oss_120b()

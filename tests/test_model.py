@@ -327,6 +327,16 @@ def test_cuda_120b_random_decode(capsys):
     stamps = [time.perf_counter() for _ in m.stream(prompt, 65, stop_token_ids=[])]
     steps = len(stamps) - 1
     tok_s = steps / (stamps[-1] - stamps[0])
+    from gptoss_kernels.bench.e2e import decode_step_bytes
+    from gptoss_kernels.bench.shapes import ModelShape
+    from gptoss_kernels.bench.timing import measure_limits
+
+    m.release_cache()
+    copy = measure_limits(torch.device("cuda"), quick=True).copy_gbps
+    step_bytes = decode_step_bytes(ModelShape.preset("120b"), 1, len(prompt) + 65)["total"]
+    bound = copy * 1e9 / step_bytes
     with capsys.disabled():
-        print(f"\n120b random weights, batch 1, decode: {tok_s:.1f} tok/s ({steps} steps); plan: {plan}")
+        print(f"\n120b random weights, batch 1, decode: {tok_s:.1f} tok/s ({steps} steps) vs the bound "
+              f"{bound:.0f} tok/s ({step_bytes / 1e9:.3f} GB/step at the measured copy {copy:.0f} GB/s): "
+              f"{100 * tok_s / bound:.0f}%; plan: {GptOss.format_memory_plan(plan)}")
     assert steps == 64 and tok_s > 1.0

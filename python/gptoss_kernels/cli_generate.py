@@ -54,11 +54,12 @@ def _friendly(cmd):
     """Report a missing vocabulary or a bad checkpoint as one line (exit status 2), not a traceback."""
     def run(args):
         from .loader import CheckpointError
+        from .model import MemoryPlanError
         from .tokenizer import TokenizerError
 
         try:
             return cmd(args)
-        except (CheckpointError, TokenizerError) as e:
+        except (CheckpointError, TokenizerError, MemoryPlanError) as e:
             print(f"gptoss-kernels {args.command}: {e}", file=sys.stderr)
             return 2
     return run
@@ -74,11 +75,21 @@ def load_model(args):
     return GptOss.from_pretrained(args.checkpoint, device=device, dtype=dtype, progress=not args.no_progress)
 
 
+def report_memory(model, positions: int) -> None:
+    """The memory plan of one sequence of up to `positions` positions, on stderr (CUDA only);
+    raises MemoryPlanError when it does not fit."""
+    if model.device.type != "cuda":
+        return
+    plan = model.check_memory(1, positions) if positions else model.plan_request(1, 1)
+    print(f"gptoss-kernels: {model.format_memory_plan(plan)}", file=sys.stderr)
+
+
 def _cmd_generate(args) -> int:
     from . import tokenizer
 
     ids = tokenizer.encode(args.prompt)   # before loading: a missing vocab fails fast
     model = load_model(args)
+    report_memory(model, len(ids) + args.max_new_tokens)
     dec = tokenizer.IncrementalDecoder()
     out = sys.stdout
     for toks in model.stream(ids, args.max_new_tokens, args.temperature, args.top_p,
@@ -150,9 +161,11 @@ class ChatSession:
 
 def _cmd_chat(args) -> int:
     from . import tokenizer
+    from .model import MemoryPlanError
 
     session = ChatSession(tokenizer.harmony_encoding(), args.reasoning_effort, args.developer)
     model = load_model(args)
+    report_memory(model, 0)
     interactive = sys.stdin.isatty()
     out = sys.stdout
     state = {"channel": None}
@@ -193,6 +206,10 @@ def _cmd_chat(args) -> int:
 
         try:
             msgs = session.consume(tokens(), on_delta)
+        except MemoryPlanError as e:   # the conversation has outgrown the card: refuse this turn
+            session.history.pop()
+            out.write(f"\n[refused: {e}]\n")
+            continue
         except Exception as e:  # the model produced something harmony cannot parse
             out.write(f"\n[the reply is not valid harmony output ({e}); raw text: {tokenizer.decode(produced)!r}]\n")
             continue

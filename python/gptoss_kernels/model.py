@@ -256,8 +256,9 @@ class GptOss:
                     held = sum(t.numel() * t.element_size() for kv in self._state["caches"] for t in kv)
                 available_bytes = free + cached + held
         wb = self.weights_bytes()
+        # reserve: allocator slack and cuBLAS workspaces (the CUDA context is already outside `free`)
         plan = GptOss.memory_plan(self.config, gpu_bytes=available_bytes + wb, batch=batch, context=S,
-                                  prefill_chunk=self.prefill_chunk,
+                                  prefill_chunk=self.prefill_chunk, reserve_bytes=0.5e9,
                                   weight_dtype_bytes=torch.empty((), dtype=self.dtype).element_size())
         return plan
 
