@@ -214,8 +214,12 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) linear_gemv_kernel(
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[j][c] = 0.f;
 
+  // small NT: the x chunks are loaded with the W chunks (their L1 latency overlaps the DRAM
+  // wait); large NT: loaded next to their mma (registers).
+  constexpr bool kHoistX = NT <= 2;
   for (int s = s_begin; s < s_end; s += kUnroll) {
     uint4 a[kUnroll], b[kUnroll];
+    uint4 xs[kUnroll][kHoistX ? NT : 1];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int k = (s + u) * 32;
@@ -225,6 +229,17 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) linear_gemv_kernel(
         b[u] = ld_stream(w1 + k);
       }
     }
+    if constexpr (kHoistX) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const int k = (s + u) * 32;
+          xs[u][j] = make_uint4(0, 0, 0, 0);
+          if (s + u < s_end && j * 8 + tok < T && k + kq < K)
+            xs[u][j] = __ldg(reinterpret_cast<const uint4*>(xq + static_cast<int64_t>(j * 8) * K + k));
+        }
+    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int k = (s + u) * 32;
@@ -232,8 +247,11 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) linear_gemv_kernel(
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           uint4 xv = make_uint4(0, 0, 0, 0);
-          if (j * 8 + tok < T && k + kq < K)
+          if constexpr (kHoistX) {
+            xv = xs[u][j];
+          } else if (j * 8 + tok < T && k + kq < K) {
             xv = __ldg(reinterpret_cast<const uint4*>(xq + static_cast<int64_t>(j * 8) * K + k));
+          }
           mma_16816(acc[j], a[u].x, b[u].x, a[u].y, b[u].y, xv.x, xv.y);
           mma_16816(acc[j], a[u].z, b[u].z, a[u].w, b[u].w, xv.z, xv.w);
         }
