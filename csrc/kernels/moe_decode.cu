@@ -75,6 +75,14 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {  // read-once weig
   return v;
 }
 
+// The GEMV input: x (mlp1) is read-only while the kernel lives, so the non-coherent path is fine;
+// act (mlp2) is written by mlp1, which under PDL is still running when mlp2 starts, and
+// ld.global.nc requires data read-only for the whole lifetime of the kernel: L2-coherent ld.cg.
+template <bool kMlp1>
+__device__ __forceinline__ uint4 load_in(const uint4* p) {
+  return kMlp1 ? __ldg(p) : __ldcg(p);
+}
+
 // Programmatic dependent launch (sm_90): mlp2 and combine are launched so that they may start
 // while the previous kernel is still running; they wait here before touching its output. Both
 // instructions are no-ops for a grid launched without the attribute.
@@ -255,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
             sa[uu] = ok ? __ldg(sA + gi) : 0u;
             sb[uu] = ok ? __ldg(sB + gi) : 0u;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) xv[uu][q] = (ok && xin) ? __ldg(xin + 4 * gi + q) : z;
+            for (int q = 0; q < 4; ++q) xv[uu][q] = (ok && xin) ? load_in<kMlp1>(xin + 4 * gi + q) : z;
           }
 #pragma unroll
           for (int uu = 0; uu < kUnroll; ++uu) {
@@ -325,7 +333,7 @@ __global__ void __launch_bounds__(256) moe_decode_combine_kernel(const float4* _
         bad = true;
         continue;
       }
-      const float4 v = y[static_cast<int64_t>(r) * per_row + h4];
+      const float4 v = __ldcg(y + static_cast<int64_t>(r) * per_row + h4);  // written by mlp2 (PDL): not .nc
       s.x += v.x;
       s.y += v.y;
       s.z += v.z;
