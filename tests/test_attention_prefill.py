@@ -443,3 +443,193 @@ def test_gpu_unsupported_shape_falls_back_to_reference():
         _lib._warned.discard("attention_prefill")
         out = attention_prefill(**args)
     assert rel_err(out, expected(args, fk, fv, [20], [0])) < TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# lane-level CPU emulation of attention_prefill_kernel<false> (mma.sync)
+#
+# The fragment semantics are the PTX ISA's (ldmatrix .m8n8.x4 [.trans] .b16: lane l addresses row
+# l % 8 of matrix l // 8 and receives row l // 4, columns 2 (l % 4), +1 of matrix j in register j,
+# transposed with .trans; mma.m16n8k16 .row.col: A regs (g, 2t) (g+8, 2t) (g, 2t+8) (g+8, 2t+8),
+# B regs (k=2t, n=g) (k=2t+8, n=g), C/D (g, 2t) (g+8, 2t), pairs along the column, g = lane // 4,
+# t = lane % 4). The emulator follows the kernel's index math line by line (grid order, q-tile
+# location and KV-tile range through the host build of flash_prefill.cuh, swizzled shared tiles,
+# cache/chunk key sources, masks, online softmax with the sink, the output staging), so a wrong
+# fragment index, swizzle, mask or key source fails on the CPU.
+
+import numpy as np  # noqa: E402
+
+_LANE = np.arange(32)
+_G, _T = _LANE >> 2, _LANE & 3
+_PAIR = np.arange(2)
+_A_ROW = np.stack([_G, _G + 8, _G, _G + 8], 1)
+_A_COL = np.stack([2 * _T, 2 * _T, 2 * _T + 8, 2 * _T + 8], 1)
+_C_ROW = np.stack([_G, _G, _G + 8, _G + 8], 1)
+_C_COL = np.stack([2 * _T, 2 * _T + 1, 2 * _T, 2 * _T + 1], 1)
+_LOG2E = np.float32(1.4426950408889634)
+
+
+def _ldsm_x4(smem, row_elem, trans=False):
+    assert np.all(row_elem % 8 == 0)
+    mats = smem[row_elem[:, None] + np.arange(8)].reshape(4, 8, 8)
+    if trans:
+        mats = mats.transpose(0, 2, 1)
+    return mats[:, _G[:, None], 2 * _T[:, None] + _PAIR].transpose(1, 0, 2)
+
+
+def _mma16816(a, b, c):
+    A = np.zeros((16, 16))
+    A[_A_ROW[:, :, None], _A_COL[:, :, None] + _PAIR] = a
+    Bm = np.zeros((16, 8))
+    Bm[np.stack([2 * _T, 2 * _T + 8], 1)[:, :, None] + _PAIR, _G[:, None, None]] = b
+    Cm = np.zeros((16, 8))
+    Cm[_C_ROW, _C_COL] = c
+    return (A @ Bm + Cm)[_C_ROW, _C_COL].astype(np.float32)
+
+
+def _bf16(x):
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).float().numpy()
+
+
+def _swz(r, c):
+    """Element offset of 16-byte chunk c of row r in a swizzled [rows][64] bf16 tile (kernel's swz / 2)."""
+    return r * 64 + ((c ^ (r & 7)) << 3)
+
+
+def _emulate_prefill_mma(H, args, sm_scale=0.125):
+    f = lambda t: t.float().numpy()
+    q, k, v, sinks = f(args["q"]), f(args["k"]), f(args["v"]), f(args["sinks"])
+    cu = args["cu_seqlens_q"].tolist()
+    has_cache = args.get("k_cache") is not None
+    kc = f(args["k_cache"]) if has_cache else None
+    vc = f(args["v_cache"]) if has_cache else None
+    p0s = args["cache_seqlens"].tolist() if has_cache else None
+    window = args["sliding_window"] or 0
+    total_q, nq = q.shape[0], q.shape[1]
+    nkv, batch = k.shape[1], len(cu) - 1
+    scale_log2 = np.float32(sm_scale) * _LOG2E
+    out = np.full(q.shape, np.nan, np.float32)
+    tiles = (total_q + 15) // 16 + batch
+    for bx in range(tiles):
+        loc = H.attention_prefill_locate_q_tile(cu, tiles - 1 - bx, 16)
+        if loc is None:
+            continue
+        b, t0 = loc
+        for g in range(nkv):
+            row0 = cu[b]
+            seq_len = cu[b + 1] - row0
+            p0 = p0s[b] if has_cache else 0
+            n_valid = min(16, seq_len - t0)
+            q_first = p0 + t0
+            q_last = q_first + n_valid - 1
+            key_lo = max(0, q_first - window + 1) if window > 0 else 0
+            key_hi = q_last
+            kt_first, kt_last = H.attention_prefill_kv_tile_range(q_first, q_last, window, 64)
+            sQ = np.full(128 * 64, np.nan, np.float32)
+            for r in range(128):
+                pos, h = r >> 3, r & 7
+                for c in range(8):
+                    sQ[_swz(r, c):_swz(r, c) + 8] = q[row0 + t0 + pos, g * 8 + h, 8 * c:8 * c + 8] if pos < n_valid else 0
+            sink_log2 = sinks[g * 8 + _G] * _LOG2E
+            m0 = np.where(sink_log2 > -1e30, sink_log2, np.float32(-1e30)).astype(np.float32)
+            m = np.stack([np.stack([m0, m0], 1)] * 8)            # [warp][lane][row A|B]
+            l = np.zeros((8, 32, 2), np.float32)
+            o = np.zeros((8, 8, 32, 4), np.float32)              # [warp][n-tile][lane][4]
+            for kt in range(kt_first, kt_last + 1):
+                sK = np.full(64 * 64, np.nan, np.float32)
+                sV = np.full(64 * 64, np.nan, np.float32)
+                for j in range(64):
+                    kp = kt * 64 + j
+                    valid = key_lo <= kp <= key_hi
+                    for c in range(8):
+                        sl = slice(_swz(j, c), _swz(j, c) + 8)
+                        if not valid:
+                            sK[sl] = sV[sl] = 0
+                        elif kp < p0:
+                            sK[sl] = kc[b, kp % kc.shape[1], g, 8 * c:8 * c + 8]
+                            sV[sl] = vc[b, kp % kc.shape[1], g, 8 * c:8 * c + 8]
+                        else:
+                            sK[sl] = k[row0 + kp - p0, g, 8 * c:8 * c + 8]
+                            sV[sl] = v[row0 + kp - p0, g, 8 * c:8 * c + 8]
+                kbase = kt * 64
+                masked = H.attention_prefill_tile_needs_mask(kbase, 64, q_first, q_last, window)
+                for warp in range(8):
+                    s = np.zeros((8, 32, 4), np.float32)
+                    for kk in range(4):
+                        qf = _ldsm_x4(sQ, _swz(warp * 16 + (_LANE & 7) + ((_LANE >> 3) & 1) * 8, 2 * kk + (_LANE >> 4)))
+                        for jj in range(4):
+                            mat = _LANE >> 3
+                            key = (2 * jj + (mat >> 1)) * 8 + (_LANE & 7)
+                            kb = _ldsm_x4(sK, _swz(key, 2 * kk + (mat & 1)))
+                            s[2 * jj] = _mma16816(qf, kb[:, 0:2], s[2 * jj])
+                            s[2 * jj + 1] = _mma16816(qf, kb[:, 2:4], s[2 * jj + 1])
+                    qpos_a = q_first + 2 * warp
+                    x = s * scale_log2
+                    if masked:
+                        for j in range(8):
+                            for e in range(4):
+                                key = kbase + 8 * j + 2 * (_LANE & 3) + (e & 1)
+                                qp = qpos_a + (e >> 1)
+                                vis = (key >= 0) & (key <= qp) & ((window <= 0) | (key > qp - window))
+                                x[j, :, e] = np.where(vis, x[j, :, e], -np.inf)
+                    for rr in range(2):
+                        mx = x[:, :, 2 * rr:2 * rr + 2].max(axis=(0, 2))
+                        mx = np.maximum(mx, mx[_LANE ^ 1])
+                        mx = np.maximum(mx, mx[_LANE ^ 2])
+                        m_new = np.maximum(m[warp, :, rr], mx)
+                        fac = np.exp2(m[warp, :, rr] - m_new)
+                        m[warp, :, rr] = m_new
+                        pe = np.exp2(x[:, :, 2 * rr:2 * rr + 2] - m_new[None, :, None])
+                        x[:, :, 2 * rr:2 * rr + 2] = pe
+                        l[warp, :, rr] = l[warp, :, rr] * fac + pe.sum(axis=(0, 2))
+                        o[warp, :, :, 2 * rr:2 * rr + 2] *= fac[None, :, None]
+                    for kk in range(4):
+                        a = _bf16(np.stack([x[2 * kk][:, 0:2], x[2 * kk][:, 2:4], x[2 * kk + 1][:, 0:2],
+                                            x[2 * kk + 1][:, 2:4]], 1))
+                        for dd in range(4):
+                            mat = _LANE >> 3
+                            key = 16 * kk + (mat & 1) * 8 + (_LANE & 7)
+                            vb = _ldsm_x4(sV, _swz(key, 2 * dd + (mat >> 1)), trans=True)
+                            o[warp, 2 * dd] = _mma16816(a, vb[:, 0:2], o[warp, 2 * dd])
+                            o[warp, 2 * dd + 1] = _mma16816(a, vb[:, 2:4], o[warp, 2 * dd + 1])
+            stage = sQ  # the output is staged through the Q region
+            for warp in range(8):
+                lt = l[warp] + l[warp][_LANE ^ 1]
+                lt = lt + lt[_LANE ^ 2]
+                inv = 1.0 / (lt + np.exp2(sink_log2[:, None] - m[warp]))
+                ra = warp * 16 + (_LANE >> 2)
+                for d in range(8):
+                    for e in range(2):
+                        stage[_swz(ra, d) + 2 * (_LANE & 3) + e] = _bf16(o[warp, d][:, e] * inv[:, 0])
+                        stage[_swz(ra + 8, d) + 2 * (_LANE & 3) + e] = _bf16(o[warp, d][:, 2 + e] * inv[:, 1])
+                for i in range(4):
+                    idx = _LANE + 32 * i
+                    for ln in range(32):
+                        r, c = warp * 16 + (idx[ln] >> 3), idx[ln] & 7
+                        pos, h = r >> 3, r & 7
+                        if pos < n_valid:
+                            out[row0 + t0 + pos, g * 8 + h, 8 * c:8 * c + 8] = stage[_swz(r, c):_swz(r, c) + 8]
+    return torch.from_numpy(out)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("lengths,p0s,window,cache", [
+    ([1], [0], None, None),                    # one row, one key
+    ([37], [0], None, None),                   # tails: 37 rows (3 q-tiles, last has 5), keys < 64
+    ([70, 3], [0, 0], 16, None),               # varlen, window edge inside tiles, a KV tile skipped
+    ([20, 9], [100, 61], None, "full"),        # cache prefix (keys < p0 from the cache), 2 KV tiles
+    ([18, 5], [150, 127], 128, "ring"),        # sliding layer: 128-slot ring, wrap, window incl. self
+    ([0, 30], [5, 200], 128, "ring"),          # an empty sequence, p0 > S
+])
+def test_emulated_mma_prefill_matches_reference(lengths, p0s, window, cache):
+    """CPU evidence for attention_prefill_kernel<false>'s index math against the reference (the
+    wgmma kernel shares everything but the two products; its descriptors address the same
+    swizzled tiles: chunk (2 kk + k / 8) ^ (row & 7) for Q/K, key rows 1024 B per 8 for V)."""
+    H = _host()
+    gen = torch.Generator().manual_seed(sum(lengths) + sum(p0s))
+    args, fk, fv = make_case(lengths, p0s, window=window, cache=cache, nq=8, nkv=1, gen=gen)
+    got = _emulate_prefill_mma(H, args)
+    ref = expected(args, fk, fv, lengths, p0s)
+    assert not got.isnan().any(), "unwritten or NaN outputs"
+    err = rel_err(got, ref)
+    assert err < TOL, err
