@@ -139,6 +139,17 @@ def test_stream_runs_exactly_the_needed_steps(m32, monkeypatch):
         assert len(calls) == n - 1
 
 
+def test_prepare_decode_then_generate(m32):
+    m32.release_cache()
+    fresh = m32.generate([4, 5, 6, 7], 6)
+    m32.release_cache()
+    m32.prepare_decode(1, 10)
+    st = m32._state
+    assert st is not None and "greedy" in st["steps"]
+    assert m32.generate([4, 5, 6, 7], 6) == fresh
+    assert m32._state is st                    # the prepared state was used
+
+
 def test_token_ring_cpu():
     src = torch.zeros(2, dtype=torch.int64)
     r = _TokenRing(src, depth=2)

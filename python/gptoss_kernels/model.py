@@ -713,6 +713,19 @@ class GptOss:
                        "buf": self._decode_buffers(batch)}
         return self._state
 
+    def prepare_decode(self, batch: int, max_len: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
+        """Allocate the cache and capture the decode step for `batch` sequences of up to `max_len`
+        positions ahead of a generate call (so that its time to first token holds no capture). The
+        capture's warm-up step writes slot 0 of each cache row, which every prefill rewrites."""
+        with torch.inference_mode():
+            st = self._decode_state(batch, max_len)
+            mode = self._sample_mode(temperature, top_p)
+            if mode not in st["steps"]:
+                b = st["buf"]
+                b["pos"].zero_()
+                b["seqlens"].fill_(1)
+                self._step_fn(st, mode)
+
     def release_cache(self) -> None:
         """Free the KV cache and the captured decode graph kept between generate calls."""
         self._state = self._graph = None
