@@ -705,3 +705,71 @@ def test_gemm_tile_emulation(host, variant):
     ref = R.moe(*args(p))
     assert not torch.isnan(got).any()
     assert rel_err(got, ref) < TOL
+
+
+def _emulate_route_kernels(ids_flat, E, bm=128, chunk=1024):
+    """route_count_kernel, route_scan_kernel and route_scatter_kernel as written (chunks of 1024
+    threads, warp-level __match_any_sync ranks, per-warp counts scanned in warp order from the
+    chunk's base; invalid ids ignored) -> counts, offsets, perm (-1 where unwritten), tile_off."""
+    rows = len(ids_flat)
+    nc = (rows + chunk - 1) // chunk
+    cb = np.zeros((nc, E), dtype=np.int64)
+    for c in range(nc):  # route_count_kernel
+        for r in range(c * chunk, min(rows, (c + 1) * chunk)):
+            if 0 <= ids_flat[r] < E:
+                cb[c, ids_flat[r]] += 1
+    counts = cb.sum(0)  # route_scan_kernel: in-place exclusive scan over chunks, then + offsets
+    cb = np.cumsum(cb, 0) - cb
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    tiles = (counts + bm - 1) // bm
+    tile_off = np.concatenate([[0], np.cumsum(tiles)])
+    cb += offsets[:E][None, :]
+    perm = np.full(rows, -1, dtype=np.int64)
+    for c in range(nc):  # route_scatter_kernel
+        lanes = {}
+        warp_cnt = np.zeros((chunk // 32, E), dtype=np.int64)
+        for tid in range(chunk):
+            r = c * chunk + tid
+            e = ids_flat[r] if r < rows else -1
+            e = e if 0 <= e < E else -1
+            lanes[tid] = e
+        for w in range(chunk // 32):
+            es = [lanes[32 * w + ln] for ln in range(32)]
+            for e in set(es) - {-1}:
+                warp_cnt[w, e] = es.count(e)  # popc(peers) by the lowest peer
+        run = cb[c].copy()
+        for w in range(chunk // 32):  # exclusive scan over warps, in warp order
+            n = warp_cnt[w].copy()
+            warp_cnt[w] = run
+            run += n
+        for tid in range(chunk):
+            e = lanes[tid]
+            if e >= 0:
+                w, ln = tid // 32, tid % 32
+                rank = sum(1 for l2 in range(ln) if lanes[32 * w + l2] == e)  # popc(peers & lanemask_lt)
+                perm[warp_cnt[w, e] + rank] = c * chunk + tid
+    return counts, offsets, perm, tile_off
+
+
+@pytest.mark.parametrize("T,E,k,bad", [(700, 32, 3, False), (300, 8, 4, True)])
+def test_route_kernels_emulation(T, E, k, bad):
+    # 2100 routed rows: 3 chunks, the last ragged; `bad`: ids -1 and E are skipped (not counted,
+    # not placed: perm's valid prefix is the reference's metadata of the valid rows)
+    g = torch.Generator().manual_seed(T + E)
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
+    if bad:
+        ids[::7, 0] = -1
+        ids[3::11, k - 1] = E
+    counts, offsets, perm, tile_off = _emulate_route_kernels(ids.reshape(-1).tolist(), E)
+    valid = (ids >= 0) & (ids < E)
+    flat = ids.reshape(-1).long()
+    rc = torch.bincount(flat[valid.reshape(-1)], minlength=E)
+    assert counts.tolist() == rc.tolist()
+    rows_valid = torch.nonzero(valid.reshape(-1)).reshape(-1)
+    want_perm = rows_valid[torch.sort(flat[rows_valid], stable=True).indices]
+    n = int(offsets[E])
+    assert perm[:n].tolist() == want_perm.tolist() and (perm[n:] == -1).all()
+    if not bad:
+        rc2, ro, rp = R.route_metadata(ids, E)
+        assert offsets.tolist() == ro.tolist() and perm.tolist() == rp.tolist()
+    assert tile_off.tolist() == [0] + torch.cumsum((rc + 127) // 128, 0).tolist()
