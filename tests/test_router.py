@@ -467,3 +467,199 @@ def test_gpu_router_cuda_graph(T):
         assert torch.equal(ids, eid) and torch.equal(wts, ew)
         for a, c in zip(meta, emeta):
             assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# lane-level CPU emulation of the router's index math (mma.sync mainloop, epilogues, split
+# slices, route's histogram / scan / stable scatter). Fragment semantics from the PTX ISA:
+# ldmatrix .m8n8.x4 .b16 (lane l addresses row l % 8 of matrix l // 8, receives row l // 4,
+# columns 2 (l % 4), +1 of matrix j in register j); mma.m16n8k16 .row.col (A regs (g, 2t)
+# (g+8, 2t) (g, 2t+8) (g+8, 2t+8), B regs (k=2t, n=g) (k=2t+8, n=g), C/D (g, 2t) (g+8, 2t)).
+# ---------------------------------------------------------------------------------------------
+
+_LANE = np.arange(32)
+_G, _T = _LANE >> 2, _LANE & 3
+_PAIR = np.arange(2)
+_A_ROW = np.stack([_G, _G + 8, _G, _G + 8], 1)
+_A_COL = np.stack([2 * _T, 2 * _T, 2 * _T + 8, 2 * _T + 8], 1)
+_C_ROW = np.stack([_G, _G, _G + 8, _G + 8], 1)
+_C_COL = np.stack([2 * _T, 2 * _T + 1, 2 * _T, 2 * _T + 1], 1)
+_KLDS = 72  # kLds
+
+
+def _ldsm_x4(smem, row_elem):
+    assert np.all(row_elem % 8 == 0)
+    mats = smem[row_elem[:, None] + np.arange(8)].reshape(4, 8, 8)
+    return mats[:, _G[:, None], 2 * _T[:, None] + _PAIR].transpose(1, 0, 2)
+
+
+def _mma16816(a, b, c):
+    A = np.zeros((16, 16))
+    A[_A_ROW[:, :, None], _A_COL[:, :, None] + _PAIR] = a
+    Bm = np.zeros((16, 8))
+    Bm[np.stack([2 * _T, 2 * _T + 8], 1)[:, :, None] + _PAIR, _G[:, None, None]] = b
+    Cm = np.zeros((16, 8))
+    Cm[_C_ROW, _C_COL] = c
+    return (A @ Bm + Cm)[_C_ROW, _C_COL].astype(np.float32)
+
+
+def _emulate_mainloop(x, w, EB, t0, e0, c_begin, c_end):
+    """logits_mainloop<EB>: returns acc [8 warps][NT][32 lanes][4]."""
+    T, Hd = x.shape
+    E = w.shape[0]
+    NT = EB // 16
+    acc = np.zeros((8, NT, 32, 4), np.float32)
+    for c in range(c_begin, c_end):
+        sx = np.full(64 * _KLDS, np.nan, np.float32)
+        sw = np.full(EB * _KLDS, np.nan, np.float32)
+        kbase = c * 64
+        for i in range(64 * 8):
+            r, kk = i >> 3, kbase + (i & 7) * 8
+            ok = t0 + r < T and kk < Hd
+            sx[r * _KLDS + (i & 7) * 8:][:8] = x[t0 + r, kk:kk + 8] if ok else 0
+        for i in range(EB * 8):
+            r, kk = i >> 3, kbase + (i & 7) * 8
+            ok = e0 + r < E and kk < Hd
+            sw[r * _KLDS + (i & 7) * 8:][:8] = w[e0 + r, kk:kk + 8] if ok else 0
+        for warp in range(8):
+            wm, wn = warp & 3, warp >> 2
+            a_off = (wm * 16 + (_LANE & 15)) * _KLDS + (_LANE >> 4) * 8
+            b_off = (wn * (EB // 2) + (_LANE & 7) + ((_LANE >> 4) << 3)) * _KLDS + ((_LANE >> 3) & 1) * 8
+            for kk in range(0, 64, 16):
+                a = _ldsm_x4(sx, a_off + kk)
+                for p in range(NT // 2):
+                    b = _ldsm_x4(sw, b_off + p * 16 * _KLDS + kk)
+                    acc[warp, 2 * p] = _mma16816(a, b[:, 0:2], acc[warp, 2 * p])
+                    acc[warp, 2 * p + 1] = _mma16816(a, b[:, 2:4], acc[warp, 2 * p + 1])
+    return acc
+
+
+@pytest.mark.parametrize("T,H,E", [(5, 200, 32), (64, 64, 20), (70, 136, 128), (3, 72, 256)])
+def test_emulated_fused_logits_tile(T, H, E):
+    """router_fused_kernel's mainloop + epilogue (accumulators -> shared logits [64][EB + 8]) for
+    the block t0 = 0 (and t0 = 64 when T > 64): every logit in place, tails of T, E and H zero-filled."""
+    torch.manual_seed(T + H + E)
+    x = torch.randn(T, H).bfloat16().float().numpy()
+    w = torch.randn(E, H).bfloat16().float().numpy()
+    EB = 32 if E <= 32 else 64 if E <= 64 else 128 if E <= 128 else 256
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    for t0 in range(0, T, 64):
+        acc = _emulate_mainloop(x, w, EB, t0, 0, 0, (H + 63) // 64)
+        sl = np.full((64, EB + 8), np.nan, np.float32)
+        for warp in range(8):
+            wm, wn = warp & 3, warp >> 2
+            for n in range(EB // 16):
+                col = wn * (EB // 2) + n * 8 + 2 * _T
+                row = wm * 16 + _G
+                sl[row, col], sl[row, col + 1] = acc[warp, n][:, 0], acc[warp, n][:, 1]
+                sl[row + 8, col], sl[row + 8, col + 1] = acc[warp, n][:, 2], acc[warp, n][:, 3]
+        rows = min(64, T - t0)
+        np.testing.assert_allclose(sl[:rows, :E], ref[t0:t0 + rows], rtol=1e-4, atol=1e-3)
+        assert np.all(sl[:, E:EB] == 0) and np.all(sl[rows:, :EB] == 0)
+
+
+@pytest.mark.parametrize("T,H,E", [(1, 2880, 32), (5, 200, 40), (2, 4096, 128)])
+def test_emulated_split_partials_sum_to_logits(T, H, E):
+    """router_partial_kernel's slice ranges [z nc / splits, (z+1) nc / splits) and its store mapping
+    (with the split count of split_count) cover every H chunk exactly once and every (t, e < E)."""
+    torch.manual_seed(T * H + E)
+    x = torch.randn(T, H).bfloat16().float().numpy()
+    w = torch.randn(E, H).bfloat16().float().numpy()
+    tiles, groups, nc = (T + 63) // 64, (E + 31) // 32, (H + 63) // 64
+    splits = max(1, min(-(-256 // (tiles * groups)), 16, nc))
+    ws = _lib.C().router_topk_workspace_size(T, H, E, 4, 2) if gptoss_kernels.kernels_built() else None
+    if ws is not None:
+        assert ws == splits * T * E * 4, "the emulated split count differs from the library's"
+    partial = np.full((splits, T, E), np.nan, np.float32)
+    covered = np.zeros(nc, int)
+    for z in range(splits):
+        cb, ce = z * nc // splits, (z + 1) * nc // splits
+        covered[cb:ce] += 1
+        for e0 in range(0, E, 32):
+            acc = _emulate_mainloop(x, w, 32, 0, e0, cb, ce)
+            for warp in range(8):
+                wm, wn = warp & 3, warp >> 2
+                for n in range(2):
+                    col = e0 + wn * 16 + n * 8 + 2 * _T
+                    for h in range(2):
+                        t = wm * 16 + _G + 8 * h
+                        for ln in range(32):
+                            if t[ln] >= T:
+                                continue
+                            if col[ln] < E:
+                                partial[z, t[ln], col[ln]] = acc[warp, n][ln, 2 * h]
+                            if col[ln] + 1 < E:
+                                partial[z, t[ln], col[ln] + 1] = acc[warp, n][ln, 2 * h + 1]
+    assert np.all(covered == 1)
+    assert not np.isnan(partial).any(), "a partial logit was never written"
+    np.testing.assert_allclose(partial.sum(0), x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+
+
+def _emulate_route(ids: np.ndarray, E: int):
+    """route_count_kernel + route_scan_kernel + route_scatter_kernel (chunking of route_chunk,
+    __match_any_sync ranks within a warp, earlier warps' counts, per-chunk bases)."""
+    n = ids.size
+    chunk = -(-n // 128)
+    chunk = max(-(-chunk // 256) * 256, 1024)
+    nb = -(-n // chunk) if n else 0
+    bc = np.zeros((nb, E), np.int64)
+    for blk in range(nb):
+        for r in range(blk * chunk, min(n, blk * chunk + chunk)):
+            if 0 <= ids[r] < E:
+                bc[blk, ids[r]] += 1
+    counts = bc.sum(0)
+    bc = np.cumsum(bc, 0) - bc  # exclusive over chunks, in place
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    perm = np.full(n, -7, np.int64)
+    perm[offsets[E]:] = -1
+    for blk in range(nb):
+        base = offsets[:E] + bc[blk]
+        begin, end = blk * chunk, min(n, blk * chunk + chunk)
+        for start in range(begin, end, 256):
+            r = start + np.arange(256)
+            e = np.where(r < end, ids[np.minimum(r, n - 1)], -1)
+            valid = (r < end) & (e >= 0) & (e < E)
+            e = np.where(valid, e, -1)
+            wc = np.zeros((8, E), np.int64)
+            rank = np.zeros(256, np.int64)
+            for warp in range(8):
+                ew = e[32 * warp:32 * warp + 32]
+                for ln in range(32):
+                    same = ew == ew[ln]
+                    rank[32 * warp + ln] = same[:ln].sum()
+                    if valid[32 * warp + ln] and rank[32 * warp + ln] == 0:
+                        wc[warp, ew[ln]] = same.sum()
+            for tid in range(256):
+                if valid[tid]:
+                    pos = base[e[tid]] + rank[tid] + wc[:tid // 32, e[tid]].sum()
+                    assert perm[pos] == -7, "two rows scattered to one slot"
+                    perm[pos] = r[tid]
+            base = base + wc.sum(0)
+    assert not np.any(perm == -7), "a permutation slot was never written"
+    return counts, offsets, perm
+
+
+@pytest.mark.parametrize("T,k,E,skew", [(1, 4, 32, False), (700, 4, 32, False), (1000, 4, 128, True),
+                                        (3000, 4, 32, True), (257, 8, 256, False)])
+def test_emulated_route_matches_reference(T, k, E, skew):
+    g = torch.Generator().manual_seed(T + E)
+    if skew:  # most rows on a few experts: long runs inside warps and chunks
+        ids = torch.where(torch.rand(T, k, generator=g) < 0.8, torch.randint(0, 3, (T, k), generator=g),
+                          torch.randint(0, E, (T, k), generator=g))
+    else:
+        ids = torch.randint(0, E, (T, k), generator=g)
+    ids = ids.to(torch.int32)
+    counts, offsets, perm = _emulate_route(ids.reshape(-1).numpy(), E)
+    rc, ro, rp = reference.route_metadata(ids, E)
+    np.testing.assert_array_equal(counts, rc.numpy())
+    np.testing.assert_array_equal(offsets, ro.numpy())
+    np.testing.assert_array_equal(perm, rp.numpy())
+
+
+def test_emulated_route_invalid_ids_go_to_the_tail():
+    ids = np.array([3, -1, 0, 7, 3, 99, 0] * 300, np.int64)
+    counts, offsets, perm = _emulate_route(ids, 8)
+    valid = (ids >= 0) & (ids < 8)
+    assert offsets[8] == valid.sum() and np.all(perm[offsets[8]:] == -1)
+    order = np.argsort(np.where(valid, ids, 8), kind="stable")[:valid.sum()]
+    np.testing.assert_array_equal(perm[:offsets[8]], order)
