@@ -78,3 +78,17 @@ GPTOSS_HD int gemv_c_token(int lane, int c) { return 2 * (lane & 3) + (c & 1); }
 
 }  // namespace dense
 }  // namespace gptoss
+
+namespace gptoss {
+namespace dense {
+
+// Greedy argmax order (torch.argmax's): NaN ranks above every number, ties (and NaN vs NaN) go
+// to the lower index. True when candidate (v, i) beats the current best (bv, bi).
+GPTOSS_HD bool argmax_better(float v, int64_t i, float bv, int64_t bi) {
+  const bool vn = v != v, bn = bv != bv;
+  if (vn || bn) return vn && (!bn || i < bi);
+  return v > bv || (v == bv && i < bi);
+}
+
+}  // namespace dense
+}  // namespace gptoss

@@ -204,6 +204,40 @@ def test_host_gemv_layout_is_a_permutation_of_k():
             assert cr[lane, c] == lane // 4 + 8 * (c // 2) and ct[lane, c] == 2 * (lane % 4) + c % 2
 
 
+def test_greedy_argmax_cpu_and_checks():
+    logits = torch.randn(3, 1000)
+    assert torch.equal(ops.greedy_argmax(logits), torch.argmax(logits, dim=1))
+    with pytest.raises(TypeError, match="logits"):
+        ops.greedy_argmax(logits.to(BF))
+    with pytest.raises(ValueError, match="logits"):
+        ops.greedy_argmax(logits[0])
+    with pytest.raises(TypeError, match="out"):
+        ops.greedy_argmax(logits, out=torch.empty(3, dtype=torch.int32))
+    assert ops.greedy_argmax(torch.empty(0, 5)).shape == (0,)
+
+
+def _argmax_cases():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 20000, generator=g)
+    x[0, 17] = x[0, 19000] = 1e4                       # tie across slices: lower index
+    x[1, 8191] = x[1, 8192] = 1e4                      # tie at a slice boundary
+    x[2, 12345] = float("nan"); x[2, 3] = float("nan")  # NaN ranks highest, first NaN wins
+    x[3] = -float("inf")                               # all -inf: index 0
+    x[4, :] = 0.0                                      # all equal: index 0
+    x[5, 19999] = float("inf")
+    return x
+
+
+def test_host_argmax_order_matches_torch():
+    host = _host()
+    x = _argmax_cases()
+    want = torch.argmax(x, dim=1)
+    assert want[0] == 17 and want[1] == 8191 and want[2] == 3 and want[3] == 0 and want[4] == 0
+    for slice_ in (8192, 1000, 7, 1):
+        got = torch.from_numpy(host.dense_argmax(x.numpy(), slice_))
+        assert torch.equal(got, want), slice_
+
+
 def _c_api():
     C = _lib.C()
     if C is None or not hasattr(C, "linear_bf16"):
@@ -232,6 +266,11 @@ def test_c_api_argument_errors():
         C.rms_norm_bf16(ok, ok, ok, False, ok, 0, 1, 16, 1e-5, 0)
     with pytest.raises(ValueError, match="aligned"):
         C.rms_norm_bf16(ok, 0, ok + 8, True, ok, 0, 1, 16, 1e-5, 0)
+    with pytest.raises(ValueError, match="workspace"):
+        C.argmax_f32(ok, 2, 20000, ok, ok, C.argmax_f32_workspace_size(2, 20000) - 8, 0)
+    with pytest.raises(ValueError, match="V must be"):
+        C.argmax_f32(ok, 2, 0, ok, ok, 64, 0)
+    assert C.argmax_f32_workspace_size(2, 20000) == 2 * 3 * 8
     # empty work is a no-op that needs no device
     C.linear_bf16(0, 0, 0, 0, False, 0, 8, 16, 0)
     C.rms_norm_bf16(0, 0, 0, False, 0, 0, 0, 16, 1e-5, 0)
@@ -249,7 +288,8 @@ def dense_kernels():
     if sass.cuobjdump() is None:
         pytest.skip("cuobjdump not found (pip install triton)")
     ks = {n: k for n, k in sass.kernels(_lib.library_path()).items()
-          if "rms_norm_kernel" in k.name or "linear_gemv_kernel" in k.name}
+          if any(n in k.name for n in ("rms_norm_kernel", "linear_gemv_kernel", "argmax_slices_kernel",
+                                       "argmax_rows_kernel"))}
     assert ks, "no dense kernels in the library"
     return ks
 
@@ -453,3 +493,38 @@ def test_gpu_cuda_graph_replay_equals_eager():
         ey, eh = ops.rms_norm(x0, wn, residual=r0.clone())
         el = ops.linear(ey, w, b, out_dtype=torch.float32)
         assert torch.equal(gy, ey) and torch.equal(gr, eh) and torch.equal(gl, el)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,V", [(1, 201088), (4, 201088), (64, 201088), (3, 1), (2, 8193), (5, 100)])
+def test_gpu_greedy_argmax(B, V):
+    x = torch.randn(B, V, device=DEV)
+    out = torch.full((B,), -1, dtype=torch.int64, device=DEV)
+    assert ops.greedy_argmax(x, out=out) is out
+    assert torch.equal(out, torch.argmax(x, dim=1))
+
+
+@pytest.mark.gpu
+def test_gpu_greedy_argmax_ties_nan_inf():
+    x = _argmax_cases().to(DEV)
+    assert torch.equal(ops.greedy_argmax(x), torch.argmax(x, dim=1))
+
+
+@pytest.mark.gpu
+def test_gpu_greedy_argmax_cuda_graph():
+    x = torch.randn(4, 201088, device=DEV)
+    out = torch.empty(4, dtype=torch.int64, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.greedy_argmax(x, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.greedy_argmax(x, out=out)
+    for _ in range(2):
+        x.copy_(torch.randn(4, 201088, device=DEV))
+        out.fill_(-1)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, torch.argmax(x, dim=1))

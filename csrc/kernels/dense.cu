@@ -295,6 +295,76 @@ void launch_linear(const void* x, const void* w, const void* bias, void* out, in
     linear_gemv_kernel<NT, 4><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(xb, wb, bb, out, out_fp32, T, N, K);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Greedy argmax over float32 logits [B, V]: slices of kArgmaxSlice per block, then one warp per
+// row over the slices' (value, index) partials.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kArgmaxThreads = 256;
+constexpr int kArgmaxSlice = 8192;
+
+__device__ __forceinline__ void argmax_warp(float& v, int& i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (gptoss::dense::argmax_better(ov, oi, v, i)) {
+      v = ov;
+      i = oi;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kArgmaxThreads) argmax_slices_kernel(const float* __restrict__ logits, int V,
+                                                                         int slices, float2* __restrict__ part) {
+  __shared__ float sv[kArgmaxThreads / 32];
+  __shared__ int si[kArgmaxThreads / 32];
+  const int b = blockIdx.y, p = blockIdx.x;
+  const float* row = logits + static_cast<int64_t>(b) * V;
+  const int begin = p * kArgmaxSlice, end = min(V, begin + kArgmaxSlice);
+  float v = -INFINITY;
+  int i = 0x7fffffff;
+#pragma unroll 8
+  for (int j = begin + threadIdx.x; j < end; j += kArgmaxThreads) {
+    const float x = __ldg(row + j);
+    if (gptoss::dense::argmax_better(x, j, v, i)) {
+      v = x;
+      i = j;
+    }
+  }
+  argmax_warp(v, i);
+  if ((threadIdx.x & 31) == 0) {
+    sv[threadIdx.x >> 5] = v;
+    si[threadIdx.x >> 5] = i;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kArgmaxThreads / 32; ++w)
+      if (gptoss::dense::argmax_better(sv[w], si[w], v, i)) {
+        v = sv[w];
+        i = si[w];
+      }
+    part[static_cast<int64_t>(b) * slices + p] = make_float2(v, __int_as_float(i));
+  }
+}
+
+__global__ void __launch_bounds__(32) argmax_rows_kernel(const float2* __restrict__ part, int slices,
+                                                          int64_t* __restrict__ out) {
+  const int b = blockIdx.x;
+  float v = -INFINITY;
+  int i = 0x7fffffff;
+  for (int p = threadIdx.x; p < slices; p += 32) {
+    const float2 q = part[static_cast<int64_t>(b) * slices + p];
+    const int qi = __float_as_int(q.y);
+    if (gptoss::dense::argmax_better(q.x, qi, v, i)) {
+      v = q.x;
+      i = qi;
+    }
+  }
+  argmax_warp(v, i);
+  if (threadIdx.x == 0) out[b] = i;
+}
+
 }  // namespace
 
 GPTOSS_API gptoss_status gptoss_rms_norm_bf16(const void* x, const void* residual, const void* weight,
@@ -350,4 +420,27 @@ GPTOSS_API gptoss_status gptoss_linear_bf16(const void* x, const void* weight, c
   else
     launch_linear<8>(x, weight, bias, out, ofp, t, n, k, stream);
   GPTOSS_RETURN_LAUNCH_STATUS("linear_bf16 launch");
+}
+
+GPTOSS_API size_t gptoss_argmax_f32_workspace_size(int64_t B, int64_t V) {
+  if (B <= 0 || V <= 0) return 0;
+  return static_cast<size_t>(B) * static_cast<size_t>((V + kArgmaxSlice - 1) / kArgmaxSlice) * sizeof(float2);
+}
+
+GPTOSS_API gptoss_status gptoss_argmax_f32(const float* logits, int64_t B, int64_t V, int64_t* out,
+                                           void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  GPTOSS_REQUIRE(B >= 0 && B <= 65535, "argmax: B must be in [0, 65535]");
+  GPTOSS_REQUIRE(V >= 1 && V <= INT32_MAX - kArgmaxSlice, "argmax: V must be in [1, 2^31 - 8193]");
+  if (B == 0) return GPTOSS_OK;
+  GPTOSS_REQUIRE(logits && out && workspace, "argmax: null pointer");
+  GPTOSS_REQUIRE(workspace_bytes >= gptoss_argmax_f32_workspace_size(B, V),
+                 "argmax: workspace smaller than gptoss_argmax_f32_workspace_size(B, V)");
+  GPTOSS_REQUIRE(gptoss::aligned(logits, 4) && gptoss::aligned(out, 8) && gptoss::aligned(workspace, 8),
+                 "argmax: logits 4-byte, out and workspace 8-byte aligned");
+  const int slices = static_cast<int>((V + kArgmaxSlice - 1) / kArgmaxSlice);
+  auto* part = static_cast<float2*>(workspace);
+  argmax_slices_kernel<<<dim3(slices, static_cast<unsigned>(B)), kArgmaxThreads, 0, stream>>>(
+      logits, static_cast<int>(V), slices, part);
+  argmax_rows_kernel<<<static_cast<unsigned>(B), 32, 0, stream>>>(part, slices, out);
+  GPTOSS_RETURN_LAUNCH_STATUS("argmax_f32 launch");
 }

@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "binding.h"
@@ -25,6 +27,17 @@ GPTOSS_PY_BIND(dense) {
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("out_fp32"), py::arg("T"),
       py::arg("N"), py::arg("K"), py::arg("stream"));
   m.attr("linear_bf16_max_tokens") = gptoss_linear_bf16_max_tokens();
+  m.def("argmax_f32_workspace_size", [](int64_t B, int64_t V) { return gptoss_argmax_f32_workspace_size(B, V); },
+        py::arg("B"), py::arg("V"));
+  m.def(
+      "argmax_f32",
+      [](uintptr_t logits, int64_t B, int64_t V, uintptr_t out, uintptr_t workspace, size_t workspace_bytes,
+         uintptr_t s) {
+        check(gptoss_argmax_f32(ptr<const float>(logits), B, V, ptr<int64_t>(out), ptr<void>(workspace),
+                                workspace_bytes, stream(s)));
+      },
+      py::arg("logits"), py::arg("B"), py::arg("V"), py::arg("out"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("stream"));
 
   py::module_ host = m.attr("host").cast<py::module_>();
   namespace d = gptoss::dense;
@@ -100,4 +113,35 @@ GPTOSS_PY_BIND(dense) {
       }
     return py::make_tuple(ak, bk, chunk, wr0, wr1, xt, cr, ct);
   });
+  // The argmax order of the kernels (gptoss::dense::argmax_better), applied in their order:
+  // slices of `slice` elements, then the slices' winners. float32 [B, V] -> int64 [B].
+  host.def(
+      "dense_argmax",
+      [](py::array_t<float, py::array::c_style> logits, int64_t slice) {
+        if (logits.ndim() != 2 || logits.shape(1) < 1) throw py::value_error("logits must be [B, V], V >= 1");
+        if (slice < 1) throw py::value_error("slice must be >= 1");
+        const int64_t B = logits.shape(0), V = logits.shape(1);
+        py::array_t<int64_t> out(B);
+        for (int64_t b = 0; b < B; ++b) {
+          const float* row = logits.data(b, 0);
+          float bv = -INFINITY;
+          int64_t bi = INT64_MAX;
+          for (int64_t s0 = 0; s0 < V; s0 += slice) {
+            float sv = -INFINITY;
+            int64_t si = INT64_MAX;
+            for (int64_t j = s0; j < std::min(V, s0 + slice); ++j)
+              if (d::argmax_better(row[j], j, sv, si)) {
+                sv = row[j];
+                si = j;
+              }
+            if (d::argmax_better(sv, si, bv, bi)) {
+              bv = sv;
+              bi = si;
+            }
+          }
+          out.mutable_at(b) = bi;
+        }
+        return out;
+      },
+      py::arg("logits"), py::arg("slice") = 8192);
 }

@@ -30,4 +30,13 @@ GPTOSS_API gptoss_status gptoss_linear_bf16(const void* x, const void* weight, c
                                             int out_fp32, int64_t T, int64_t N, int64_t K,
                                             cudaStream_t stream);
 
+/* Greedy decoding: out[b] = argmax_v logits[b, v] (torch.argmax's order: NaN ranks highest,
+ * ties go to the lower index), two passes over a caller-owned workspace.
+ *   logits    : float32 [B, V]        out : int64 [B]
+ *   workspace : gptoss_argmax_f32_workspace_size(B, V) bytes, 8-byte aligned.
+ * B >= 0 (0 is a no-op), 1 <= V < 2^31. Graph-safe. */
+GPTOSS_API size_t gptoss_argmax_f32_workspace_size(int64_t B, int64_t V);
+GPTOSS_API gptoss_status gptoss_argmax_f32(const float* logits, int64_t B, int64_t V, int64_t* out,
+                                           void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
 #endif /* GPTOSS_DENSE_H_ */

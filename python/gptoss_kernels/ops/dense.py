@@ -91,3 +91,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = y + bias.float()
     out.copy_(y)
     return out
+
+
+def greedy_argmax(logits: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy token ids: int64 [B] = argmax over float32 logits [B, V], torch.argmax's order (NaN
+    ranks highest, ties go to the lower index). On CUDA a two-pass device reduction (no host sync;
+    its small workspace comes from torch's allocator, so it can be captured in a CUDA graph)."""
+    _checks.tensor("logits", logits, dtype=torch.float32, ndim=2)
+    B, V = logits.shape
+    if V < 1:
+        raise ValueError(f"logits must have at least one column, got shape {tuple(logits.shape)}")
+    dev = _checks.same_device(logits=logits, out=out)
+    out = _checks.out_tensor("out", out, shape=(B,), dtype=torch.int64, device=dev)
+    if B == 0:
+        return out
+    if _kernel(dev) and B <= 65535 and V < 2**31 - 8192:
+        C = _lib.C()
+        ws = torch.empty(max(8, C.argmax_f32_workspace_size(B, V)), dtype=torch.uint8, device=dev)
+        with torch.cuda.device(dev):
+            C.argmax_f32(logits.data_ptr(), B, V, out.data_ptr(), ws.data_ptr(), ws.numel(), _checks.stream_of(dev))
+        return out
+    torch.argmax(logits, dim=1, out=out)
+    return out
