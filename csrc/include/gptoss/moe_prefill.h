@@ -16,6 +16,9 @@
  * linear row 2j+1); w2_blocks [E,H,I/32,16], w2_scales [E,H,I/32], w2_bias bf16 [E,H]; out bf16 [T,H].
  * Requirements: H, I multiples of 32; 1 <= E <= 256; 1 <= k <= 16; T*k < 2^31; x, out, blocks,
  * scales and workspace 16-byte aligned. T may be 0.
+ * Scales: exact (ldexp) for scale bytes 0..254; byte 255 (2^128, in no real checkpoint) is not:
+ * its E2M1 zeros give NaN and its 0.5 codes inf where the fp32 reference has 0 and 2^127 (the
+ * decode kernels, gptoss/moe.h, are exact for every byte).
  * workspace: at least gptoss_moe_prefill_workspace_size(T,k,E,H,I) bytes, 256-byte aligned.
  */
 #ifndef GPTOSS_MOE_PREFILL_H_

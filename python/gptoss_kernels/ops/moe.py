@@ -174,6 +174,9 @@ def moe_mxfp4(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     w2_scales uint8 [E, H, I/32], w2_bias bf16 [E, H]; out: optional bf16 [T, H].
     returns bf16 [T, H] = sum_j topk_weights[t, j] * expert(topk_ids[t, j], x[t]).
     1 <= k <= 8. Deterministic: the same inputs give the same bits (no float atomics).
+    MXFP4 scales are applied exactly (ldexp); exception: scale byte 255 (2^128, absent from real
+    checkpoints) on the prefill kernels (T*k > PREFILL_MIN_ROUTED_ROWS) gives NaN for its zero codes
+    and inf for its 0.5 codes (the reference: 0 and 2^127).
 
     validate_ids: ids outside [0, E) raise ValueError when checked. None (default): checked on
     the reference path and before the prefill kernels (not while capturing a CUDA graph); not
