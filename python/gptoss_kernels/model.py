@@ -1,10 +1,19 @@
 """The thin gpt-oss model: weights in the checkpoint layout, a forward pass and generation built
-from this package's public ops (``gptoss_kernels.ops``) plus ``reference.rms_norm`` and plain torch
-(``F.linear`` for the projections, ``F.embedding``).
+from this package's public ops (``gptoss_kernels.ops``: rms_norm fused with the residual add,
+linear, rope_qkv / rope_and_cache_append, attention_prefill / attention_decode, cache_append,
+router_topk, moe_mxfp4) plus ``F.embedding`` / ``index_select`` and torch for sampling.
 
 On CUDA the ops run the kernels; on CPU they run the reference. The ops take bf16 activations;
 a model loaded with ``dtype=torch.float32`` (CPU, for tight comparisons in tests) calls the same
 reference functions the ops call on the CPU, without the bf16 argument checks.
+
+Decode (issue 11): one token per sequence per step, every op writing into static buffers
+(``_decode_buffers``: the bf16 residual stream updated in place, fp32 logits, the sampled ids),
+the position / length / draw counter advanced on the device, so that the whole step (layers,
+unembedding, greedy or seeded top-p sampling) is one CUDA graph replayed per token with no host
+synchronisation; the host reads the sampled ids through a pinned ring ``decode_lookahead``
+steps behind the device (stop checks). ``memory_plan`` / ``check_memory``: what fits one card;
+a request that does not raises MemoryPlanError before allocating.
 
 Weights (``GptOss.layers[i]`` dict, names after the original checkpoint):
   attn_norm [H], qkv_w [(nq+2nkv)d, H], qkv_b, sinks [nq], out_w [H, nq d], out_b [H],
