@@ -282,7 +282,7 @@ def test_host_pair_bits_matches_python_twin():
             assert host.fp4x8_pair_bits(w, i) == _pair_bits(w, i)
 
 
-def _emulate_warp_tile(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _emulate_warp_tile(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, chunks=None) -> torch.Tensor:
     """One warp's 16 x 8 output tile computed the way moe_decode_gemv_kernel builds its mma.sync
     fragments (lane = 4g + tq; chunk c: lane tq owns group 4c+tq; step s = 2q+h), with the PTX
     m16n8k16 fragment layouts, summed over all chunks. blocks [16, G, 16], scales [16, G], x [8, K]."""
@@ -291,7 +291,7 @@ def _emulate_warp_tile(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tens
     xb = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF  # [8, K]
     C = np.zeros((16, 8), dtype=np.float64)
     nch = (G + 3) // 4
-    for c in range(nch):
+    for c in (range(nch) if chunks is None else chunks):
         for q in range(4):
             for h in range(2):
                 A = np.zeros((16, 16))
@@ -332,6 +332,42 @@ def test_fragment_mapping_emulation(G):
     got = _emulate_warp_tile(blocks, scales, x)
     ref = reference.mxfp4_dequantize(blocks, scales, torch.float32).double() @ x.double().t()
     assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def _warp_chunks(ks: int, nch: int, k_split: int = 4, unroll: int = 3) -> list[int]:
+    """The 128-k chunks K-slice warp ks runs, in moe_decode_gemv_kernel's loop order:
+    for cb = ks; cb < nch; cb += kKSplit * kUnroll: chunks cb + uu * kKSplit (uu < kUnroll),
+    stopping at the first one >= nch (the loads past it are predicated off: gi >= G)."""
+    out = []
+    for cb in range(ks, nch, k_split * unroll):
+        for uu in range(unroll):
+            if cb + uu * k_split >= nch:
+                break
+            out.append(cb + uu * k_split)
+    return out
+
+
+@pytest.mark.parametrize("G", [1, 5, 90, 97])
+def test_k_split_covers_every_chunk_once(G):
+    nch = (G + 3) // 4
+    got = sorted(c for ks in range(4) for c in _warp_chunks(ks, nch))
+    assert got == list(range(nch))
+
+
+def test_k_split_partials_sum_to_tile():
+    # the four K-slice warps' partial tiles, summed in the epilogue's order (w = 0..3), at H = 2880
+    # (90 groups: 23 chunks, the last half empty)
+    g = torch.Generator().manual_seed(9)
+    G = 90
+    blocks = torch.randint(0, 256, (16, G, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(118, 131, (16, G), dtype=torch.uint8, generator=g)
+    x = torch.randn((8, 32 * G), generator=g).to(torch.bfloat16)
+    nch = (G + 3) // 4
+    acc = torch.zeros(16, 8, dtype=torch.float64)
+    for ks in range(4):
+        acc += _emulate_warp_tile(blocks, scales, x, chunks=_warp_chunks(ks, nch)).double()
+    ref = reference.mxfp4_dequantize(blocks, scales, torch.float32).double() @ x.double().t()
+    assert torch.allclose(acc, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def _emulate_moe_decode(x, ids, w, wt, alpha=1.702, limit=7.0, max_routed=256, m_tiles=2):
