@@ -10,8 +10,8 @@ Tolerances (DEVELOPERS.md): both kernels compute in fp32 from bf16 inputs and ro
 at the output, so the relative-norm error against the fp32 reference is bounded by the bf16
 output rounding (2^-9 per element, ~2e-3 on norms); 1e-2 is generous. RMSNorm's h = bf16(x + r)
 is one exact rounding of the same fp32 sum the reference takes, so it must match bit for bit.
-fp32 GEMV outputs differ from the reference only by the fp32 summation order (K <= 4096 terms:
-~sqrt(K) * 2^-24 relative), checked at 1e-4.
+fp32 GEMV outputs differ from the (float64) reference only by fp32 accumulation (K <= 4104 terms:
+~sqrt(K) * 2^-24 relative on norms, ~1e-6), checked at 1e-4.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def test_host_rms_norm_math_matches_reference(with_residual, wdtype):
     assert torch.equal(y, y.to(BF).float())  # y is bf16-valued
     # only the fp32 summation order differs from the reference: a few 1-ulp bf16 differences
     assert rel_err(y, y_ref) < 1e-3
-    assert (y != y_ref).float().mean().item() < 0.01
+    assert (y != y_ref).sum().item() <= max(2, 0.01 * y.numel())
 
 
 def test_host_gemv_layout_is_a_permutation_of_k():
@@ -350,8 +350,8 @@ def _check_rms(T, H, mode, wdtype, eps=1e-5):
     ref = reference.rms_norm(h_ref, w, eps)
     err = rel_err(y, ref)
     assert err < 1e-2, f"rel err {err}"
-    # fp32 sums in another order: at most 1 bf16 ulp on a small fraction of elements
-    assert (y != ref).float().mean().item() < 0.02, err
+    # fp32 sums in another order: 1-ulp bf16 flips on a tiny fraction of elements at most
+    assert (y != ref).sum().item() <= max(2, 0.02 * y.numel()), err
     return err
 
 
@@ -395,10 +395,11 @@ def _weight(N, K):
 
 
 def _linear_ref(x, w, b):
-    y = torch.empty(x.shape[0], w.shape[0], device=DEV)
-    for n0 in range(0, w.shape[0], 32768):  # bounded fp32 temporaries
-        y[:, n0:n0 + 32768] = x.float() @ w[n0:n0 + 32768].float().t()
-    return y + b.float() if b is not None else y
+    """float64 (so TF32 settings elsewhere in the session cannot matter), in row chunks."""
+    y = torch.empty(x.shape[0], w.shape[0], device=DEV, dtype=torch.float64)
+    for n0 in range(0, w.shape[0], 16384):  # bounded temporaries
+        y[:, n0:n0 + 16384] = x.double() @ w[n0:n0 + 16384].double().t()
+    return y + b.double() if b is not None else y
 
 
 def _check_linear(T, N, K, with_bias, out_dtype):
