@@ -48,8 +48,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5, residu
                                    _checks.stream_of(dev))
         return out if residual is None else (out, residual_out)
     if dev.type == "cuda":
-        _lib.warn_reference_fallback("rms_norm", None if not _kernel(dev) else
-                                     "H is not a multiple of 8 or a tensor is not 16-byte aligned")
+        if _kernel(dev):
+            reason = "H is not a positive multiple of 8 or a tensor is not 16-byte aligned"
+        elif _lib.cuda_available():
+            reason = "this build has no 'dense' kernels (rebuild)"
+        else:
+            reason = None
+        _lib.warn_reference_fallback("rms_norm", reason)
     if residual is None:
         out.copy_(reference.rms_norm(x, weight, eps))
         return out
