@@ -292,6 +292,55 @@ def test_graph_decode_matches_cpu_reference():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["greedy", "sample", "top_p"])
+def test_decode_step_has_no_host_sync(mode):
+    """The eager decode step (what the graph captures) under torch's sync debug mode "error":
+    any torch-level host synchronisation (.item(), nonzero, a pageable copy) raises."""
+    m = GptOss.from_config(_kernel_cfg(), device="cuda", seed=0)
+    m.prepare_decode(2, 300)              # buffers + cache, eager warm-up inside the capture
+    st = m._state
+    b = st["buf"]
+    b["pos"].copy_(torch.tensor([5, 9], dtype=torch.int32))
+    b["seqlens"].copy_(b["pos"] + 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            m._decode_step(st, mode)
+            m._decode_step(st, mode)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert b["pos"].tolist() == [7, 11] and b["tok"].min() >= 0 and b["tok"].max() < 1024
+
+
+@pytest.mark.gpu
+def test_prefill_host_syncs_do_not_scale_with_layers():
+    """Host synchronisations of a chunked prefill (sync debug mode "warn", counted) are per chunk,
+    not per layer: a 4-layer model makes as many as a 2-layer one."""
+    import warnings
+
+    def count(layers: int) -> int:
+        m = GptOss.from_config(_kernel_cfg(num_hidden_layers=layers), device="cuda", seed=0)
+        m.prefill_chunk = 64
+        st = m._decode_state(1, 300)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.inference_mode():
+                    m._prefill([list(range(200))], st["caches"])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(x.message) for x in w)
+
+    two, four = count(2), count(4)
+    print(f"prefill host syncs: 2 layers {two}, 4 layers {four}")
+    assert four == two
+
+
+@pytest.mark.gpu
 def test_profile_runs_on_gpu(capsys):
     prof = e2e.profile_decode_step("120b", 1, 1024, reps=5)
     with capsys.disabled():
