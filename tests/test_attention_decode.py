@@ -326,6 +326,15 @@ def test_decode_batch_sizes(B, variant):
 
 
 @pytest.mark.gpu
+def test_decode_huge_window_equals_full(variant):
+    # the op clamps a window beyond int32 (the C ABI's type) to 2^30: same split plan, same keys
+    q, kc, vc, lens, sinks = _make_case([300, 5], None)
+    full = gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=None)
+    huge = gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=2 ** 40)
+    assert torch.equal(full, huge)
+
+
+@pytest.mark.gpu
 def test_decode_longest_context(variant):
     _check(*_make_case([131072], None), None)
 

@@ -64,7 +64,9 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = _checks.out_tensor("out", out, shape=(B, nq, d), dtype=torch.bfloat16, device=dev)
     if dev.type == "cuda" and _lib.cuda_available() and d == 64 and nq == 8 * nkv and 0 < S < 2 ** 31 \
             and B <= 65535:
-        window = 0 if sliding_window is None else sliding_window
+        # clamp like attention_prefill: the C ABI takes an int32 window (a window >= S is the same
+        # as 2^30 for any cache that fits in memory); larger Python ints would raise TypeError here
+        window = 0 if sliding_window is None else min(int(sliding_window), 1 << 30)
         C = _lib.C()
         ws_bytes = C.attention_decode_workspace_size(B, S, nq, nkv, d, window)
         ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev) if ws_bytes else None
