@@ -221,7 +221,8 @@ def _argmax_cases():
     x = torch.randn(6, 20000, generator=g)
     x[0, 17] = x[0, 19000] = 1e4                       # tie across slices: lower index
     x[1, 8191] = x[1, 8192] = 1e4                      # tie at a slice boundary
-    x[2, 12345] = float("nan"); x[2, 3] = float("nan")  # NaN ranks highest, first NaN wins
+    x[2, 12345] = float("nan")                         # NaN ranks highest, first NaN wins
+    x[2, 3] = float("nan")
     x[3] = -float("inf")                               # all -inf: index 0
     x[4, :] = 0.0                                      # all equal: index 0
     x[5, 19999] = float("inf")

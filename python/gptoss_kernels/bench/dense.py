@@ -170,8 +170,10 @@ def main(argv=None) -> int:
         ctx.target_ms, ctx.baseline_ms = 100.0, 60.0
     if args.tokens:
         tokens = tuple(int(t) for t in args.tokens.split(","))
+    elif gpu:
+        tokens = QUICK_TOKENS if args.quick else DEFAULT_TOKENS
     else:
-        tokens = (QUICK_TOKENS if args.quick else DEFAULT_TOKENS) if gpu else (REF_TOKENS_QUICK if args.quick else REF_TOKENS)
+        tokens = REF_TOKENS_QUICK if args.quick else REF_TOKENS
     rows = []
     for case in dense_cases(ctx, tokens):
         progress(f"{case.op} {case.name}")
