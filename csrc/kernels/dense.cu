@@ -6,6 +6,14 @@
 //    staging: the reduction over k is permuted so that one 16-byte chunk feeds two mmas, see
 //    csrc/norm.cuh), x from L1, K split over the warps of a block and reduced in shared memory.
 //    Every W byte is read once; several 16-byte loads per thread are in flight.
+//  - greedy argmax over float32 logits: 8192-wide slices per block, then one warp per row.
+//
+// GEMV sizing (not yet measured on a GPU): one block = 16 W rows; 8 warps per block when there are
+// fewer than 1024 row tiles (QKV 320, out-proj 180 tiles: ~2 blocks/SM resident), else 4 (the
+// unembedding: 12568 tiles). Each warp keeps 8 x 16 B of W per lane in flight (4 KB per warp),
+// i.e. >= 40 KB per SM at the occupancies ptxas reports, well above the ~25 KB/SM Little's law
+// asks of ~3.3 TB/s. Knobs if a GPU run disagrees: kUnroll (loads in flight), the 1024-tile
+// WARPS threshold, kHoistX's NT limit.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
