@@ -9,8 +9,9 @@ namespace gptoss {
 // gate = min(gate, limit); lin = clamp(lin, -limit, limit); gate * sigmoid(alpha * gate) * (lin + 1).
 // gate is row 2j of mlp1's output, lin row 2j+1 (interleaved in the checkpoint).
 GPTOSS_HD float swiglu_clamped(float gate, float lin, float alpha, float limit) {
-  gate = fminf(gate, limit);
-  lin = fminf(fmaxf(lin, -limit), limit);
+  // comparisons, not fminf/fmaxf: a NaN stays NaN as in the reference's clamp (never hidden)
+  gate = gate > limit ? limit : gate;
+  lin = lin > limit ? limit : (lin < -limit ? -limit : lin);
 #if defined(__CUDA_ARCH__)
   const float sig = 1.0f / (1.0f + __expf(-alpha * gate));
 #else
