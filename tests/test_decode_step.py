@@ -242,6 +242,24 @@ def test_profile_bytes_only_on_cpu():
     assert "no GPU" in text and "moe_mxfp4" in text and "5.052 GB" in text
 
 
+def test_profile_op_calls_run_on_cpu():
+    """The profile's closures (the step's op calls on the static buffers) run on a tiny bf16
+    model on the CPU: their arguments satisfy the ops' checks, and every op of the byte table
+    has a closure."""
+    m = GptOss.from_config(tiny(), device="cpu", seed=0)
+    st = m._decode_state(1, 40)
+    b = st["buf"]
+    b["tok"].fill_(3)
+    b["pos"].fill_(20)
+    b["seqlens"].fill_(21)
+    with torch.inference_mode():
+        calls = e2e._op_calls(m, st, {"sliding": 0, "full": 1})
+        assert {r["op"] for r in e2e.decode_step_ops(ModelShape.of(m.config), 1, 21)} == set(calls)
+        for r in e2e.decode_step_ops(ModelShape.of(m.config), 1, 21):   # in the step's order
+            calls[r["op"]]()
+    assert torch.isfinite(b["logits"]).all() and 0 <= int(b["tok"]) < 96
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------
@@ -300,16 +318,16 @@ def test_decode_step_has_no_host_sync(mode):
     m.prepare_decode(2, 300)              # buffers + cache, eager warm-up inside the capture
     st = m._state
     b = st["buf"]
-    b["pos"].copy_(torch.tensor([5, 9], dtype=torch.int32))
-    b["seqlens"].copy_(b["pos"] + 1)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.inference_mode():
+    with torch.inference_mode():         # the buffers are inference tensors (made under inference_mode)
+        b["pos"].copy_(torch.tensor([5, 9], dtype=torch.int32))
+        b["seqlens"].copy_(b["pos"] + 1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             m._decode_step(st, mode)
             m._decode_step(st, mode)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert b["pos"].tolist() == [7, 11] and b["tok"].min() >= 0 and b["tok"].max() < 1024
 
