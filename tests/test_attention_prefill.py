@@ -633,3 +633,46 @@ def test_emulated_mma_prefill_matches_reference(lengths, p0s, window, cache):
     assert not got.isnan().any(), "unwritten or NaN outputs"
     err = rel_err(got, ref)
     assert err < TOL, err
+
+
+def _sw128_read(smem_bytes: np.ndarray, start: int, rows: int, cols: int, sbo: int, k_major: bool) -> np.ndarray:
+    """The operand a wgmma descriptor with 128-byte swizzle names (bf16; PTX canonical layouts):
+    K-major [rows (M/N)][16 k]: element (r, k) at start + (r // 8) sbo + (r % 8) 128 + 2 k;
+    MN-major [16 k][cols (N) <= 64]: element (k, n) at start + (k // 8) sbo + (k % 8) 128 + 2 n
+    (one 64-element swizzle atom along N, so the other offset is unused; the kernel sets both to
+    1024). The swizzle XORs address bits 4..6 with bits 7..9 (atoms 1024-byte aligned)."""
+    if k_major:
+        r, k = np.meshgrid(np.arange(rows), np.arange(16), indexing="ij")
+        addr = start + (r // 8) * sbo + (r % 8) * 128 + 2 * k
+    else:
+        k, n = np.meshgrid(np.arange(16), np.arange(cols), indexing="ij")
+        addr = start + (k // 8) * sbo + (k % 8) * 128 + 2 * n
+    phys = addr ^ (((addr >> 7) & 7) << 4)
+    return smem_bytes[phys // 2]
+
+
+def test_emulated_wgmma_descriptors_name_the_swizzled_tiles():
+    """attention_prefill_kernel<true>'s descriptor arguments (Q: sQ + 64 rows x 128 B per warpgroup
+    + 32 B per k-step, SBO 1024; K: sK + 32 B per k-step, SBO 1024; V: sV + 2048 B per 16 keys,
+    transposed, SBO 1024) read, through the 128B-swizzle canonical layouts, exactly the Q rows,
+    K rows and V rows that the cp.async loads put in the tiles with swz(r, c)."""
+    rng = np.random.default_rng(3)
+    Q = rng.standard_normal((128, 64)).astype(np.float32)
+    K = rng.standard_normal((64, 64)).astype(np.float32)
+    V = rng.standard_normal((64, 64)).astype(np.float32)
+    q_off, k_off, v_off = 0, 128 * 128, 128 * 128 + 64 * 128   # byte offsets, 1024-aligned
+    smem = np.zeros((128 + 128) * 64, np.float32)                 # element view of the bytes
+    for base, M in ((q_off, Q), (k_off, K), (v_off, V)):
+        for r in range(M.shape[0]):
+            for c in range(8):
+                e = base // 2 + _swz(r, c)
+                smem[e:e + 8] = M[r, 8 * c:8 * c + 8]
+    for wg in range(2):
+        for kk in range(4):
+            a = _sw128_read(smem, q_off + wg * 64 * 128 + 32 * kk, 64, 16, 1024, True)
+            np.testing.assert_array_equal(a, Q[64 * wg:64 * wg + 64, 16 * kk:16 * kk + 16])
+    for kk in range(4):
+        b = _sw128_read(smem, k_off + 32 * kk, 64, 16, 1024, True)          # B[n = key][k = dim]
+        np.testing.assert_array_equal(b, K[:, 16 * kk:16 * kk + 16])
+        bt = _sw128_read(smem, v_off + 2048 * kk, 0, 64, 1024, False)       # B[k = key][n = dim]
+        np.testing.assert_array_equal(bt, V[16 * kk:16 * kk + 16])
