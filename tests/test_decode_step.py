@@ -242,6 +242,31 @@ def test_profile_bytes_only_on_cpu():
     assert "no GPU" in text and "moe_mxfp4" in text and "5.052 GB" in text
 
 
+def test_profile_summary_and_table_gpu_format():
+    """The GPU branch's arithmetic and table on made-up timings: every op at 2 TB/s, copy
+    3 TB/s -> the sum of ops is at 2/3 of the bound; a 2-layer step measured at exactly its ops'
+    sum scales to the 36-layer sum."""
+    rows = e2e.decode_step_ops(ModelShape.preset("120b"), 1, 1024)
+    for r in rows:
+        r["us"] = r["bytes"] / 2e9 * 1e3     # bytes / (2e12 B/s) in us
+        r["gbps"], r["pct_copy"] = 2000.0, 200 / 3
+    two = sum(r["us"] for r in rows if r["op"] in ("embedding", "rms_norm (first)", "unembedding (fp32 logits)",
+                                                   "sample (argmax)"))
+    two += sum(r["us"] * (4 if r["op"] == "residual + rms_norm" else 2) for r in rows
+               if r["op"] in ("qkv linear + bias", "rope + cache append", "out linear + bias", "router top-k",
+                              "moe_mxfp4", "residual + rms_norm"))
+    two += sum(r["us"] for r in rows if r["op"].startswith("attention_decode"))
+    s = e2e.profile_summary(rows, "120b", 1, 2, 3000.0, two, True)
+    assert abs(s["pct_of_bound"] - 200 / 3) < 1e-6
+    assert abs(s["step2_sum_ops_us"] - two) < 1e-6
+    assert abs(s["est_graph_step_us"] - s["sum_us"]) / s["sum_us"] < 2e-3    # rms_norm (first) x 18: tiny
+    assert abs(s["bound_tok_s"] - 3e12 / 5.0517e9) < 1.0
+    s["device_name"], s["config"], s["batch"], s["context"] = "fake", "gpt-oss-120b", 1, 1024
+    s["bytes_per_step"] = s["bytes_per_token"] = sum(r["bytes"] * r["calls"] for r in rows)
+    text = e2e.format_profile({"mode": "gpu", "rows": rows, "summary": s})
+    assert "67% of the bound" in text and "CUDA graph" in text and "2000" in text
+
+
 def test_profile_op_calls_run_on_cpu():
     """The profile's closures (the step's op calls on the static buffers) run on a tiny bf16
     model on the CPU: their arguments satisfy the ops' checks, and every op of the byte table
