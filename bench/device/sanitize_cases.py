@@ -149,5 +149,64 @@ def _():
     return rel(q, rq)
 
 
+# ---- the non-default kernel variants (not reached through the ops' defaults) ----
+
+@case("attention_decode", "variant 2 (mma.sync) B=3 full and sliding ring")
+def _():
+    from gptoss_kernels.ops import attention as att
+    saved, att.DECODE_VARIANT = att.DECODE_VARIANT, 2
+    try:
+        errs = []
+        for win, S, lens in ((None, 320, (1, 77, 300)), (128, 128, (1, 129, 300))):
+            B = len(lens)
+            q, kc, vc = bf(B, 64, 64), bf(B, S, 8, 64), bf(B, S, 8, 64)
+            sl = torch.tensor(lens, dtype=torch.int32, device=dev)
+            sinks = bf(64)
+            out = gk.attention_decode(q, kc, vc, sl, sinks, sliding_window=win)
+            errs.append(rel(out, reference.attention_decode(q, kc, vc, sl, sinks, sliding_window=win)))
+        return max(errs)
+    finally:
+        att.DECODE_VARIANT = saved
+
+
+@case("attention_prefill", "impl 2 (wgmma) T=150 in two sequences, full and sliding")
+def _():
+    saved = os.environ.get("GPTOSS_ATTENTION_PREFILL_IMPL")
+    os.environ["GPTOSS_ATTENTION_PREFILL_IMPL"] = "2"
+    try:
+        errs = []
+        for win in (None, 128):
+            T = 150
+            q, k, v, sinks = bf(T, 64, 64), bf(T, 8, 64), bf(T, 8, 64), bf(64)
+            cu = torch.tensor([0, 61, T], dtype=torch.int32, device=dev)
+            out = gk.attention_prefill(q, k, v, sinks, cu_seqlens_q=cu, sliding_window=win)
+            ref = reference.attention_varlen(q, k, v, sinks, cu_seqlens_q=cu, cu_seqlens_k=cu, sliding_window=win)
+            errs.append(rel(out, ref))
+        return max(errs)
+    finally:
+        if saved is None:
+            os.environ.pop("GPTOSS_ATTENTION_PREFILL_IMPL", None)
+        else:
+            os.environ["GPTOSS_ATTENTION_PREFILL_IMPL"] = saved
+
+
+@case("moe_prefill", "wgmma variants T=77 E=5")
+def _():
+    from gptoss_kernels.ops import _moe_prefill as pre
+    E, H, I, k, T = 5, 2880, 2880, 4, 77
+    w1b = torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8, device=dev)
+    w1s = torch.randint(119, 124, (E, 2 * I, H // 32), dtype=torch.uint8, device=dev)
+    w2b = torch.randint(0, 256, (E, H, I // 32, 16), dtype=torch.uint8, device=dev)
+    w2s = torch.randint(119, 124, (E, H, I // 32), dtype=torch.uint8, device=dev)
+    b1, b2, x = bf(E, 2 * I, scale=0.1), bf(E, H, scale=0.1), bf(T, H)
+    ids = torch.rand(T, E, device=dev).topk(k, dim=1).indices.to(torch.int32).contiguous()
+    tw = torch.softmax(torch.randn(T, k, device=dev), dim=1).contiguous()
+    ref = reference.moe(x, ids, tw, w1b, w1s, b1, w2b, w2s, b2)
+    if dev.type != "cuda":
+        return 0.0
+    return max(rel(pre.run(x, ids, tw, w1b, w1s, b1, w2b, w2s, b2, 1.702, 7.0, None, variant=v), ref)
+               for v in (pre.WGMMA, pre.WGMMA_N128, pre.WGMMA_N256))
+
+
 print(f"sanitize_cases: {failures} failure(s); kernel families built: {families}", flush=True)
 sys.exit(1 if failures else 0)
