@@ -1,4 +1,4 @@
-"""`gptoss-kernels bench {moe,router,attention,e2e,all}`: the microbenchmark command."""
+"""`gptoss-kernels bench {moe,router,attention,dense,e2e,all}`: the microbenchmark command."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import time
 
 import torch
 
+from . import dense as D
 from . import e2e as e2e_mod
 from . import ops as O
 from .report import _num, format_document, new_document, write_json
 from .shapes import ModelShape
 from .timing import measure_limits
 
-OPS = ("moe", "router", "attention", "e2e", "all")
+OPS = ("moe", "router", "attention", "dense", "e2e", "all")
 
 # (GPU defaults, GPU --quick, reference mode, reference --quick)
 _GRID = {
@@ -24,6 +25,7 @@ _GRID = {
     "decode_batch": (O.DEFAULT_DECODE_BATCH, (1, 16), O.REF_DECODE_BATCH, O.REF_DECODE_BATCH_QUICK),
     "decode_context": (O.DEFAULT_DECODE_CONTEXT, (8192, 32768), O.REF_DECODE_CONTEXT, O.REF_DECODE_CONTEXT_QUICK),
     "prefill": (O.DEFAULT_PREFILL_TOKENS, (8192,), O.REF_PREFILL_TOKENS, O.REF_PREFILL_TOKENS_QUICK),
+    "dense": (D.DEFAULT_TOKENS, D.QUICK_TOKENS, D.REF_TOKENS, D.REF_TOKENS_QUICK),
     "e2e_batch": (e2e_mod.DEFAULT_DECODE_BATCH, (1,), (1,), (1,)),
     "e2e_context": (e2e_mod.DEFAULT_DECODE_CONTEXT, (1024,), (1024,), (1024,)),
     "e2e_prefill": (e2e_mod.DEFAULT_PREFILL_TOKENS, (2048,), (2048,), (2048,)),
@@ -111,7 +113,7 @@ def run(args) -> int:
     elif args.quick:
         ctx.target_ms, ctx.baseline_ms = 100.0, 60.0
 
-    want = {args.op} if args.op != "all" else {"router", "moe", "attention", "e2e"}
+    want = {args.op} if args.op != "all" else {"router", "moe", "attention", "dense", "e2e"}
     cases: list[O.Case] = []
     if "router" in want:
         cases += O.router_cases(ctx, grid("router", gpu, args.quick, tokens))
@@ -123,6 +125,8 @@ def run(args) -> int:
                                     grid("decode_context", gpu, args.quick, contexts))
         if args.mode in ("prefill", "both"):
             cases += O.prefill_cases(ctx, grid("prefill", gpu, args.quick, tokens))
+    if "dense" in want:
+        cases += D.dense_cases(ctx, grid("dense", gpu, args.quick, tokens))
 
     for i, case in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] {case.op} {case.name}")
