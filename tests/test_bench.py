@@ -89,7 +89,7 @@ def test_reference_mode_runs_end_to_end(reference_run, capsys):
     assert rc == 0
     assert doc["mode"] == "reference" and "reference mode (no GPU)" in doc["label"]
     ops = {r["op"] for r in doc["results"]}
-    assert ops == {"router_topk", "moe_mxfp4", "attention_decode", "attention_prefill"}
+    assert ops == {"router_topk", "moe_mxfp4", "attention_decode", "attention_prefill", "rms_norm", "linear"}
     for r in doc["results"]:
         assert r["status"] == "reference", r
         assert "not a kernel measurement" in r["reason"]
