@@ -6,10 +6,15 @@ the first and the last of N + 1 yielded tokens, per step), prefill tok/s (prompt
 time to first token), peak GPU memory; and for every decode figure the bound it is measured
 against: bytes one step must read (``decode_bytes_per_step``) over the copy bandwidth measured in
 the same run.
+
+On a GPU (preset configs) the run starts with the per-op decode-step profile
+(``profile_decode_step``; its table goes into the notes; GPTOSS_E2E_PROFILE=0 skips it). Alone:
+``python -m gptoss_kernels.bench.e2e --profile`` (the byte table only without a GPU).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -152,6 +157,15 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
     if ctx.out_of_time():
         return skip_all("skipped", "time budget (--max-seconds) spent")
 
+    if ctx.gpu and config is None and os.environ.get("GPTOSS_E2E_PROFILE", "1") != "0" and not ctx.out_of_time():
+        # the per-op decode-step profile first (a 2-layer model, freed before the full one is built)
+        try:
+            prof = profile_decode_step(config_name, 1, L0, device=ctx.device,
+                                       copy_gbps=ctx.limits.copy_gbps if ctx.limits else None, progress=ctx.progress)
+            notes += [f"profile | {line}" for line in format_profile(prof).splitlines()]
+        except Exception as e:  # noqa: BLE001 - the profile must not cost the e2e figures
+            notes.append(f"decode-step profile failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        torch.cuda.empty_cache()
     ctx.progress(f"e2e: building {shape.name} with random weights on {ctx.device}")
     try:
         cfg = config if config is not None else config_for(config_name, GptOssConfig)
