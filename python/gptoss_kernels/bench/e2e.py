@@ -228,6 +228,11 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
                          + (f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""))
         except torch.cuda.OutOfMemoryError as e:
             r.update(status="error", reason=f"out of memory: {str(e).splitlines()[0][:160]}")
+        except RuntimeError as e:
+            if type(e).__name__ != "MemoryPlanError":
+                r.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            else:   # the model refused a request its memory plan rejects: not a failure of the bench
+                r.update(status="skipped", reason=f"does not fit (model memory plan): {str(e)[:200]}")
         except Exception as e:  # noqa: BLE001 - one failing case must not end the run
             r.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         finally:
