@@ -606,7 +606,7 @@ class GptOss:
         argmax(p / Exp(1)); the draw counter advances."""
         tok = b["tok"]
         if mode == "greedy":
-            torch.argmax(logits, dim=-1, out=tok)
+            _argmax(logits, tok)
             return
         probs = torch.softmax(logits / b["temperature"], dim=-1)
         noise = GptOss._noise(b, logits.shape[0])
@@ -616,7 +616,7 @@ class GptOss:
             j = (p_sorted.masked_fill(drop, 0.0) / noise).argmax(-1, keepdim=True)
             tok.copy_(idx.gather(-1, j).squeeze(-1))
         else:
-            torch.argmax(probs / noise, dim=-1, out=tok)
+            _argmax(probs / noise, tok)
         b["counter"].add_(1)
 
     @staticmethod
@@ -796,6 +796,16 @@ class GptOss:
                 if t is not None:
                     out[b].append(t)
         return out[0] if single else out
+
+
+def _argmax(x: torch.Tensor, out: torch.Tensor) -> None:
+    """out int64 [B] = argmax over the last dim of float32 x [B, V] (torch.argmax's order): the
+    package's two-pass device reduction when this version has it, else torch."""
+    fn = getattr(ops, "greedy_argmax", None)
+    if fn is not None and x.dtype == torch.float32:
+        fn(x, out=out)
+    else:
+        torch.argmax(x, dim=-1, out=out)
 
 
 class MemoryPlanError(RuntimeError):

@@ -333,7 +333,8 @@ def _op_calls(model, st: dict, layer_ids: dict[str, int]) -> dict[str, object]:
                                            out=b["moe"], validate_ids=False),
         "unembedding (fp32 logits)": lambda: ops.linear(b["a"], W["unembedding"], out=b["logits"],
                                                         out_dtype=torch.float32),
-        "sample (argmax)": lambda: torch.argmax(b["logits"], dim=-1, out=b["tok"]),
+        "sample (argmax)": lambda: (ops.greedy_argmax(b["logits"], out=b["tok"]) if hasattr(ops, "greedy_argmax")
+                                    else torch.argmax(b["logits"], dim=-1, out=b["tok"])),
     }
     kc, vc = st["caches"][layer_ids["sliding"]]
     calls["rope + cache append"] = lambda: ops.rope_and_cache_append(
