@@ -436,9 +436,6 @@ class GptOss:
         """Final-normed hidden states -> float32 logits."""
         return self._linear(h, self.weights["unembedding"], out=out, out_dtype=torch.float32).float()
 
-    def _logits(self, x):
-        return self._unembed(self._norm(x, self.weights["norm"]))
-
     def _ids_tensor(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, device=self.device)
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
