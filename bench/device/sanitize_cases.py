@@ -25,7 +25,7 @@ from gptoss_kernels.bench.ops import family_built
 # GPTOSS_SANITIZE_DEVICE=cpu runs every case on the CPU reference path (checks this script itself)
 dev = torch.device(os.environ.get("GPTOSS_SANITIZE_DEVICE", "cuda"))
 families = sorted(f for f in ("mxfp4", "router", "moe_decode", "moe_prefill", "attention_decode",
-                              "attention_prefill", "rope") if family_built(f))
+                              "attention_prefill", "rope", "dense") if family_built(f))
 failures = 0
 
 
@@ -100,8 +100,7 @@ case("moe_decode", "T=3 E=5")(lambda: _moe(3))
 case("moe_prefill", "T=77 E=5 (T*k above the decode regime)")(lambda: _moe(77))
 
 
-@case("attention_decode", "B=3 full (lengths 1, 77, 300) and sliding ring S=128")
-def _():
+def _decode_errs():
     errs = []
     for win, S, lens in ((None, 320, (1, 77, 300)), (128, 128, (1, 129, 300))):
         B = len(lens)
@@ -111,6 +110,9 @@ def _():
         out = gk.attention_decode(q, kc, vc, sl, sinks, sliding_window=win)
         errs.append(rel(out, reference.attention_decode(q, kc, vc, sl, sinks, sliding_window=win)))
     return max(errs)
+
+
+case("attention_decode", "B=3 full (lengths 1, 77, 300) and sliding ring S=128")(_decode_errs)
 
 
 @case("attention_prefill", "T=150 in two sequences, full and sliding; a chunk after a cached prefix")
@@ -149,6 +151,19 @@ def _():
     return rel(q, rq)
 
 
+@case("dense", "add+RMSNorm T=5 H=2880 in place; GEMV T=3 N=1000 K=2880; argmax 3x70000")
+def _():
+    x, r, w = bf(5, 2880), bf(5, 2880), bf(2880)
+    h_ref = (x.float() + r.float()).to(torch.bfloat16)
+    y, _ = gk.rms_norm(x, w, residual=r, residual_out=r)
+    errs = [rel(y, reference.rms_norm(h_ref, w))]
+    a, W, b = bf(3, 2880), bf(1000, 2880, scale=0.02), bf(1000)
+    errs.append(rel(gk.linear(a, W, b), a.float() @ W.float().t() + b.float()))
+    logits = torch.randn(3, 70000, device=dev)
+    errs.append(float((gk.greedy_argmax(logits).long() != logits.argmax(-1)).any()))
+    return max(errs)
+
+
 # ---- the non-default kernel variants (not reached through the ops' defaults) ----
 
 @case("attention_decode", "variant 2 (mma.sync) B=3 full and sliding ring")
@@ -156,15 +171,7 @@ def _():
     from gptoss_kernels.ops import attention as att
     saved, att.DECODE_VARIANT = att.DECODE_VARIANT, 2
     try:
-        errs = []
-        for win, S, lens in ((None, 320, (1, 77, 300)), (128, 128, (1, 129, 300))):
-            B = len(lens)
-            q, kc, vc = bf(B, 64, 64), bf(B, S, 8, 64), bf(B, S, 8, 64)
-            sl = torch.tensor(lens, dtype=torch.int32, device=dev)
-            sinks = bf(64)
-            out = gk.attention_decode(q, kc, vc, sl, sinks, sliding_window=win)
-            errs.append(rel(out, reference.attention_decode(q, kc, vc, sl, sinks, sliding_window=win)))
-        return max(errs)
+        return _decode_errs()
     finally:
         att.DECODE_VARIANT = saved
 
