@@ -316,3 +316,16 @@ def test_e2e_measurement_code_with_a_tiny_model_on_cpu():
     assert rows[0]["ms_per_step"] > 0 and rows[0]["bound_tok_s"] > 0 and rows[0]["pct_of_bound"] > 0
     assert rows[1]["bound_tok_s"] is None
     assert any("bytes per token" in n for n in notes)
+
+
+def test_cli_profile_flag_prints_the_byte_table():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gptoss_kernels.cli", "bench", "e2e", "--profile", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "moe_mxfp4" in r.stdout and "bytes per step 5.05" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "gptoss_kernels.cli", "bench", "moe", "--profile"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--profile goes with 'e2e'" in r.stderr

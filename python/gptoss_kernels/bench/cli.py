@@ -74,10 +74,22 @@ def register(sub) -> None:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when torch sees a GPU, else reference mode on the CPU")
     p.add_argument("--no-flex", action="store_true", help="do not time FlexAttention (it compiles per shape)")
+    p.add_argument("--profile", action="store_true",
+                   help="with e2e: only the per-op profile of one decode step (µs against bytes; the byte table "
+                        "alone without a GPU)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.profile:
+        if args.op != "e2e":
+            print("gptoss-kernels bench: --profile goes with 'e2e'", file=sys.stderr)
+            return 2
+        argv = ["--config", args.config] + (["--json", args.json] if args.json else [])
+        argv += ["--batch", str(_flatten(args.batch)[0])] if args.batch else []
+        argv += ["--context", str(_flatten(args.context)[0])] if args.context else []
+        argv += ["--device", "cpu"] if args.device == "cpu" else []
+        return e2e_mod.main(argv)
     t_start = time.monotonic()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gptoss-kernels bench: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
