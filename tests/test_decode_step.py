@@ -150,6 +150,114 @@ def test_prepare_decode_then_generate(m32):
     assert m32._state is st                    # the prepared state was used
 
 
+def test_top_p_keeps_smallest_prefix_and_orders_ties_by_id():
+    """top_p keeps token i iff the mass before it is < top_p (the smallest prefix reaching it, an
+    exact tie at the boundary included); tied probabilities are ranked by vocab id (stable sort),
+    so the per-rank noise gives the same draw on every device."""
+    V = 4
+    b = {"tok": torch.zeros(1, dtype=torch.int64), "temperature": torch.tensor([1.0]), "top_p": torch.tensor([0.5]),
+         "seed": torch.tensor([3]), "counter": torch.tensor([0]), "vidx": torch.arange(V),
+         "rowoff": torch.zeros(1, 1, dtype=torch.int64)}
+    logits = torch.tensor([[0.0, 0.0, -float("inf"), -float("inf")]])   # p = 0.5, 0.5 exactly
+    seen = set()
+    for _ in range(200):
+        GptOss._sample_into(logits, "top_p", b)
+        seen.add(int(b["tok"]))
+    assert seen == {0}                      # {0} already reaches 0.5: token 1 is not kept
+    b["top_p"].fill_(0.75)
+    seen.clear()
+    for _ in range(200):
+        GptOss._sample_into(logits, "top_p", b)
+        seen.add(int(b["tok"]))
+    assert seen == {0, 1}
+    # all-tied row: the sorted order is the vocab order, so the draw equals the plain sampler's
+    # draw with the same noise (rank r holds vocab id r)
+    flat = torch.zeros(1, V)
+    b["top_p"].fill_(0.999)
+    for c in range(20):
+        b["counter"].fill_(c)
+        GptOss._sample_into(flat, "top_p", b)
+        got = int(b["tok"])
+        b["counter"].fill_(c)
+        GptOss._sample_into(flat, "sample", b)
+        assert got == int(b["tok"])
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_stream_lookahead_bookkeeping(m32, monkeypatch, trial):
+    """The look-ahead read-back against a fake step (token = f(position, row)): for random
+    batches, lengths, look-aheads and stop sets, each sequence gets exactly its tokens up to and
+    including its first stop token, never more than max_new_tokens, one yield per step until all
+    stopped, and no more than max_new_tokens - 1 steps (at most decode_lookahead past the last read)."""
+    import random
+
+    rng = random.Random(trial)
+    V = m32.config.vocab_size
+    steps = []
+
+    def fake(self, st, mode):
+        b = st["buf"]
+        b["tok"].copy_((b["pos"].long() * 7 + b["seq_ids"].long() * 13 + 5) % V)
+        b["pos"].add_(1)
+        b["seqlens"].add_(1)
+        steps.append(1)
+
+    monkeypatch.setattr(GptOss, "_decode_step", fake)
+    saved = m32.decode_lookahead
+    try:
+        for _ in range(8):
+            steps.clear()
+            B = rng.randint(1, 3)
+            ps = [[rng.randrange(V) for _ in range(rng.randint(1, 6))] for _ in range(B)]
+            M = rng.randint(1, 9)
+            m32.decode_lookahead = rng.randint(0, 4)
+            first = m32.generate(ps, 1)
+            full = [[first[j][0]] + [(7 * (len(ps[j]) + n) + 13 * j + 5) % V for n in range(M - 1)] for j in range(B)]
+            stops = {rng.randrange(V) for _ in range(rng.randint(0, 3))} | {full[0][rng.randrange(M)]}
+            steps.clear()
+            yields = list(m32.stream(ps, M, stop_token_ids=sorted(stops)))
+            want = []
+            for j in range(B):
+                cut = next((n + 1 for n, t in enumerate(full[j]) if t in stops), M)
+                want.append(full[j][:cut])
+            assert len(yields) == max(len(w) for w in want) <= M
+            for j in range(B):
+                got = [y[j] for y in yields if y[j] is not None]
+                assert got == want[j]
+                assert all(y[j] is None for y in yields[len(want[j]):])
+            assert len(steps) <= min(M - 1, len(yields) - 1 + m32.decode_lookahead)
+    finally:
+        m32.decode_lookahead = saved
+
+
+def test_generate_equals_full_recompute_windows_chunks_batches():
+    """The static-buffer decode (graph disabled on the CPU) against full recomputation for many
+    (window, prompt lengths, prefill chunk, batch, look-ahead) combinations: rings that wrap in
+    prefill (chunks longer and shorter than the window) and in decode, several prompts packed per
+    chunk, and the cache reused between calls of one rounded length (stale entries never read).
+    fp32 so that argmax ties cannot flip."""
+    import random
+
+    rng = random.Random(0)
+    for W in (3, 5):
+        m = GptOss.from_config(tiny(sliding_window=W), device="cpu", seed=W, dtype=torch.float32)
+        m.cache_granularity = 16
+        for _ in range(5):
+            ps = [[rng.randrange(96) for _ in range(rng.randint(1, 11))] for _ in range(rng.randint(1, 3))]
+            n = rng.randint(1, 6)
+            m.prefill_chunk = rng.randint(1, 8)
+            m.decode_lookahead = rng.randint(0, 2)
+            want = []
+            for p in ps:
+                ids, out = list(p), []
+                with torch.inference_mode():
+                    for _ in range(n):
+                        out.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+                        ids.append(out[-1])
+                want.append(out)
+            assert m.generate(ps, n) == want, (W, ps, n, m.prefill_chunk)
+
+
 def test_token_ring_cpu():
     src = torch.zeros(2, dtype=torch.int64)
     r = _TokenRing(src, depth=2)

@@ -608,8 +608,11 @@ class GptOss:
         probs = torch.softmax(logits / b["temperature"], dim=-1)
         noise = GptOss._noise(b, logits.shape[0])
         if mode == "top_p":
-            p_sorted, idx = torch.sort(probs, dim=-1, descending=True)
-            drop = (torch.cumsum(p_sorted, -1) - p_sorted) > b["top_p"]   # keeps the smallest prefix reaching top_p
+            # stable: tied probabilities keep vocab order on every device (the noise is drawn per rank)
+            p_sorted, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+            # keep token i iff the mass before it is below top_p: the smallest prefix reaching top_p
+            # (the first token is always kept for top_p > 0)
+            drop = (torch.cumsum(p_sorted, -1) - p_sorted) >= b["top_p"]
             j = (p_sorted.masked_fill(drop, 0.0) / noise).argmax(-1, keepdim=True)
             tok.copy_(idx.gather(-1, j).squeeze(-1))
         else:
