@@ -150,6 +150,37 @@ def test_prepare_decode_then_generate(m32):
     assert m32._state is st                    # the prepared state was used
 
 
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 0.9), (0.7, 1.0)])
+def test_capture_warmup_step_leaves_the_results_unchanged(m32, monkeypatch, temperature, top_p):
+    """What _capture does on CUDA, emulated on the CPU: a real warm-up step at the state's current
+    positions, then tok/pos/seqlens/counter restored (the cache keeps the warm-up's writes, the
+    same values the first real step writes). Tokens must equal a run without the warm-up, for a
+    batch of two prompts whose sliding rings (window 4) have wrapped, in every sampling mode; and
+    prepare_decode's warm-up at position 0 before the prefill must not matter either."""
+    ps = [[5, 6, 7, 8, 9, 10, 11], [3, 1, 4]]
+    kw = dict(temperature=temperature, top_p=top_p, seed=11)
+    m32.release_cache()
+    want = m32.generate(ps, 7, **kw)
+    real_step_fn = GptOss._step_fn
+
+    def step_fn_with_warmup(self, st, mode):
+        if mode not in st["steps"]:
+            b = st["buf"]
+            saved = {n: b[n].clone() for n in ("tok", "pos", "seqlens", "counter")}
+            self._decode_step(st, mode)
+            for n, t in saved.items():
+                b[n].copy_(t)
+        return real_step_fn(self, st, mode)
+
+    monkeypatch.setattr(GptOss, "_step_fn", step_fn_with_warmup)
+    m32.release_cache()
+    assert m32.generate(ps, 7, **kw) == want
+    m32.release_cache()
+    m32.prepare_decode(2, 7 + 7, temperature=temperature, top_p=top_p)
+    assert m32.generate(ps, 7, **kw) == want
+    m32.release_cache()
+
+
 def test_top_p_keeps_smallest_prefix_and_orders_ties_by_id():
     """top_p keeps token i iff the mass before it is < top_p (the smallest prefix reaching it, an
     exact tie at the boundary included); tied probabilities are ranked by vocab id (stable sort),
