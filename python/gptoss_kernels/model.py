@@ -36,6 +36,7 @@ have stopped or after ``max_new_tokens``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -576,6 +577,11 @@ class GptOss:
         b["pos"].add_(1)
         b["seqlens"].add_(1)
 
+    def _on_device(self):
+        """The model's CUDA device made current (graph capture and replay, the token ring's events
+        and the ops' current streams all follow torch's current device), or nothing on the CPU."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     @staticmethod
     def _sample_mode(temperature: float, top_p: float) -> str:
         return "greedy" if temperature <= 0.0 else ("top_p" if top_p < 1.0 else "sample")
@@ -662,7 +668,7 @@ class GptOss:
             seed = int(torch.randint(0, 2 ** 31 - 1, ()))
 
         # inference_mode only around the compute: a generator must not leave it set while suspended
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device():
             st = self._decode_state(B, max_len)
             b = st["buf"]
             logits = self._prefill(prompts, st["caches"])
@@ -679,7 +685,7 @@ class GptOss:
         queued = 0            # decode steps enqueued (token n comes out of step n)
         done = [False] * B
         for n in range(max_new_tokens):
-            with torch.inference_mode():
+            with torch.inference_mode(), self._on_device():
                 while queued < min(n + ring.depth, max_new_tokens - 1):
                     step()
                     ring.push()
@@ -726,7 +732,7 @@ class GptOss:
         """Allocate the cache and capture the decode step for `batch` sequences of up to `max_len`
         positions ahead of a generate call (so that its time to first token holds no capture). The
         capture's warm-up step writes slot 0 of each cache row, which every prefill rewrites."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device():
             st = self._decode_state(batch, max_len)
             mode = self._sample_mode(temperature, top_p)
             if mode not in st["steps"]:
