@@ -204,6 +204,97 @@ def test_host_gemv_layout_is_a_permutation_of_k():
             assert cr[lane, c] == lane // 4 + 8 * (c // 2) and ct[lane, c] == 2 * (lane % 4) + c % 2
 
 
+def _ptx_mma_16816(acc, a_regs, b_regs):
+    """mma.sync m16n8k16 row.col on a warp, from the PTX ISA fragment layouts (groupID g = lane/4,
+    threadID_in_group q = lane%4; a register is a pair (lower-half element, upper-half element)):
+    A reg0 (row g, cols 2q, 2q+1), reg1 (row g+8, same cols), reg2 (row g, cols 2q+8, 2q+9),
+    reg3 (row g+8, cols 2q+8, 2q+9); B reg0 (rows 2q, 2q+1, col g), reg1 (rows 2q+8, 2q+9, col g);
+    C/D c0, c1 (row g, cols 2q, 2q+1), c2, c3 (row g+8). acc [4, 32] updated in place."""
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for lane in range(32):
+        g, q = lane // 4, lane % 4
+        for r, (row, col) in enumerate(((g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8))):
+            A[row, col], A[row, col + 1] = a_regs[r][lane]
+        for r, k0 in enumerate((2 * q, 2 * q + 8)):
+            B[k0, g], B[k0 + 1, g] = b_regs[r][lane]
+    D = A @ B
+    for lane in range(32):
+        g, q = lane // 4, lane % 4
+        for c in range(4):
+            acc[c, lane] += D[g + 8 * (c // 2), 2 * q + c % 2]
+
+
+def _emulate_linear_gemv(x, w, bias, NT, WARPS, unroll=4):
+    """linear_gemv_kernel<NT, WARPS> (csrc/kernels/dense.cu) step by step in float64: its index
+    arithmetic (rows clamped to N-1, split of the 32-wide k steps over warps, unrolled batches with
+    their guards, k and token tails, 16-byte chunks as 4 words of 2 elements) with the mma taken
+    from the PTX layouts above, then the shared-memory reduction and the guarded stores."""
+    T, K = x.shape
+    N = w.shape[0]
+    out = np.full((T, N), np.nan)
+    steps = (K + 31) // 32
+    zero = [(0.0, 0.0)] * 4
+
+    def words(row, k0):   # a 16-byte chunk: 4 words (elements 2i, 2i+1)
+        return [(row[k0 + 2 * i], row[k0 + 2 * i + 1]) for i in range(4)]
+
+    for blk in range((N + 15) // 16):
+        n0 = blk * 16
+        red = np.zeros((WARPS, NT * 4, 32))
+        for warp in range(WARPS):
+            s_begin, s_end = steps * warp // WARPS, steps * (warp + 1) // WARPS
+            acc = np.zeros((NT, 4, 32))
+            for s in range(s_begin, s_end, unroll):
+                for u in range(unroll):
+                    if s + u >= s_end:
+                        continue
+                    k = (s + u) * 32
+                    a, b = [], []
+                    for lane in range(32):
+                        kq = 8 * (lane % 4)
+                        r0, r1 = min(n0 + lane // 4, N - 1), min(n0 + lane // 4 + 8, N - 1)
+                        ok = k + kq < K
+                        a.append(words(w[r0], k + kq) if ok else zero)
+                        b.append(words(w[r1], k + kq) if ok else zero)
+                    for j in range(NT):
+                        xv = []
+                        for lane in range(32):
+                            kq, tok = 8 * (lane % 4), lane // 4
+                            ok = j * 8 + tok < T and k + kq < K
+                            xv.append(words(x[j * 8 + tok], k + kq) if ok else zero)
+                        _ptx_mma_16816(acc[j], [[v[0] for v in a], [v[0] for v in b], [v[1] for v in a],
+                                                [v[1] for v in b]], [[v[0] for v in xv], [v[1] for v in xv]])
+                        _ptx_mma_16816(acc[j], [[v[2] for v in a], [v[2] for v in b], [v[3] for v in a],
+                                                [v[3] for v in b]], [[v[2] for v in xv], [v[3] for v in xv]])
+            red[warp] = acc.reshape(NT * 4, 32)
+        for e in range(NT * 4 * 32):
+            lane, jc = e & 31, e >> 5
+            j, c = jc >> 2, jc & 3
+            row = n0 + lane // 4 + 8 * (c >> 1)
+            t = j * 8 + 2 * (lane % 4) + (c & 1)
+            if row >= N or t >= T:
+                continue
+            v = red[:, jc, lane].sum()
+            if bias is not None:
+                v += bias[row]
+            assert np.isnan(out[t, row]), "output written twice"
+            out[t, row] = v
+    return out
+
+
+@pytest.mark.parametrize("T,N,K,NT,WARPS", [(1, 37, 40, 1, 8), (3, 20, 328, 1, 4), (9, 17, 8, 2, 8),
+                                            (16, 33, 72, 2, 4), (20, 16, 264, 4, 8), (33, 9, 96, 8, 4)])
+def test_gemv_kernel_emulated_with_ptx_mma(T, N, K, NT, WARPS):
+    """The whole GEMV kernel emulated on the CPU (N, K and token tails; more warps than k steps
+    for some warps; several unrolled batches): every output written once and equal to x W^T + b."""
+    rng = np.random.default_rng(T * 1000 + N)
+    x = rng.integers(-4, 5, size=(T, K)).astype(np.float64)
+    w = rng.integers(-4, 5, size=(N, K)).astype(np.float64)
+    bias = rng.integers(-4, 5, size=N).astype(np.float64)
+    got = _emulate_linear_gemv(x, w, bias, NT, WARPS)
+    np.testing.assert_array_equal(got, x @ w.T + bias)
+
+
 def test_greedy_argmax_cpu_and_checks():
     logits = torch.randn(3, 1000)
     assert torch.equal(ops.greedy_argmax(logits), torch.argmax(logits, dim=1))
