@@ -520,6 +520,53 @@ def test_decode_step_has_no_host_sync(mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["greedy", "sample", "top_p"])
+def test_sampler_full_vocab_no_sync_and_graph_replay_equals_eager(mode):
+    """The sampler at gpt-oss's vocabulary (201088: torch.sort takes its large-segment path there,
+    not the small in-register sort that the 1024-vocab model tests use) for a batch of 2: no host
+    sync (debug mode "error"), and a captured replay draws the same tokens as the eager sampler
+    at the same counter, the counter advancing on the device."""
+    V, B = 201088, 2
+    dev = "cuda"
+    b = {"tok": torch.zeros(B, dtype=torch.int64, device=dev),
+         "temperature": torch.full((1,), 0.8, device=dev), "top_p": torch.full((1,), 0.9, device=dev),
+         "seed": torch.full((1,), 5, dtype=torch.int64, device=dev),
+         "counter": torch.zeros(1, dtype=torch.int64, device=dev),
+         "vidx": torch.arange(V, dtype=torch.int64, device=dev),
+         "rowoff": (torch.arange(B, dtype=torch.int64, device=dev) * V).unsqueeze(1)}
+    logits = torch.randn(B, V, device=dev) * 3
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        GptOss._sample_into(logits, mode, b)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager = []
+    for c in range(3):
+        b["counter"].fill_(c)
+        GptOss._sample_into(logits, mode, b)
+        eager.append(b["tok"].tolist())
+    if mode == "greedy":
+        assert eager[0] == torch.argmax(logits, -1).tolist()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        GptOss._sample_into(logits, mode, b)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        GptOss._sample_into(logits, mode, b)
+    b["counter"].zero_()
+    got = []
+    for _ in range(3):
+        b["tok"].fill_(-1)
+        g.replay()
+        got.append(b["tok"].tolist())
+    assert got == eager
+    assert int(b["counter"]) == (0 if mode == "greedy" else 3)
+
+
+@pytest.mark.gpu
 def test_prefill_host_syncs_do_not_scale_with_layers():
     """Host synchronisations of a chunked prefill (sync debug mode "warn", counted) are per chunk,
     not per layer: a 4-layer model makes as many as a 2-layer one."""
