@@ -81,7 +81,7 @@ def _():
     return max(errs)
 
 
-def _moe(T: int):
+def _moe_args(T: int):
     E, H, I, k = 5, 2880, 2880, 4
     w = {"w1_blocks": torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8, device=dev),
          "w1_scales": torch.randint(119, 124, (E, 2 * I, H // 32), dtype=torch.uint8, device=dev),
@@ -92,7 +92,11 @@ def _moe(T: int):
     x = bf(T, H)
     ids = torch.rand(T, E, device=dev).topk(k, dim=1).indices.to(torch.int32).contiguous()
     tw = torch.softmax(torch.randn(T, k, device=dev), dim=1).contiguous()
-    args = (x, ids, tw, w["w1_blocks"], w["w1_scales"], w["w1_bias"], w["w2_blocks"], w["w2_scales"], w["w2_bias"])
+    return (x, ids, tw, w["w1_blocks"], w["w1_scales"], w["w1_bias"], w["w2_blocks"], w["w2_scales"], w["w2_bias"])
+
+
+def _moe(T: int):
+    args = _moe_args(T)
     return rel(gk.moe_mxfp4(*args), reference.moe(*args))
 
 
@@ -115,8 +119,7 @@ def _decode_errs():
 case("attention_decode", "B=3 full (lengths 1, 77, 300) and sliding ring S=128")(_decode_errs)
 
 
-@case("attention_prefill", "T=150 in two sequences, full and sliding; a chunk after a cached prefix")
-def _():
+def _prefill_errs():
     errs = []
     for win in (None, 128):
         T = 150
@@ -137,6 +140,9 @@ def _():
                                   sliding_window=win, q_offset=p0 - first)
         errs.append(rel(out, ref))
     return max(errs)
+
+
+case("attention_prefill", "T=150 in two sequences, full and sliding; a chunk after a cached prefix")(_prefill_errs)
 
 
 @case("rope", "rope_qkv T=9 and cache_append into a ring")  # cache_append: the op's own path
@@ -176,20 +182,12 @@ def _():
         att.DECODE_VARIANT = saved
 
 
-@case("attention_prefill", "impl 2 (wgmma) T=150 in two sequences, full and sliding")
+@case("attention_prefill", "impl 2 (wgmma): the same cases")
 def _():
     saved = os.environ.get("GPTOSS_ATTENTION_PREFILL_IMPL")
     os.environ["GPTOSS_ATTENTION_PREFILL_IMPL"] = "2"
     try:
-        errs = []
-        for win in (None, 128):
-            T = 150
-            q, k, v, sinks = bf(T, 64, 64), bf(T, 8, 64), bf(T, 8, 64), bf(64)
-            cu = torch.tensor([0, 61, T], dtype=torch.int32, device=dev)
-            out = gk.attention_prefill(q, k, v, sinks, cu_seqlens_q=cu, sliding_window=win)
-            ref = reference.attention_varlen(q, k, v, sinks, cu_seqlens_q=cu, cu_seqlens_k=cu, sliding_window=win)
-            errs.append(rel(out, ref))
-        return max(errs)
+        return _prefill_errs()
     finally:
         if saved is None:
             os.environ.pop("GPTOSS_ATTENTION_PREFILL_IMPL", None)
@@ -200,19 +198,11 @@ def _():
 @case("moe_prefill", "wgmma variants T=77 E=5")
 def _():
     from gptoss_kernels.ops import _moe_prefill as pre
-    E, H, I, k, T = 5, 2880, 2880, 4, 77
-    w1b = torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8, device=dev)
-    w1s = torch.randint(119, 124, (E, 2 * I, H // 32), dtype=torch.uint8, device=dev)
-    w2b = torch.randint(0, 256, (E, H, I // 32, 16), dtype=torch.uint8, device=dev)
-    w2s = torch.randint(119, 124, (E, H, I // 32), dtype=torch.uint8, device=dev)
-    b1, b2, x = bf(E, 2 * I, scale=0.1), bf(E, H, scale=0.1), bf(T, H)
-    ids = torch.rand(T, E, device=dev).topk(k, dim=1).indices.to(torch.int32).contiguous()
-    tw = torch.softmax(torch.randn(T, k, device=dev), dim=1).contiguous()
-    ref = reference.moe(x, ids, tw, w1b, w1s, b1, w2b, w2s, b2)
+    args = _moe_args(77)
+    ref = reference.moe(*args)
     if dev.type != "cuda":
         return 0.0
-    return max(rel(pre.run(x, ids, tw, w1b, w1s, b1, w2b, w2s, b2, 1.702, 7.0, None, variant=v), ref)
-               for v in (pre.WGMMA, pre.WGMMA_N128, pre.WGMMA_N256))
+    return max(rel(pre.run(*args, 1.702, 7.0, None, variant=v), ref) for v in (pre.WGMMA, pre.WGMMA_N128, pre.WGMMA_N256))
 
 
 print(f"sanitize_cases: {failures} failure(s); kernel families built: {families}", flush=True)
