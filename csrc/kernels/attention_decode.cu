@@ -32,11 +32,16 @@
 
 #include <cstdint>
 
+#include "ptx.cuh"
 #include "common.cuh"
 #include "gptoss/attention.h"
 #include "softmax.cuh"
 
 namespace {
+using gptoss::cp_async_commit;
+using gptoss::cp_async_wait;
+using gptoss::unpack_bf16x8;
+using gptoss::mma_bf16_16816;
 
 constexpr int kHeadDim = 64;
 constexpr int kGroup = 8;                 // query heads per KV head
@@ -75,21 +80,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
                : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// 8 bf16 (one 16-byte chunk) -> 8 floats (exact).
-__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8]) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
 }
 
 // Sum acc[h] over the 8 lanes of a group (xor 4, 2, 1); lane c of the group returns the sum of
@@ -192,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
     const uint4* qrow = reinterpret_cast<const uint4*>(p.q + (b * (kGroup * p.nkv) + kvh * kGroup) * kHeadDim);
 #pragma unroll
     for (int h = 0; h < kGroup; ++h) {
-      unpack8(__ldg(qrow + h * (kHeadDim / 8) + c), qf[h]);
+      unpack_bf16x8(__ldg(qrow + h * (kHeadDim / 8) + c), qf[h]);
 #pragma unroll
       for (int i = 0; i < 8; ++i) qf[h][i] *= p.qk_scale;
     }
@@ -244,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
 #pragma unroll
     for (int r = 0; r < kSteps; ++r) {
       float kf[8];
-      unpack8(smem.kv[warp][stage][0][r][lane], kf);
+      unpack_bf16x8(smem.kv[warp][stage][0][r][lane], kf);
       float acc[kGroup];
 #pragma unroll
       for (int h = 0; h < kGroup; ++h) {
@@ -281,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
 #pragma unroll
     for (int r = 0; r < kSteps; ++r) {
       float vf[8];
-      unpack8(smem.kv[warp][stage][1][r][lane], vf);
+      unpack_bf16x8(smem.kv[warp][stage][1][r][lane], vf);
 #pragma unroll
       for (int h = 0; h < kGroup; ++h) {
         const float ph = __shfl_sync(0xffffffffu, pr[r], (g << 3) | h);
@@ -313,7 +303,6 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
   merge_warps_and_store<4>(ms, p, split, kvh, b);
 }
 
-
 // ---- tensor-core variant (variant 2) ----------------------------------------------------------
 // Same CTA decomposition, pipeline depth and epilogue; the products run on mma.sync m16n8k16
 // (bf16 inputs, fp32 accumulation) in the FlashAttention-2 register layout with M = 16 rows of
@@ -341,15 +330,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a)
                : "memory");
-}
-// d += a * b, m16n8k16, row.col, bf16 -> fp32
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -445,8 +425,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_mma_kernel(const De
       const int chunk = 2 * ks + (lm & 1);
       uint32_t kb[4];
       ldmatrix_x4(kb, &tile[warp][stage][0][key][chunk ^ (key & 7)]);
-      mma_16816(s[0], qa[ks][0], 0u, qa[ks][1], 0u, kb[0], kb[1]);
-      mma_16816(s[1], qa[ks][0], 0u, qa[ks][1], 0u, kb[2], kb[3]);
+      mma_bf16_16816(s[0], qa[ks][0], 0u, qa[ks][1], 0u, kb[0], kb[1]);
+      mma_bf16_16816(s[1], qa[ks][0], 0u, qa[ks][1], 0u, kb[2], kb[3]);
     }
 
     // online softmax of head g (rows 8..15 of s are padding and ignored)
@@ -485,8 +465,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_mma_kernel(const De
       const int chunk = nt + (lm >> 1);
       uint32_t vb[4];
       ldmatrix_x4_trans(vb, &tile[warp][stage][1][key][chunk ^ (key & 7)]);
-      mma_16816(o[nt], pa0, 0u, pa2, 0u, vb[0], vb[1]);
-      mma_16816(o[nt + 1], pa0, 0u, pa2, 0u, vb[2], vb[3]);
+      mma_bf16_16816(o[nt], pa0, 0u, pa2, 0u, vb[0], vb[1]);
+      mma_bf16_16816(o[nt + 1], pa0, 0u, pa2, 0u, vb[2], vb[3]);
     }
   }
   cp_async_wait<0>();

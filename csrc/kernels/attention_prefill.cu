@@ -40,11 +40,14 @@
 #include <atomic>
 #include <cstdint>
 
+#include "ptx.cuh"
 #include "common.cuh"
 #include "flash_prefill.cuh"
 #include "gptoss/attention_prefill.h"
 
 namespace {
+using gptoss::cp_async_commit;
+using gptoss::mma_bf16_16816;
 
 namespace fl = gptoss::flash;
 
@@ -93,7 +96,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
@@ -105,15 +107,6 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t& r0, uint32_t&
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
-}
-
-// c += a(16x16, row) * b(16x8, col), bf16 in, fp32 accumulate.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -277,8 +270,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_prefill_kernel(const Pa
           const int key = (2 * jj + (mat >> 1)) * 8 + (lane & 7);
           uint32_t b0, b1, b2, b3;
           ldsm_x4(sK + swz(key, 2 * kk + (mat & 1)), b0, b1, b2, b3);
-          mma_bf16(s[2 * jj], qf, b0, b1);
-          mma_bf16(s[2 * jj + 1], qf, b2, b3);
+          mma_bf16_16816(s[2 * jj], qf, b0, b1);
+          mma_bf16_16816(s[2 * jj + 1], qf, b2, b3);
         }
       }
     }
@@ -356,8 +349,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_prefill_kernel(const Pa
           const int key = 16 * kk + (mat & 1) * 8 + (lane & 7);
           uint32_t b0, b1, b2, b3;
           ldsm_x4_t(sV + swz(key, 2 * dd + (mat >> 1)), b0, b1, b2, b3);
-          mma_bf16(o[2 * dd], a, b0, b1);
-          mma_bf16(o[2 * dd + 1], a, b2, b3);
+          mma_bf16_16816(o[2 * dd], a, b0, b1);
+          mma_bf16_16816(o[2 * dd + 1], a, b2, b3);
         }
       }
     }

@@ -17,11 +17,15 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "ptx.cuh"
 #include "common.cuh"
 #include "gptoss/dense.h"
 #include "norm.cuh"
 
 namespace {
+using gptoss::unpack_bf16x8;
+using gptoss::pack_bf16x8;
+using gptoss::mma_bf16_16816;
 
 using gptoss::dense::bf16_round;
 using gptoss::dense::rms_apply;
@@ -33,28 +37,9 @@ using gptoss::dense::rms_inv;
 
 constexpr int kRmsMaxThreads = 1024;
 
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 p = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    w[i] = *reinterpret_cast<const uint32_t*>(&p);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 // 8 weights of chunk c as floats.
 __device__ __forceinline__ void load_weight8(const __nv_bfloat16* w, int c, float (&f)[8]) {
-  unpack8(__ldg(reinterpret_cast<const uint4*>(w) + c), f);
+  unpack_bf16x8(__ldg(reinterpret_cast<const uint4*>(w) + c), f);
 }
 __device__ __forceinline__ void load_weight8(const float* w, int c, float (&f)[8]) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(w) + 2 * c);
@@ -68,13 +53,13 @@ template <bool kResidual>
 __device__ __forceinline__ float residual_chunk(const uint4* xr, const uint4* rr, uint4* ro, int c, uint4& h) {
   h = __ldg(xr + c);
   float f[8];
-  unpack8(h, f);
+  unpack_bf16x8(h, f);
   if constexpr (kResidual) {
     float r[8];
-    unpack8(rr[c], r);  // plain load: residual may alias residual_out
+    unpack_bf16x8(rr[c], r);  // plain load: residual may alias residual_out
 #pragma unroll
     for (int i = 0; i < 8; ++i) f[i] = gptoss::dense::residual_add(f[i], r[i]);
-    h = pack8(f);  // exact: f already holds bf16 values
+    h = pack_bf16x8(f);  // exact: f already holds bf16 values
     ro[c] = h;
   }
   float s = 0.f;
@@ -86,11 +71,11 @@ __device__ __forceinline__ float residual_chunk(const uint4* xr, const uint4* rr
 template <typename WT>
 __device__ __forceinline__ uint4 norm_chunk(const uint4& h, const WT* w, int c, float inv) {
   float f[8], wf[8];
-  unpack8(h, f);
+  unpack_bf16x8(h, f);
   load_weight8(w, c, wf);
 #pragma unroll
   for (int i = 0; i < 8; ++i) f[i] = rms_apply(f[i], inv, wf[i]);
-  return pack8(f);
+  return pack_bf16x8(f);
 }
 
 // Sum over the block (blockDim.x a multiple of 32), the same value in every thread; fixed order.
@@ -186,15 +171,6 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // NT: 8-token tiles (T <= 8 * NT); WARPS: warps splitting K inside a block of 16 W rows.
 template <int NT, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) linear_gemv_kernel(
@@ -260,8 +236,8 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) linear_gemv_kernel(
           } else if (j * 8 + tok < T && k + kq < K) {
             xv = __ldg(reinterpret_cast<const uint4*>(xq + static_cast<int64_t>(j * 8) * K + k));
           }
-          mma_16816(acc[j], a[u].x, b[u].x, a[u].y, b[u].y, xv.x, xv.y);
-          mma_16816(acc[j], a[u].z, b[u].z, a[u].w, b[u].w, xv.z, xv.w);
+          mma_bf16_16816(acc[j], a[u].x, b[u].x, a[u].y, b[u].y, xv.x, xv.y);
+          mma_bf16_16816(acc[j], a[u].z, b[u].z, a[u].w, b[u].w, xv.z, xv.w);
         }
       }
     }

@@ -10,11 +10,14 @@
 
 #include <cstdint>
 
+#include "ptx.cuh"
 #include "common.cuh"
 #include "gptoss/rope.h"
 #include "rope.cuh"
 
 namespace {
+using gptoss::unpack_bf16x8;
+using gptoss::pack_bf16x8;
 
 constexpr int kHeadDim = 64;
 constexpr int kPairs = kHeadDim / 2;
@@ -39,25 +42,6 @@ struct RopeParams {
   float concentration;
   InvFreq inv;
 };
-
-__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8]) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
-}
-
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    w[i] = *reinterpret_cast<uint32_t*>(&h);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
 
 // Non-negative slot of position pos in a ring of S slots.
 __device__ __forceinline__ int64_t cache_slot(int32_t pos, int64_t S) {
@@ -102,14 +86,14 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
     const bool is_q = head < p.nq;
     if (!is_q && !write_kv) continue;
     float x1[8], x2[8], y1[8], y2[8];
-    unpack8(__ldg(row + head * (kHeadDim / 8) + ch), x1);
-    unpack8(__ldg(row + head * (kHeadDim / 8) + kChunksPerHalf + ch), x2);
+    unpack_bf16x8(__ldg(row + head * (kHeadDim / 8) + ch), x1);
+    unpack_bf16x8(__ldg(row + head * (kHeadDim / 8) + kChunksPerHalf + ch), x2);
 #pragma unroll
     for (int i = 0; i < 8; ++i) gptoss::rope_rotate_pair(x1[i], x2[i], cs[8 * ch + i], sn[8 * ch + i], &y1[i], &y2[i]);
     uint4* dst = is_q ? reinterpret_cast<uint4*>(p.q_out + (t * p.nq + head) * kHeadDim)
                       : reinterpret_cast<uint4*>(kdst + (head - p.nq) * kHeadDim);
-    dst[ch] = pack8(y1);
-    dst[kChunksPerHalf + ch] = pack8(y2);
+    dst[ch] = pack_bf16x8(y1);
+    dst[kChunksPerHalf + ch] = pack_bf16x8(y2);
   }
   // v: nkv heads x 8 chunks, copied
   if (write_kv) {

@@ -6,11 +6,15 @@
 
 #include <atomic>
 
+#include "ptx.cuh"
 #include "common.cuh"
 #include "gptoss/router.h"
 #include "topk.cuh"
 
 namespace {
+using gptoss::cp_async_commit;
+using gptoss::cp_async_wait;
+using gptoss::mma_bf16_16816;
 
 using bf16 = __nv_bfloat16;
 
@@ -48,25 +52,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   const int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
-}
-
-// D += A (16x16 bf16, row) * B (16x8 bf16, col), fp32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Accumulates the block's [64 tokens] x [EB experts] logits over H chunks [c_begin, c_end).
@@ -126,8 +116,8 @@ __device__ __forceinline__ void logits_mainloop(const bf16* __restrict__ x, cons
       for (int p = 0; p < NT / 2; ++p) {
         uint32_t b[4];
         ldmatrix_x4(b, sw + b_off + p * 16 * kLds + kk);
-        mma_bf16(acc[2 * p], a, b[0], b[1]);
-        mma_bf16(acc[2 * p + 1], a, b[2], b[3]);
+        mma_bf16_16816(acc[2 * p], a, b[0], b[1]);
+        mma_bf16_16816(acc[2 * p + 1], a, b[2], b[3]);
       }
     }
   }
