@@ -428,41 +428,10 @@ def test_decode_bandwidth_report(L, B, variant):
 # column (g = lane // 4, t = lane % 4). The emulators then follow the kernel's own index math line
 # by line, so a wrong swizzle, fragment index, mask or tile range shows up as a mismatch against
 # the reference on the CPU.
-_LANE = np.arange(32)
-_G, _T = _LANE >> 2, _LANE & 3
-_PAIR = np.arange(2)
-
-
-def _ldsm_x4(smem: np.ndarray, row_elem: np.ndarray, trans: bool = False) -> np.ndarray:
-    """smem: flat float32 (bf16 values); row_elem [32]: element offset of the 16-byte row each lane
-    addresses. -> [32 lanes, 4 regs, 2 halves]."""
-    assert np.all(row_elem % 8 == 0), "ldmatrix rows must be 16-byte aligned"
-    mats = smem[row_elem[:, None] + np.arange(8)].reshape(4, 8, 8)
-    if trans:
-        mats = mats.transpose(0, 2, 1)
-    return mats[:, _G[:, None], 2 * _T[:, None] + _PAIR].transpose(1, 0, 2)
-
-
-_A_ROW = np.stack([_G, _G + 8, _G, _G + 8], 1)
-_A_COL = np.stack([2 * _T, 2 * _T, 2 * _T + 8, 2 * _T + 8], 1)
-_C_ROW = np.stack([_G, _G, _G + 8, _G + 8], 1)
-_C_COL = np.stack([2 * _T, 2 * _T + 1, 2 * _T, 2 * _T + 1], 1)
-
-
-def _mma16816(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """a [32, 4, 2], b [32, 2, 2] (bf16 values), c [32, 4] fp32 -> d [32, 4] = A B + C."""
-    A = np.zeros((16, 16), np.float64)
-    A[_A_ROW[:, :, None], _A_COL[:, :, None] + _PAIR] = a
-    Bm = np.zeros((16, 8), np.float64)
-    Bm[np.stack([2 * _T, 2 * _T + 8], 1)[:, :, None] + _PAIR, _G[:, None, None]] = b
-    Cm = np.zeros((16, 8), np.float64)
-    Cm[_C_ROW, _C_COL] = c
-    D = A @ Bm + Cm
-    return D[_C_ROW, _C_COL].astype(np.float32)
-
-
-def _bf16(x) -> np.ndarray:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).float().numpy()
+from .ptx_emulation import A_COL as _A_COL, A_ROW as _A_ROW, C_COL as _C_COL, C_ROW as _C_ROW  # noqa: E402
+from .ptx_emulation import G as _G, LANE as _LANE, PAIR as _PAIR, T as _T  # noqa: E402
+from .ptx_emulation import ldsm_x4 as _ldsm_x4, mma16816 as _mma16816  # noqa: E402
+from .ptx_emulation import bf16 as _bf16  # noqa: E402
 
 
 def test_emulated_fragments_multiply_matrices():

@@ -459,36 +459,11 @@ def test_gpu_unsupported_shape_falls_back_to_reference():
 
 import numpy as np  # noqa: E402
 
-_LANE = np.arange(32)
-_G, _T = _LANE >> 2, _LANE & 3
-_PAIR = np.arange(2)
-_A_ROW = np.stack([_G, _G + 8, _G, _G + 8], 1)
-_A_COL = np.stack([2 * _T, 2 * _T, 2 * _T + 8, 2 * _T + 8], 1)
-_C_ROW = np.stack([_G, _G, _G + 8, _G + 8], 1)
-_C_COL = np.stack([2 * _T, 2 * _T + 1, 2 * _T, 2 * _T + 1], 1)
+from .ptx_emulation import A_COL as _A_COL, A_ROW as _A_ROW, C_COL as _C_COL, C_ROW as _C_ROW  # noqa: E402
+from .ptx_emulation import G as _G, LANE as _LANE, PAIR as _PAIR, T as _T  # noqa: E402
+from .ptx_emulation import ldsm_x4 as _ldsm_x4, mma16816 as _mma16816  # noqa: E402
+from .ptx_emulation import bf16 as _bf16  # noqa: E402
 _LOG2E = np.float32(1.4426950408889634)
-
-
-def _ldsm_x4(smem, row_elem, trans=False):
-    assert np.all(row_elem % 8 == 0)
-    mats = smem[row_elem[:, None] + np.arange(8)].reshape(4, 8, 8)
-    if trans:
-        mats = mats.transpose(0, 2, 1)
-    return mats[:, _G[:, None], 2 * _T[:, None] + _PAIR].transpose(1, 0, 2)
-
-
-def _mma16816(a, b, c):
-    A = np.zeros((16, 16))
-    A[_A_ROW[:, :, None], _A_COL[:, :, None] + _PAIR] = a
-    Bm = np.zeros((16, 8))
-    Bm[np.stack([2 * _T, 2 * _T + 8], 1)[:, :, None] + _PAIR, _G[:, None, None]] = b
-    Cm = np.zeros((16, 8))
-    Cm[_C_ROW, _C_COL] = c
-    return (A @ Bm + Cm)[_C_ROW, _C_COL].astype(np.float32)
-
-
-def _bf16(x):
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).float().numpy()
 
 
 def _swz(r, c):

@@ -477,30 +477,11 @@ def test_gpu_router_cuda_graph(T):
 # (g+8, 2t) (g, 2t+8) (g+8, 2t+8), B regs (k=2t, n=g) (k=2t+8, n=g), C/D (g, 2t) (g+8, 2t)).
 # ---------------------------------------------------------------------------------------------
 
-_LANE = np.arange(32)
-_G, _T = _LANE >> 2, _LANE & 3
-_PAIR = np.arange(2)
-_A_ROW = np.stack([_G, _G + 8, _G, _G + 8], 1)
-_A_COL = np.stack([2 * _T, 2 * _T, 2 * _T + 8, 2 * _T + 8], 1)
-_C_ROW = np.stack([_G, _G, _G + 8, _G + 8], 1)
-_C_COL = np.stack([2 * _T, 2 * _T + 1, 2 * _T, 2 * _T + 1], 1)
+from .ptx_emulation import A_COL as _A_COL, A_ROW as _A_ROW, C_COL as _C_COL, C_ROW as _C_ROW  # noqa: E402
+from .ptx_emulation import G as _G, LANE as _LANE, PAIR as _PAIR, T as _T  # noqa: E402
+from .ptx_emulation import ldsm_x4 as _ldsm_x4, mma16816 as _mma16816  # noqa: E402
+
 _KLDS = 72  # kLds
-
-
-def _ldsm_x4(smem, row_elem):
-    assert np.all(row_elem % 8 == 0)
-    mats = smem[row_elem[:, None] + np.arange(8)].reshape(4, 8, 8)
-    return mats[:, _G[:, None], 2 * _T[:, None] + _PAIR].transpose(1, 0, 2)
-
-
-def _mma16816(a, b, c):
-    A = np.zeros((16, 16))
-    A[_A_ROW[:, :, None], _A_COL[:, :, None] + _PAIR] = a
-    Bm = np.zeros((16, 8))
-    Bm[np.stack([2 * _T, 2 * _T + 8], 1)[:, :, None] + _PAIR, _G[:, None, None]] = b
-    Cm = np.zeros((16, 8))
-    Cm[_C_ROW, _C_COL] = c
-    return (A @ Bm + Cm)[_C_ROW, _C_COL].astype(np.float32)
 
 
 def _emulate_mainloop(x, w, EB, t0, e0, c_begin, c_end):
