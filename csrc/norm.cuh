@@ -76,6 +76,16 @@ GPTOSS_HD int gemv_fragment_k(int q, int m, int col) {
 GPTOSS_HD int gemv_c_row(int lane, int c) { return (lane >> 2) + 8 * (c >> 1); }
 GPTOSS_HD int gemv_c_token(int lane, int c) { return 2 * (lane & 3) + (c & 1); }
 
+// The QKV GEMV fused with RoPE (head_dim 64, half-split pairs (i, i + 32)): block b computes head
+// b / 4 and quarter b % 4 of its rotation pairs, so that both halves of each pair land in the
+// same block. Local W row r (0..15) of block b is QKV row head * 64 + 8 * quarter + r for r < 8
+// and head * 64 + 32 + 8 * quarter + (r - 8) for r >= 8: local rows r and r + 8 form a pair.
+GPTOSS_HD int64_t qkv_rope_row(int64_t block, int r) {
+  const int64_t head = block >> 2;
+  const int quarter = static_cast<int>(block & 3);
+  return head * 64 + (r < 8 ? 8 * quarter + r : 32 + 8 * quarter + (r - 8));
+}
+
 }  // namespace dense
 }  // namespace gptoss
 

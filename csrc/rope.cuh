@@ -84,10 +84,23 @@ GPTOSS_HD void rope_cos_sin(int32_t pos, float inv_freq, float concentration, fl
   *sin_out = concentration * s;
 }
 
+// Non-negative slot of position pos in a ring cache of S slots (gptoss/rope.h: slot = pos mod S).
+GPTOSS_HD int64_t cache_slot(int32_t pos, int64_t S) {
+  const int64_t s = static_cast<int64_t>(pos) % S;
+  return s < 0 ? s + S : s;
+}
+
 // Half-split (NeoX) rotation of one pair (x1 = u[j], x2 = u[j + d/2]) with the scaled cos/sin.
+// Each product rounded, then the sum (no FMA contraction on the device: every kernel that rotates
+// gets the same bits, and the PyTorch reference's fp32 arithmetic too).
 GPTOSS_HD void rope_rotate_pair(float x1, float x2, float c, float s, float* y1, float* y2) {
+#if defined(__CUDA_ARCH__)
+  *y1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+  *y2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+#else
   *y1 = x1 * c - x2 * s;
   *y2 = x2 * c + x1 * s;
+#endif
 }
 
 }  // namespace gptoss

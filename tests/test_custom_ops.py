@@ -52,6 +52,10 @@ def cases():
         (co.rope_qkv, (torch.randn(4, 12 * 64, dtype=bf16), torch.arange(4, dtype=torch.int32), 8, 2, 64), {}),
         (co.cache_append, (kp[:2], vp[:2], torch.zeros(2, 8, 2, 64, dtype=bf16), torch.zeros(2, 8, 2, 64, dtype=bf16),
                            torch.tensor([0, 1], dtype=torch.int32), torch.tensor([3, 9], dtype=torch.int32)), {}),
+        (co.qkv_rope_append, (torch.randn(2, 32, dtype=bf16), torch.randn(12 * 64, 32, dtype=bf16),
+                              torch.randn(12 * 64, dtype=bf16), torch.tensor([0, 1], dtype=torch.int32),
+                              torch.tensor([3, 9], dtype=torch.int32), torch.zeros(2, 8, 2, 64, dtype=bf16),
+                              torch.zeros(2, 8, 2, 64, dtype=bf16), 8, 2, 64), {}),
     ]
 
 

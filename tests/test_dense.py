@@ -330,6 +330,73 @@ def test_host_argmax_order_matches_torch():
         assert torch.equal(got, want), slice_
 
 
+# ---------------------------------------------------------------------------------------------
+# QKV projection + RoPE + cache append (the decode step's fused op)
+# ---------------------------------------------------------------------------------------------
+
+def _qkv_case(T, nq, nkv, K, B, S, device, seed=0, bias=True):
+    g = torch.Generator(device=device).manual_seed(seed)
+    N = (nq + 2 * nkv) * 64
+    x = torch.randn(T, K, dtype=BF, device=device, generator=g)
+    w = (torch.randn(N, K, device=device, generator=g) * K ** -0.5).to(BF)
+    b = torch.randn(N, dtype=BF, device=device, generator=g) if bias else None
+    seq = torch.randint(0, B, (T,), dtype=torch.int32, device=device, generator=g)
+    pos = torch.randint(0, 3 * S, (T,), dtype=torch.int32, device=device, generator=g)   # ring wraps
+    kc = torch.randn(B, S, nkv, 64, dtype=BF, device=device, generator=g)
+    vc = torch.randn(B, S, nkv, 64, dtype=BF, device=device, generator=g)
+    return x, w, b, seq, pos, kc, vc
+
+
+def _qkv_unfused(x, w, b, seq, pos, kc, vc, nq, nkv, rope=reference.YarnParams()):
+    kc, vc = kc.clone(), vc.clone()
+    qkv = ops.linear(x, w, b)
+    q = ops.rope_and_cache_append(qkv, seq, pos, kc, vc, num_q_heads=nq, num_kv_heads=nkv, head_dim=64, rope=rope)
+    return q, kc, vc
+
+
+def test_qkv_rope_append_cpu_matches_reference_and_checks():
+    """CPU: the op is the reference's projection, RoPE and cache write (slot = p mod S)."""
+    nq, nkv, K, B, S = 4, 2, 32, 2, 8
+    x, w, b, seq, pos, kc, vc = _qkv_case(5, nq, nkv, K, B, S, "cpu")
+    seq[0] = B            # out of range: q only, nothing in the cache
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = ops.qkv_rope_append(x, w, b, seq, pos, kc2, vc2, num_q_heads=nq, num_kv_heads=nkv, head_dim=64)
+    qkv = (x.float() @ w.float().t() + b.float()).to(BF)
+    cos, sin = reference.rope_cos_sin(pos, reference.YarnParams())
+    want_q = reference.apply_rope(qkv[:, :nq * 64].reshape(5, nq, 64), cos, sin).to(BF)
+    want_k = reference.apply_rope(qkv[:, nq * 64:(nq + nkv) * 64].reshape(5, nkv, 64), cos, sin).to(BF)
+    want_v = qkv[:, (nq + nkv) * 64:].reshape(5, nkv, 64)
+    assert torch.equal(q, want_q)
+    wk, wv = kc.clone(), vc.clone()
+    for t in range(1, 5):
+        wk[seq[t], pos[t] % S] = want_k[t]
+        wv[seq[t], pos[t] % S] = want_v[t]
+    assert torch.equal(kc2, wk) and torch.equal(vc2, wv)
+    with pytest.raises(ValueError, match="weight"):
+        ops.qkv_rope_append(x, w[:-64], b, seq, pos, kc, vc, num_q_heads=nq, num_kv_heads=nkv)
+    with pytest.raises(ValueError, match="k_cache"):
+        ops.qkv_rope_append(x, w, b, seq, pos, kc[:, :, :1], vc, num_q_heads=nq, num_kv_heads=nkv)
+    with pytest.raises(TypeError, match="seq_ids"):
+        ops.qkv_rope_append(x, w, b, seq.float(), pos, kc, vc, num_q_heads=nq, num_kv_heads=nkv)
+
+
+def test_host_qkv_rope_rows_pair_halves_in_one_block():
+    """The fused GEMV's row map: a bijection onto the QKV rows, each block one head's quarter,
+    local rows r and r + 8 the RoPE pair (dims i, i + 32)."""
+    host = _host()
+    if not hasattr(host, "dense_qkv_rope_rows"):
+        pytest.skip("rebuild: no dense_qkv_rope_rows")
+    heads = 64 + 2 * 8
+    rows = np.asarray(host.dense_qkv_rope_rows(heads * 4))
+    assert sorted(rows.ravel().tolist()) == list(range(heads * 64))
+    for blk in range(heads * 4):
+        head, quarter = divmod(blk, 4)
+        assert (rows[blk] // 64 == head).all()
+        dims = rows[blk] % 64
+        assert dims[:8].tolist() == list(range(8 * quarter, 8 * quarter + 8))
+        assert (dims[8:] == dims[:8] + 32).all()
+
+
 def _c_api():
     C = _lib.C()
     if C is None or not hasattr(C, "linear_bf16"):
@@ -395,11 +462,14 @@ def test_dense_kernels_no_local_memory(dense_kernels):
 
 def test_gemv_uses_wide_streaming_loads_and_tensor_cores(dense_kernels):
     gemv = [k for k in dense_kernels.values() if "linear_gemv_kernel" in k.name]
-    assert len(gemv) == 8  # NT in {1, 2, 4, 8} x WARPS in {4, 8}
+    assert len(gemv) == 16  # NT in {1, 2, 4, 8} x WARPS in {4, 8} x (plain, fused QKV + RoPE)
     for k in gemv:
-        # W: 16-byte loads that skip L1 (LDG.E.NA.128...); x: 16-byte loads; HMMA bf16
+        # W: 16-byte loads that skip L1 (LDG.E.NA.128...); x (the previous kernel's output under
+        # PDL): 16-byte L2-coherent loads (ld.global.cg -> LDG.E.128.STRONG.GPU); HMMA bf16;
+        # the block's W rows prefetched into L2 (UBLKPF) before the PDL wait
         assert re.search(r"LDG\.E\.NA\.128", k.sass), k.name
-        assert re.search(r"LDG\.E\.128", k.sass), k.name
+        assert re.search(r"LDG\.E\.128\.STRONG\.GPU", k.sass), k.name
+        assert "UBLKPF.L2" in k.sass, k.name
         assert "HMMA.16816.F32.BF16" in k.sass, k.name
         # at least 8 W loads issued back to back (several 16-byte loads in flight per thread)
         assert len(re.findall(r"LDG\.E\.NA\.128", k.sass)) >= 8, k.name
@@ -622,3 +692,78 @@ def test_gpu_greedy_argmax_cuda_graph():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, torch.argmax(x, dim=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 3, 8, 9, 17, 64])
+@pytest.mark.parametrize("nq,nkv,K", [(64, 8, 2880), (8, 2, 72)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpu_qkv_rope_append_equals_linear_then_rope(T, nq, nkv, K, bias):
+    """The fused kernel against the two-kernel path it replaces: q, the whole k and v caches
+    (written slots and untouched ones) bit for bit; an out-of-range seq_id writes q only."""
+    B, S = 3, 128
+    x, w, b, seq, pos, kc, vc = _qkv_case(T, nq, nkv, K, B, S, DEV, seed=T * 13 + nq, bias=bias)
+    if T > 2:
+        seq[1] = -1
+        pos[2] = pos[0] + S            # same slot as token 0 in another sequence or the ring
+    # unique (seq, slot) per token so that the cache contents do not depend on write order
+    key = seq.long() * S + pos.long() % S
+    _, first = np.unique(key.cpu().numpy(), return_index=True)
+    keep = torch.zeros(T, dtype=torch.bool)
+    keep[torch.from_numpy(first)] = True
+    seq = torch.where(keep.to(DEV), seq, torch.full_like(seq, -1))
+    want_q, want_k, want_v = _qkv_unfused(x, w, b, seq, pos, kc, vc, nq, nkv)
+    q_out = _nan((T, nq, 64))
+    q = ops.qkv_rope_append(x, w, b, seq, pos, kc, vc, q_out=q_out, num_q_heads=nq, num_kv_heads=nkv, head_dim=64)
+    assert q.data_ptr() == q_out.data_ptr()
+    assert torch.equal(q.view(torch.int16), want_q.view(torch.int16))
+    assert torch.equal(kc.view(torch.int16), want_k.view(torch.int16))
+    assert torch.equal(vc.view(torch.int16), want_v.view(torch.int16))
+
+
+@pytest.mark.gpu
+def test_gpu_qkv_rope_append_graph_and_large_t_path():
+    """Captured in a CUDA graph it gives the eager bits; T = 65 takes the unfused path."""
+    nq, nkv, K, B, S = 64, 8, 2880, 2, 256
+    x, w, b, seq, pos, kc, vc = _qkv_case(4, nq, nkv, K, B, S, DEV, seed=5)
+    seq = torch.tensor([0, 1, 0, 1], dtype=torch.int32, device=DEV)
+    pos = torch.tensor([10, 10, 11, 11], dtype=torch.int32, device=DEV)
+    want = _qkv_unfused(x, w, b, seq, pos, kc, vc, nq, nkv)
+    q_out = torch.empty(4, nq, 64, dtype=BF, device=DEV)
+    kc_g, vc_g = kc.clone(), vc.clone()
+    ops.qkv_rope_append(x, w, b, seq, pos, kc_g, vc_g, q_out=q_out)    # warm-up
+    kc_g.copy_(kc)
+    vc_g.copy_(vc)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.qkv_rope_append(x, w, b, seq, pos, kc_g, vc_g, q_out=q_out)
+    q_out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    for got, exp in zip((q_out, kc_g, vc_g), want):
+        assert torch.equal(got.view(torch.int16), exp.view(torch.int16))
+    x, w, b, seq, pos, kc, vc = _qkv_case(65, nq, nkv, K, 1, 4096, DEV, seed=6)
+    seq.zero_()
+    pos = torch.arange(65, dtype=torch.int32, device=DEV)
+    want = _qkv_unfused(x, w, b, seq, pos, kc, vc, nq, nkv)
+    q = ops.qkv_rope_append(x, w, b, seq, pos, kc, vc)
+    for got, exp in zip((q, kc, vc), want):
+        assert torch.equal(got.view(torch.int16), exp.view(torch.int16))
+
+
+def test_pdl_switch_round_trips():
+    """The PDL switch is host state of the library (no GPU needed): on by default unless
+    GPTOSS_PDL=0, set_pdl returns the previous setting, build_info reports it."""
+    import os
+
+    if _lib.pdl_enabled() is None:
+        pytest.skip(f"kernels not built: {_lib.kernels_error()}")
+    default = os.environ.get("GPTOSS_PDL", "1") != "0" and os.environ.get("GPTOSS_MOE_DECODE_PDL", "1") != "0"
+    before = _lib.pdl_enabled()
+    try:
+        assert before == default
+        assert _lib.set_pdl(False) == before and _lib.pdl_enabled() is False
+        assert _lib.build_info()["pdl"] is False
+        assert _lib.set_pdl(True) is False and _lib.pdl_enabled() is True
+    finally:
+        _lib.set_pdl(before)

@@ -711,7 +711,7 @@ def test_gpu_bandwidth_report(T):
 
 @gpu
 def test_gpu_pdl_off_gives_same_bits(tmp_path):
-    """GPTOSS_MOE_DECODE_PDL=0 (ordinary launches) in a fresh process: same bits as the default
+    """GPTOSS_PDL=0 (ordinary launches) in a fresh process: same bits as the default
     (programmatic dependent launch changes scheduling only)."""
     repo = pathlib.Path(__file__).resolve().parents[1]
     dst = tmp_path / "out.pt"
@@ -719,7 +719,7 @@ def test_gpu_pdl_off_gives_same_bits(tmp_path):
             "from tests.test_moe import _gpu_case, _run_decode; "
             "x, ids, w, wt = _gpu_case(16, 32, 2880, 2880, seed=81); "
             f"torch.save(_run_decode(x, ids, w, wt).cpu(), {str(dst)!r})")
-    subprocess.run([sys.executable, "-c", code], env={**os.environ, "GPTOSS_MOE_DECODE_PDL": "0"}, check=True,
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "GPTOSS_PDL": "0"}, check=True,
                    timeout=600)
     x, ids, w, wt = _gpu_case(16, 32, 2880, 2880, seed=81)
     out = _run_decode(x, ids, w, wt).cpu()

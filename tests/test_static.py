@@ -51,3 +51,43 @@ def test_expected_instructions(kernels, kernel, opcode):
     assert matches, f"kernel {kernel!r} not found; have {[k.name for k in kernels.values()]}"
     for k in matches:
         assert opcode in k.sass, f"{k.name} has no {opcode} in its sm_90a SASS"
+
+
+# Kernels launched with programmatic dependent launch (csrc/pdl.cuh, DEVELOPERS.md "PDL"): the
+# decode path. In SASS griddepcontrol.wait is ACQBULK and launch_dependents is PREEXIT.
+PDL_KERNELS = ("rms_norm_kernel", "linear_gemv_kernel", "argmax_slices_kernel", "argmax_rows_kernel",
+               "rope_kernel", "attention_decode_kernel", "attention_decode_mma_kernel",
+               "attention_decode_combine_kernel", "router_partial_kernel", "router_select_kernel",
+               "router_fused_kernel", "moe_decode_gemv_kernel", "moe_decode_combine_kernel")
+
+
+def _pdl_kernels(kernels):
+    return [k for k in kernels.values() if any(f"::{n}(" in k.name or f"::{n}<" in k.name for n in PDL_KERNELS)]
+
+
+def test_pdl_kernels_wait_before_they_write(kernels):
+    """Every PDL-launched kernel waits for its predecessor (ACQBULK) and stores nothing to global
+    memory before that wait (its predecessor may still be reading what it would overwrite); the
+    only global loads before it are L2-coherent ones (not the non-coherent .CONSTANT path)."""
+    ks = _pdl_kernels(kernels)
+    found = {n for n in PDL_KERNELS for k in ks if f"::{n}(" in k.name or f"::{n}<" in k.name}
+    assert found == set(PDL_KERNELS), f"PDL kernels missing from the library: {set(PDL_KERNELS) - found}"
+    for k in ks:
+        lines = k.sass.splitlines()
+        first = next((i for i, line in enumerate(lines) if "ACQBULK" in line), None)
+        assert first is not None, f"{k.name}: no griddepcontrol.wait (ACQBULK)"
+        before = "\n".join(lines[:first])
+        for op in ("STG", "ATOMG", "RED.", "LDGSTS"):     # shared-memory stores are the kernel's own
+            assert op not in before, f"{k.name}: {op} before the PDL wait"
+        assert ".CONSTANT" not in "\n".join(l for l in before.splitlines() if "LDG" in l), \
+            f"{k.name}: a non-coherent global load before the PDL wait"
+
+
+def test_pdl_kernels_let_dependents_launch(kernels):
+    """Every PDL kernel triggers its dependents (PREEXIT) after its wait, so at most one kernel
+    runs ahead of the one doing the work."""
+    for k in _pdl_kernels(kernels):
+        lines = k.sass.splitlines()
+        wait = next(i for i, line in enumerate(lines) if "ACQBULK" in line)
+        trig = next((i for i, line in enumerate(lines) if "PREEXIT" in line), None)
+        assert trig is not None and trig > wait, f"{k.name}: no PREEXIT after the wait"

@@ -32,6 +32,7 @@
 
 #include <cstdint>
 
+#include "pdl.cuh"
 #include "ptx.cuh"
 #include "common.cuh"
 #include "gptoss/attention.h"
@@ -159,6 +160,8 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
 
 __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const DecodeParams p) {
   __shared__ PipeSmem smem;
+  gptoss::pdl::wait();  // q, the cache and seqlens are earlier kernels' outputs
+  gptoss::pdl::launch_dependents();
   const int split = blockIdx.x;
   const int kvh = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -182,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
     const uint4* qrow = reinterpret_cast<const uint4*>(p.q + (b * (kGroup * p.nkv) + kvh * kGroup) * kHeadDim);
 #pragma unroll
     for (int h = 0; h < kGroup; ++h) {
-      unpack_bf16x8(__ldg(qrow + h * (kHeadDim / 8) + c), qf[h]);
+      unpack_bf16x8(__ldcg(qrow + h * (kHeadDim / 8) + c), qf[h]);  // .cg: written by RoPE (PDL)
 #pragma unroll
       for (int i = 0; i < 8; ++i) qf[h][i] *= p.qk_scale;
     }
@@ -340,6 +343,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_mma_kernel(const De
   __shared__ PipeSmem smem;
   // [warp][stage][K|V][key 0..15][chunk 0..7] view of the same buffer
   uint4 (*tile)[kStages][2][kTile][8] = reinterpret_cast<uint4 (*)[kStages][2][kTile][8]>(&smem);
+  gptoss::pdl::wait();  // q, the cache and seqlens are earlier kernels' outputs
+  gptoss::pdl::launch_dependents();
   const int split = blockIdx.x;
   const int kvh = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -362,8 +367,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_mma_kernel(const De
     const uint32_t* qrow = reinterpret_cast<const uint32_t*>(p.q + (b * (kGroup * p.nkv) + kvh * kGroup + g) * kHeadDim);
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
-      qa[ks][0] = __ldg(qrow + 8 * ks + t);
-      qa[ks][1] = __ldg(qrow + 8 * ks + 4 + t);
+      qa[ks][0] = __ldcg(qrow + 8 * ks + t);  // .cg: written by RoPE (PDL)
+      qa[ks][1] = __ldcg(qrow + 8 * ks + 4 + t);
     }
   }
 
@@ -490,6 +495,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_mma_kernel(const De
 // Merge the split partials of one (sequence, KV head) and apply the sink once.
 // 256 threads: head h = t / 32, dims 2 (t % 32), +1.
 __global__ void __launch_bounds__(256) attention_decode_combine_kernel(const DecodeParams p) {
+  gptoss::pdl::wait();  // the partials are the split kernel's output
+  gptoss::pdl::launch_dependents();
   const int kvh = blockIdx.x;
   const int64_t b = blockIdx.y;
   const int h = threadIdx.x >> 5;
@@ -498,8 +505,8 @@ __global__ void __launch_bounds__(256) attention_decode_combine_kernel(const Dec
   gptoss::SoftmaxState st = gptoss::softmax_empty();
   float2 acc = make_float2(0.f, 0.f);
   for (int s = 0; s < p.splits; ++s) {
-    const float2 ml = p.ws_ml[(base + s) * kGroup + h];
-    const float2 v = *reinterpret_cast<const float2*>(p.ws_o + (base + s) * kPartialFloats + h * kHeadDim + d0);
+    const float2 ml = __ldcg(p.ws_ml + (base + s) * kGroup + h);
+    const float2 v = __ldcg(reinterpret_cast<const float2*>(p.ws_o + (base + s) * kPartialFloats + h * kHeadDim + d0));
     float sa, sb;
     st = gptoss::softmax_merge(st, gptoss::SoftmaxState{ml.x, ml.y}, &sa, &sb);
     acc.x = acc.x * sa + v.x * sb;
@@ -607,14 +614,13 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16_variant(
 
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(batch));
   if (variant == 0) variant = kDefaultVariant;
-  if (variant == 2)
-    attention_decode_mma_kernel<<<grid, kThreads, 0, stream>>>(p);
-  else
-    attention_decode_kernel<<<grid, kThreads, 0, stream>>>(p);
-  if (p.splits > 1) {
-    GPTOSS_CUDA_TRY(cudaGetLastError(), "attention_decode launch");
-    attention_decode_combine_kernel<<<dim3(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(batch)), 256, 0,
-                                      stream>>>(p);
-  }
-  GPTOSS_RETURN_LAUNCH_STATUS("attention_decode launch");
+  GPTOSS_CUDA_TRY(gptoss::pdl::launch(variant == 2 ? attention_decode_mma_kernel : attention_decode_kernel, grid,
+                                      dim3(kThreads), 0, stream, true, p),
+                  "attention_decode launch");
+  if (p.splits > 1)
+    GPTOSS_CUDA_TRY(gptoss::pdl::launch(attention_decode_combine_kernel,
+                                        dim3(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(batch)),
+                                        dim3(256), 0, stream, true, p),
+                    "attention_decode combine launch");
+  return GPTOSS_OK;
 }

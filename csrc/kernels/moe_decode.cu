@@ -36,6 +36,7 @@
 #include "common.cuh"
 #include "gptoss/moe.h"
 #include "mxfp4_decode_fast.cuh"
+#include "pdl.cuh"
 
 namespace {
 
@@ -83,18 +84,6 @@ __device__ __forceinline__ uint4 load_in(const uint4* p) {
   return kMlp1 ? __ldg(p) : __ldcg(p);
 }
 
-// Programmatic dependent launch (sm_90): mlp2 and combine are launched so that they may start
-// while the previous kernel is still running; they wait here before touching its output. Both
-// instructions are no-ops for a grid launched without the attribute.
-__device__ __forceinline__ void pdl_wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_allow_dependents() { asm volatile("griddepcontrol.launch_dependents;" :::); }
-
-// Hint: bring [p, p + bytes) into L2 (cp.async.bulk.prefetch, sm_90; bytes a multiple of 16,
-// p 16-byte aligned). No effect on results.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
-
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -109,7 +98,7 @@ __device__ __forceinline__ int block_distinct_experts(const int32_t* __restrict_
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nwords = (E + 31) >> 5;
   for (int i = tid; i < nwords; i += kThreads) sh.bits[i] = 0u;
-  const int id = tid < n ? __ldg(ids + tid) : -1;
+  const int id = tid < n ? __ldcg(ids + tid) : -1;  // .cg: mlp2 reads them before its PDL wait
   __syncthreads();
   if (id >= 0 && id < E) atomicOr(&sh.bits[id >> 5], 1u << (id & 31));
   __syncthreads();
@@ -197,9 +186,14 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
     const uint8_t* __restrict__ blocks, const uint8_t* __restrict__ scales, const __nv_bfloat16* __restrict__ bias,
     void* __restrict__ dst, int n, int k, int E, int K, int rows, float alpha, float limit) {
   __shared__ Shared sh;
-  // mlp1 lets mlp2 launch at once (its blocks fill the SMs as mlp1's leave and scan the ids while
-  // mlp1 finishes); mlp2 reads only the ids (inputs of the op) before waiting for mlp1's act.
-  if (kMlp1) pdl_allow_dependents();
+  // mlp1 (PDL): waits for the router's ids, then lets mlp2 launch (its blocks fill the SMs as
+  // mlp1's leave). mlp2 reads only the ids before its own wait: the router completed before mlp1's
+  // wait returned, hence before mlp2 launched (the ids are read L2-coherent, see
+  // block_distinct_experts).
+  if (kMlp1) {
+    gptoss::pdl::wait();
+    gptoss::pdl::launch_dependents();
+  }
   const int my_id = block_distinct_experts(ids, n, E, sh);
   const int n_tiles = rows / 16;                                  // rows is a multiple of 32
   const int n_blocks_rows = (n_tiles + kMTiles - 1) / kMTiles;    // row tiles of the block
@@ -211,13 +205,16 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
       const int row0 = static_cast<int>(it % n_blocks_rows) * (16 * kMTiles);
       const int nr = min(16 * kMTiles, rows - row0);
       const int64_t first = static_cast<int64_t>(sh.experts[it / n_blocks_rows]) * rows + row0;
-      prefetch_l2(blocks + first * G * 16, static_cast<uint32_t>(nr) * G * 16);
+      gptoss::pdl::prefetch_l2(blocks + first * G * 16, static_cast<uint32_t>(nr) * G * 16);
     }
   };
   // The first item's weights start towards L2 now (in mlp2: while mlp1 drains), then mlp2 waits
   // for mlp1's act.
   prefetch_item(blockIdx.x);
-  if (!kMlp1) pdl_wait_for_previous_grid();
+  if (!kMlp1) {
+    gptoss::pdl::wait();
+    gptoss::pdl::launch_dependents();
+  }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
@@ -318,7 +315,8 @@ __global__ void __launch_bounds__(256) moe_decode_combine_kernel(const float4* _
                                                                   const int32_t* __restrict__ ids, int n_tokens,
                                                                   int k, int E, int H,
                                                                   __nv_bfloat16* __restrict__ out) {
-  pdl_wait_for_previous_grid();  // y is mlp2's output
+  gptoss::pdl::wait();  // y is mlp2's output
+  gptoss::pdl::launch_dependents();
   const int per_row = H >> 2;
   const int64_t total = static_cast<int64_t>(n_tokens) * per_row;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -366,42 +364,6 @@ gptoss_status resident_blocks(int& blocks) {
   blocks = sms * (per_sm > 0 ? per_sm : 1);
   if (dev >= 0 && dev < 64) cached[dev] = blocks;
   return GPTOSS_OK;
-}
-
-// Whether to launch mlp2 and combine with programmatic stream serialization (PDL); set
-// GPTOSS_MOE_DECODE_PDL=0 to launch them the ordinary way.
-bool& pdl_disabled() {
-  static bool disabled = [] {
-    const char* v = std::getenv("GPTOSS_MOE_DECODE_PDL");
-    return v != nullptr && v[0] == '0';
-  }();
-  return disabled;
-}
-bool use_pdl() { return !pdl_disabled(); }
-
-template <typename... Params, typename... Args>
-cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args... args) {
-  if (!pdl) {
-    kernel<<<grid, block, 0, stream>>>(args...);
-    return cudaGetLastError();
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
-  if (err == cudaSuccess) return err;
-  // A driver/runtime without PDL support: clear the error, launch the ordinary way from now on.
-  (void)cudaGetLastError();
-  pdl_disabled() = true;
-  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(args)...);
-  return cudaGetLastError();
 }
 
 // Grid of a GEMV launch: one wave of resident blocks, at most one block per worst-case item.
@@ -453,7 +415,7 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
   const __nv_bfloat16* xb = static_cast<const __nv_bfloat16*>(x);
   __nv_bfloat16* ob = static_cast<__nv_bfloat16*>(out);
 
-  const bool pdl = use_pdl();
+  const bool pdl = true;  // every launch here uses PDL (pdl.cuh; GPTOSS_PDL=0 turns it off)
   int resident1 = 0, resident2 = 0;
   gptoss_status st = resident_blocks<true>(resident1);
   if (st != GPTOSS_OK) return st;
@@ -467,15 +429,15 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
     const int32_t* ids = topk_ids + t0 * k;
     const float* wts = topk_weights + t0 * k;
 
-    // mlp1: an ordinary launch (waits for everything before it, e.g. the previous chunk's combine,
-    // which reads the y that this chunk's mlp2 overwrites)
-    GPTOSS_CUDA_TRY(launch(moe_decode_gemv_kernel<true>, dim3(gemv_grid(resident1, ny, 2 * I)), dim3(kThreads), stream,
-                           false, xb + t0 * H, ids, wts, w1_blocks, w1_scales,
+    // mlp1 waits for everything before it (the router; the previous chunk's combine, which reads
+    // the y that this chunk's mlp2 overwrites) before it reads or writes anything
+    GPTOSS_CUDA_TRY(gptoss::pdl::launch(moe_decode_gemv_kernel<true>, dim3(gemv_grid(resident1, ny, 2 * I)), dim3(kThreads), 0, stream,
+                           pdl, xb + t0 * H, ids, wts, w1_blocks, w1_scales,
                            static_cast<const __nv_bfloat16*>(w1_bias), static_cast<void*>(act), n, static_cast<int>(k),
                            static_cast<int>(E), static_cast<int>(H), static_cast<int>(2 * I), swiglu_alpha,
                            swiglu_limit),
                     "moe_mxfp4_decode mlp1 launch");
-    GPTOSS_CUDA_TRY(launch(moe_decode_gemv_kernel<false>, dim3(gemv_grid(resident2, ny, H)), dim3(kThreads), stream,
+    GPTOSS_CUDA_TRY(gptoss::pdl::launch(moe_decode_gemv_kernel<false>, dim3(gemv_grid(resident2, ny, H)), dim3(kThreads), 0, stream,
                            pdl, static_cast<const __nv_bfloat16*>(act), ids, wts, w2_blocks, w2_scales,
                            static_cast<const __nv_bfloat16*>(w2_bias), static_cast<void*>(y), n, static_cast<int>(k),
                            static_cast<int>(E), static_cast<int>(I), static_cast<int>(H), swiglu_alpha, swiglu_limit),
@@ -483,7 +445,7 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
     const int64_t work = static_cast<int64_t>(nt) * (H / 4);
     const int64_t want = (work + 255) / 256;
     const int grid3 = static_cast<int>(want < 4096 ? want : 4096);
-    GPTOSS_CUDA_TRY(launch(moe_decode_combine_kernel, dim3(grid3), dim3(256), stream, pdl,
+    GPTOSS_CUDA_TRY(gptoss::pdl::launch(moe_decode_combine_kernel, dim3(grid3), dim3(256), 0, stream, pdl,
                            reinterpret_cast<const float4*>(y), ids, nt, static_cast<int>(k), static_cast<int>(E),
                            static_cast<int>(H), ob + t0 * H),
                     "moe_mxfp4_decode combine launch");

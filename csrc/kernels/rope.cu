@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "pdl.cuh"
 #include "ptx.cuh"
 #include "common.cuh"
 #include "gptoss/rope.h"
@@ -43,15 +44,11 @@ struct RopeParams {
   InvFreq inv;
 };
 
-// Non-negative slot of position pos in a ring of S slots.
-__device__ __forceinline__ int64_t cache_slot(int32_t pos, int64_t S) {
-  int64_t s = static_cast<int64_t>(pos) % S;
-  return s < 0 ? s + S : s;
-}
-
 template <bool kToCache>
 __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) {
   __shared__ float cs[kPairs], sn[kPairs];
+  gptoss::pdl::wait();  // qkv, positions, seq_ids: earlier kernels' outputs
+  gptoss::pdl::launch_dependents();
   const int64_t t = blockIdx.x;
   const int32_t pos = p.positions[t];
   if (threadIdx.x < kPairs) {
@@ -69,7 +66,7 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
   if constexpr (kToCache) {
     const int32_t seq = p.seq_ids[t];
     write_kv = seq >= 0 && seq < p.batch;
-    const int64_t slot_row = (static_cast<int64_t>(write_kv ? seq : 0) * p.S + cache_slot(pos, p.S)) * p.nkv;
+    const int64_t slot_row = (static_cast<int64_t>(write_kv ? seq : 0) * p.S + gptoss::cache_slot(pos, p.S)) * p.nkv;
     kdst = p.k_out + slot_row * kHeadDim;
     vdst = p.v_out + slot_row * kHeadDim;
   } else {
@@ -86,8 +83,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
     const bool is_q = head < p.nq;
     if (!is_q && !write_kv) continue;
     float x1[8], x2[8], y1[8], y2[8];
-    unpack_bf16x8(__ldg(row + head * (kHeadDim / 8) + ch), x1);
-    unpack_bf16x8(__ldg(row + head * (kHeadDim / 8) + kChunksPerHalf + ch), x2);
+    unpack_bf16x8(__ldcg(row + head * (kHeadDim / 8) + ch), x1);  // .cg: PDL
+    unpack_bf16x8(__ldcg(row + head * (kHeadDim / 8) + kChunksPerHalf + ch), x2);
 #pragma unroll
     for (int i = 0; i < 8; ++i) gptoss::rope_rotate_pair(x1[i], x2[i], cs[8 * ch + i], sn[8 * ch + i], &y1[i], &y2[i]);
     uint4* dst = is_q ? reinterpret_cast<uint4*>(p.q_out + (t * p.nq + head) * kHeadDim)
@@ -100,7 +97,7 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
     const int n_v = p.nkv * (kHeadDim / 8);
     const uint4* vsrc = row + (p.nq + p.nkv) * (kHeadDim / 8);
     for (int item = threadIdx.x; item < n_v; item += kRopeThreads)
-      reinterpret_cast<uint4*>(vdst)[item] = __ldg(vsrc + item);
+      reinterpret_cast<uint4*>(vdst)[item] = __ldcg(vsrc + item);
   }
 }
 
@@ -117,7 +114,7 @@ __global__ void __launch_bounds__(256) cache_append_kernel(const uint4* __restri
     const int64_t j = e - t * row_chunks;
     const int32_t seq = seq_ids[t];
     if (seq < 0 || seq >= batch) continue;
-    const int64_t dst = (static_cast<int64_t>(seq) * S + cache_slot(positions[t], S)) * row_chunks + j;
+    const int64_t dst = (static_cast<int64_t>(seq) * S + gptoss::cache_slot(positions[t], S)) * row_chunks + j;
     k_cache[dst] = k[e];
     v_cache[dst] = v[e];
   }
@@ -170,8 +167,10 @@ GPTOSS_API gptoss_status gptoss_rope_qkv_bf16(const void* qkv, const int32_t* po
   p.k_out = static_cast<__nv_bfloat16*>(k_out);
   p.v_out = static_cast<__nv_bfloat16*>(v_out);
   rope_fill_params(p, inv_freq, concentration, num_q_heads, num_kv_heads);
-  rope_kernel<false><<<static_cast<unsigned>(T), kRopeThreads, 0, stream>>>(p);
-  GPTOSS_RETURN_LAUNCH_STATUS("rope_qkv launch");
+  GPTOSS_CUDA_TRY(gptoss::pdl::launch(rope_kernel<false>, dim3(static_cast<unsigned>(T)), dim3(kRopeThreads), 0,
+                                      stream, true, p),
+                  "rope_qkv launch");
+  return GPTOSS_OK;
 }
 
 GPTOSS_API gptoss_status gptoss_rope_cache_append_bf16(const void* qkv, const int32_t* seq_ids,
@@ -198,8 +197,10 @@ GPTOSS_API gptoss_status gptoss_rope_cache_append_bf16(const void* qkv, const in
   p.batch = batch;
   p.S = cache_size;
   rope_fill_params(p, inv_freq, concentration, num_q_heads, num_kv_heads);
-  rope_kernel<true><<<static_cast<unsigned>(T), kRopeThreads, 0, stream>>>(p);
-  GPTOSS_RETURN_LAUNCH_STATUS("rope_cache_append launch");
+  GPTOSS_CUDA_TRY(gptoss::pdl::launch(rope_kernel<true>, dim3(static_cast<unsigned>(T)), dim3(kRopeThreads), 0,
+                                      stream, true, p),
+                  "rope_cache_append launch");
+  return GPTOSS_OK;
 }
 
 GPTOSS_API gptoss_status gptoss_cache_append_bf16(const void* k, const void* v, const int32_t* seq_ids,

@@ -6,6 +6,7 @@
 
 #include <atomic>
 
+#include "pdl.cuh"
 #include "ptx.cuh"
 #include "common.cuh"
 #include "gptoss/router.h"
@@ -162,6 +163,8 @@ __global__ void __launch_bounds__(kThreads) router_fused_kernel(
     int H, int E, int k, int32_t* __restrict__ ids, float* __restrict__ weights) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int NT = Tile<EB>::NT, LDL = Tile<EB>::ldl, EPL = EB / 32;
+  gptoss::pdl::wait();  // x: the norm's output
+  gptoss::pdl::launch_dependents();
   const int t0 = blockIdx.x * kTT;
   float acc[NT][4];
   logits_mainloop<EB>(x, w, T, H, E, t0, 0, 0, (H + kKC - 1) / kKC, reinterpret_cast<bf16*>(smem), acc);
@@ -202,6 +205,14 @@ __global__ void __launch_bounds__(kThreads) router_partial_kernel(
   const int nc = (H + kKC - 1) / kKC;
   const int c_begin = static_cast<int>(static_cast<int64_t>(blockIdx.z) * nc / gridDim.z);
   const int c_end = static_cast<int>(static_cast<int64_t>(blockIdx.z + 1) * nc / gridDim.z);
+  // PDL: this block's gate rows (weights, never written by a kernel) start towards L2, then wait
+  // for x (the norm's output; the mainloop reads it with cp.async.cg, L2-coherent)
+  if (threadIdx.x < EB && e0 + static_cast<int>(threadIdx.x) < E && c_begin < c_end) {
+    const int h0 = c_begin * kKC, h1 = min(H, c_end * kKC);
+    gptoss::pdl::prefetch_l2(w + static_cast<int64_t>(e0 + threadIdx.x) * H + h0, static_cast<uint32_t>(h1 - h0) * 2u);
+  }
+  gptoss::pdl::wait();
+  gptoss::pdl::launch_dependents();
   float acc[NT][4];
   logits_mainloop<EB>(x, w, T, H, E, t0, e0, c_begin, c_end, reinterpret_cast<bf16*>(smem), acc);
 
@@ -229,6 +240,8 @@ __global__ void __launch_bounds__(kThreads) router_select_kernel(
     const float* __restrict__ partial, int splits, const bf16* __restrict__ bias, int T, int E,
     int k, int32_t* __restrict__ ids, float* __restrict__ weights) {
   constexpr int EPL = kMaxE / 32, U = 4;
+  gptoss::pdl::wait();  // partial: the partial kernel's output (read L2-coherent)
+  gptoss::pdl::launch_dependents();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   if (t >= T) return;  // warp-uniform
   const int lane = threadIdx.x & 31;
@@ -243,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) router_select_kernel(
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int i = 0; i < EPL; ++i) v[u][i] = (lane + 32 * i < E) ? p[(z + u) * slice + 32 * i] : 0.0f;
+      for (int i = 0; i < EPL; ++i) v[u][i] = (lane + 32 * i < E) ? __ldcg(p + (z + u) * slice + 32 * i) : 0.0f;
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -252,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) router_select_kernel(
   for (; z < splits; ++z)
 #pragma unroll
     for (int i = 0; i < EPL; ++i)
-      if (lane + 32 * i < E) lg[i] += p[z * slice + 32 * i];
+      if (lane + 32 * i < E) lg[i] += __ldcg(p + z * slice + 32 * i);
 #pragma unroll
   for (int i = 0; i < EPL; ++i)
     if (lane + 32 * i < E) lg[i] += __bfloat162float(bias[lane + 32 * i]);
@@ -297,8 +310,10 @@ gptoss_status launch_fused(const bf16* x, const bf16* w, const bf16* bias, int32
   constexpr int smem = Tile<EB>::smem_bytes;
   const gptoss_status st = set_smem_once(kernel, smem, smem_set);
   if (st != GPTOSS_OK) return st;
-  kernel<<<(T + kTT - 1) / kTT, kThreads, smem, stream>>>(x, w, bias, T, H, E, k, ids, wts);
-  GPTOSS_RETURN_LAUNCH_STATUS("router_fused_kernel launch");
+  GPTOSS_CUDA_TRY(gptoss::pdl::launch(kernel, dim3((T + kTT - 1) / kTT), dim3(kThreads), smem, stream, true, x, w, bias,
+                                      T, H, E, k, ids, wts),
+                  "router_fused_kernel launch");
+  return GPTOSS_OK;
 }
 
 template <int KMAX>
@@ -472,15 +487,16 @@ GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weig
     constexpr int smem = Tile<kSplitEB>::smem_bytes;
     static_assert(smem <= 48 * 1024, "split kernel shared memory");
     const dim3 grid((Ei + kSplitEB - 1) / kSplitEB, (Ti + kTT - 1) / kTT, splits);
-    router_partial_kernel<<<grid, kThreads, smem, stream>>>(xb, wb, Ti, Hi, Ei, partial);
-    GPTOSS_CUDA_TRY(cudaGetLastError(), "router_partial_kernel launch");
+    GPTOSS_CUDA_TRY(gptoss::pdl::launch(router_partial_kernel, grid, dim3(kThreads), smem, stream, true, xb, wb, Ti, Hi,
+                                        Ei, partial),
+                    "router_partial_kernel launch");
   }
-  const int grid = (Ti + kThreads / 32 - 1) / (kThreads / 32);
-  if (k <= 4)
-    router_select_kernel<4><<<grid, kThreads, 0, stream>>>(partial, splits, bb, Ti, Ei, k, topk_ids, topk_weights);
-  else
-    router_select_kernel<8><<<grid, kThreads, 0, stream>>>(partial, splits, bb, Ti, Ei, k, topk_ids, topk_weights);
-  GPTOSS_RETURN_LAUNCH_STATUS("router_select_kernel launch");
+  const dim3 grid((Ti + kThreads / 32 - 1) / (kThreads / 32));
+  GPTOSS_CUDA_TRY(gptoss::pdl::launch(k <= 4 ? router_select_kernel<4> : router_select_kernel<8>, grid, dim3(kThreads), 0,
+                                      stream, true, static_cast<const float*>(partial), splits, bb, Ti, Ei, k,
+                                      topk_ids, topk_weights),
+                  "router_select_kernel launch");
+  return GPTOSS_OK;
 }
 
 GPTOSS_API size_t gptoss_route_workspace_size(int64_t n_rows, int64_t E) {

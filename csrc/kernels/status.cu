@@ -4,6 +4,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "pdl.cuh"
 
 #ifndef GPTOSS_CUDA_ARCHS_STR
 #define GPTOSS_CUDA_ARCHS_STR "unknown"
@@ -36,6 +37,8 @@ gptoss_status cuda_status(cudaError_t err, const char* what) {
 
 GPTOSS_API const char* gptoss_last_error_message(void) { return g_last_error.c_str(); }
 GPTOSS_API int gptoss_abi_version(void) { return GPTOSS_ABI_VERSION; }
+GPTOSS_API void gptoss_set_pdl(int enabled) { gptoss::pdl::disabled() = (enabled == 0); }
+GPTOSS_API int gptoss_pdl_enabled(void) { return gptoss::pdl::enabled() ? 1 : 0; }
 GPTOSS_API const char* gptoss_version(void) { return "0.1.0"; }
 GPTOSS_API const char* gptoss_cuda_archs(void) { return GPTOSS_CUDA_ARCHS_STR; }
 GPTOSS_API int gptoss_cuda_build_version(void) { return CUDART_VERSION; }

@@ -1,6 +1,8 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <string>
+#include <vector>
 
 #include "binding.h"
 #include "norm.cuh"
@@ -26,6 +28,22 @@ GPTOSS_PY_BIND(dense) {
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("out_fp32"), py::arg("T"),
       py::arg("N"), py::arg("K"), py::arg("stream"));
+  m.def(
+      "linear_qkv_rope_append_bf16",
+      [](uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t seq_ids, uintptr_t positions, uintptr_t q_out,
+         uintptr_t k_cache, uintptr_t v_cache, int64_t T, int64_t K, int nq, int nkv, int d, int64_t batch,
+         int64_t cache_size, const std::vector<float>& inv_freq, float concentration, uintptr_t s) {
+        if (static_cast<int>(inv_freq.size()) * 2 != d)
+          throw py::value_error("inv_freq must hold head_dim/2 floats, got " + std::to_string(inv_freq.size()));
+        check(gptoss_linear_qkv_rope_append_bf16(
+            ptr<const void>(x), ptr<const void>(weight), ptr<const void>(bias), ptr<const int32_t>(seq_ids),
+            ptr<const int32_t>(positions), ptr<void>(q_out), ptr<void>(k_cache), ptr<void>(v_cache), T, K, nq, nkv, d,
+            batch, cache_size, inv_freq.data(), concentration, stream(s)));
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("seq_ids"), py::arg("positions"), py::arg("q_out"),
+      py::arg("k_cache"), py::arg("v_cache"), py::arg("T"), py::arg("K"), py::arg("num_q_heads"),
+      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("batch"), py::arg("cache_size"), py::arg("inv_freq"),
+      py::arg("concentration"), py::arg("stream"));
   m.attr("linear_bf16_max_tokens") = gptoss_linear_bf16_max_tokens();
   m.def("argmax_f32_workspace_size", [](int64_t B, int64_t V) { return gptoss_argmax_f32_workspace_size(B, V); },
         py::arg("B"), py::arg("V"));
@@ -113,6 +131,18 @@ GPTOSS_PY_BIND(dense) {
       }
     return py::make_tuple(ak, bk, chunk, wr0, wr1, xt, cr, ct);
   });
+  // The fused QKV + RoPE GEMV's row map (gptoss::dense::qkv_rope_row): int64 [blocks, 16], the QKV
+  // row each block's local W row computes.
+  host.def(
+      "dense_qkv_rope_rows",
+      [](int64_t blocks) {
+        if (blocks < 0) throw py::value_error("blocks must be >= 0");
+        py::array_t<int64_t> rows({blocks, int64_t{16}});
+        for (int64_t b = 0; b < blocks; ++b)
+          for (int r = 0; r < 16; ++r) rows.mutable_at(b, r) = d::qkv_rope_row(b, r);
+        return rows;
+      },
+      py::arg("blocks"));
   // The argmax order of the kernels (gptoss::dense::argmax_better), applied in their order:
   // slices of `slice` elements, then the slices' winners. float32 [B, V] -> int64 [B].
   host.def(

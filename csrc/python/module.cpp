@@ -27,6 +27,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("version") = gptoss_version();
   m.attr("cuda_archs") = std::string(gptoss_cuda_archs());
   m.attr("cuda_build_version") = gptoss_cuda_build_version();
+  m.def("set_pdl", [](bool enabled) { gptoss_set_pdl(enabled ? 1 : 0); }, py::arg("enabled"),
+        "programmatic dependent launch of the decode-path kernels on/off for later launches");
+  m.def("pdl_enabled", []() { return gptoss_pdl_enabled() != 0; });
   m.def("cuda_device_count", []() {
     int n = 0;
     const gptoss_status st = gptoss_device_count(&n);

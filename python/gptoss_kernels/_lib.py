@@ -105,8 +105,23 @@ def build_info() -> dict:
         "kernels_built": kernels_built(),
         "kernel_families": sorted(f for f in KERNEL_ENTRY_POINTS if family_built(f)),
         "abi_version": _C.abi_version if _C is not None else None,
+        "pdl": pdl_enabled(),
     }
     return info
+
+
+def pdl_enabled() -> bool | None:
+    """Whether the decode-path kernels launch with programmatic dependent launch (None: no kernels)."""
+    return bool(_C.pdl_enabled()) if _C is not None and hasattr(_C, "pdl_enabled") else None
+
+
+def set_pdl(enabled: bool) -> bool | None:
+    """Programmatic dependent launch on/off for later kernel launches (CUDA graphs keep what they
+    captured); returns the previous setting. Results are identical either way: for measuring."""
+    before = pdl_enabled()
+    if before is not None:
+        _C.set_pdl(bool(enabled))
+    return before
 
 
 _warned: set[tuple[str, str]] = set()

@@ -170,6 +170,20 @@ def _(*args, **kwargs):
     return None
 
 
+@_op("qkv_rope_append", mutates_args=("k_cache", "v_cache"))
+def qkv_rope_append(x: Tensor, weight: Tensor, bias: Tensor | None, seq_ids: Tensor, positions: Tensor,
+                    k_cache: Tensor, v_cache: Tensor, num_q_heads: int = 64, num_kv_heads: int = 8,
+                    head_dim: int = 64) -> Tensor:
+    """The decode step's fused QKV projection + RoPE + cache append; returns q [T, nq, d]."""
+    return ops.qkv_rope_append(x, weight, bias, seq_ids, positions, k_cache, v_cache, num_q_heads=num_q_heads,
+                               num_kv_heads=num_kv_heads, head_dim=head_dim)
+
+
+@qkv_rope_append.register_fake
+def _(x, weight, bias, seq_ids, positions, k_cache, v_cache, num_q_heads=64, num_kv_heads=8, head_dim=64):
+    return x.new_empty((x.shape[0], num_q_heads, head_dim))
+
+
 #: every registered op, for tests and docs
 ALL_OPS = (mxfp4_dequantize, router_topk, route, moe_mxfp4, moe_mxfp4_out, attention_decode, attention_decode_out,
-           attention_prefill, attention_prefill_out, rope_qkv, cache_append)
+           attention_prefill, attention_prefill_out, rope_qkv, cache_append, qkv_rope_append)

@@ -45,6 +45,14 @@ GPTOSS_API const char* gptoss_cuda_archs(void);
 /* CUDA toolkit version the library was built with, as 1000*major + 10*minor (e.g. 13000). */
 GPTOSS_API int gptoss_cuda_build_version(void);
 
+/* Programmatic dependent launch (sm_90): the decode-path kernels launch so that each may start
+ * while the one before it on the stream finishes (they wait on the device before touching its
+ * output; results are identical either way). On by default; GPTOSS_PDL=0 in the environment
+ * turns it off at load. gptoss_set_pdl(0/1) switches it for later launches (a CUDA graph keeps
+ * the launches it captured). gptoss_pdl_enabled() says which is in force. */
+GPTOSS_API void gptoss_set_pdl(int enabled);
+GPTOSS_API int gptoss_pdl_enabled(void);
+
 /* Number of CUDA devices visible to the library (0 with an error status when no driver/GPU). */
 GPTOSS_API gptoss_status gptoss_device_count(int* count);
 

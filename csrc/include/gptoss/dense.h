@@ -30,6 +30,23 @@ GPTOSS_API gptoss_status gptoss_linear_bf16(const void* x, const void* weight, c
                                             int out_fp32, int64_t T, int64_t N, int64_t K,
                                             cudaStream_t stream);
 
+/* The decode step's QKV projection fused with RoPE and the KV-cache append (one kernel): the
+ * GEMV of gptoss_linear_bf16 for qkv = x W^T + b, each value rounded to bf16 (exactly the qkv
+ * that gptoss_linear_bf16 writes), then what gptoss_rope_cache_append_bf16 does with it: q
+ * rotated into q_out, the rotated k and the v of token t into the caches at
+ * [seq_ids[t], positions[t] mod cache_size] (a token whose seq_id is outside [0, batch) writes
+ * q only). Bit-identical to gptoss_linear_bf16 followed by gptoss_rope_cache_append_bf16.
+ *   x : bf16 [T, K]; weight : bf16 [(num_q_heads + 2 num_kv_heads) * 64, K]; bias : bf16 [N] or NULL
+ *   seq_ids, positions : int32 [T]; q_out : bf16 [T, num_q_heads, 64]
+ *   k_cache, v_cache : bf16 [batch, cache_size, num_kv_heads, 64]
+ *   inv_freq : HOST float [32], concentration: as in gptoss/rope.h.
+ * head_dim must be 64; 0 <= T <= 64; K a positive multiple of 8; x, weight, q_out and the caches
+ * 16-byte aligned. Graph-safe; no workspace. */
+GPTOSS_API gptoss_status gptoss_linear_qkv_rope_append_bf16(
+    const void* x, const void* weight, const void* bias, const int32_t* seq_ids, const int32_t* positions, void* q_out,
+    void* k_cache, void* v_cache, int64_t T, int64_t K, int num_q_heads, int num_kv_heads, int head_dim, int64_t batch,
+    int64_t cache_size, const float* inv_freq, float concentration, cudaStream_t stream);
+
 /* Greedy decoding: out[b] = argmax_v logits[b, v] (torch.argmax's order: NaN ranks highest,
  * ties go to the lower index), two passes over a caller-owned workspace.
  *   logits    : float32 [B, V]        out : int64 [B]

@@ -116,6 +116,7 @@ def rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, *, num_q_heads: int = 6
 def cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  seq_ids: torch.Tensor, positions: torch.Tensor) -> None:
     """Write rows into the KV cache: k_cache[seq_ids[t], positions[t] % S] = k[t] (same for v).
+    A row whose seq_id is outside [0, B) is skipped (as in the kernels: padding rows).
 
     k, v bf16 [T, nkv, d]; k_cache, v_cache bf16 [B, S, nkv, d]; seq_ids, positions int32 [T].
     """
@@ -139,8 +140,10 @@ def cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     if dev.type == "cuda":
         _lib.warn_reference_fallback("cache_append")
     slots = reference.cache_slots(positions.long(), k_cache.shape[1])
-    k_cache[seq_ids.long(), slots] = k
-    v_cache[seq_ids.long(), slots] = v
+    sid = seq_ids.long()
+    ok = (sid >= 0) & (sid < k_cache.shape[0])
+    k_cache[sid[ok], slots[ok]] = k[ok]
+    v_cache[sid[ok], slots[ok]] = v[ok]
 
 
 def rope_and_cache_append(qkv: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,

@@ -98,6 +98,52 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
+def qkv_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_ids: torch.Tensor,
+                    positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                    q_out: torch.Tensor | None = None, num_q_heads: int = 64, num_kv_heads: int = 8,
+                    head_dim: int = 64, rope: reference.YarnParams = reference.YarnParams()) -> torch.Tensor:
+    """The decode step's attention input in one kernel: qkv = x W^T + b (rounded to bf16), q
+    rotated (returned, or written into q_out), the rotated k and the v of token t written into
+    k_cache/v_cache[seq_ids[t], positions[t] % S]. Same bits as linear() then
+    rope_and_cache_append(), which is also the path for T > LINEAR_MAX_TOKENS and for CPU tensors.
+
+    x bf16 [T, K]; weight bf16 [(nq + 2 nkv) d, K]; bias bf16 [(nq + 2 nkv) d] or None;
+    seq_ids, positions int32 [T]; k_cache, v_cache bf16 [B, S, nkv, d] -> q bf16 [T, nq, d].
+    """
+    from .attention import _int32, _rope_table, rope_and_cache_append
+
+    _checks.tensor("x", x, dtype=torch.bfloat16, ndim=2)
+    T, K = x.shape
+    N = (num_q_heads + 2 * num_kv_heads) * head_dim
+    _checks.tensor("weight", weight, dtype=torch.bfloat16, shape=(N, K))
+    if bias is not None:
+        _checks.tensor("bias", bias, dtype=torch.bfloat16, shape=(N,))
+    _checks.tensor("seq_ids", seq_ids, dtype=(torch.int32, torch.int64), shape=(T,))
+    _checks.tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(T,))
+    _checks.tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=(None, None, num_kv_heads, head_dim))
+    _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=tuple(k_cache.shape))
+    if k_cache.shape[0] < 1 or k_cache.shape[1] < 1:
+        raise ValueError(f"k_cache must have at least one sequence and one slot, got shape {tuple(k_cache.shape)}")
+    dev = _checks.same_device(x=x, weight=weight, bias=bias, seq_ids=seq_ids, positions=positions, k_cache=k_cache,
+                              v_cache=v_cache, q_out=q_out)
+    q_out = _checks.out_tensor("q_out", q_out, shape=(T, num_q_heads, head_dim), dtype=torch.bfloat16, device=dev)
+    if T == 0:
+        return q_out
+    if (_kernel(dev) and T <= LINEAR_MAX_TOKENS and head_dim == 64 and rope.head_dim == head_dim and K % 8 == 0
+            and _aligned(x, weight, q_out, k_cache, v_cache)):
+        inv, conc = _rope_table(rope)
+        sid, pos = _int32(seq_ids), _int32(positions)
+        with torch.cuda.device(dev):
+            _lib.C().linear_qkv_rope_append_bf16(
+                x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), sid.data_ptr(),
+                pos.data_ptr(), q_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), T, K, num_q_heads,
+                num_kv_heads, head_dim, k_cache.shape[0], k_cache.shape[1], inv, conc, _checks.stream_of(dev))
+        return q_out
+    qkv = linear(x, weight, bias)
+    return rope_and_cache_append(qkv, seq_ids, positions, k_cache, v_cache, q_out=q_out, num_q_heads=num_q_heads,
+                                 num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope)
+
+
 def greedy_argmax(logits: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy token ids: int64 [B] = argmax over float32 logits [B, V], torch.argmax's order (NaN
     ranks highest, ties go to the lower index). On CUDA a two-pass device reduction (no host sync;

@@ -1,0 +1,91 @@
+// Programmatic dependent launch (PDL, sm_90) for the kernels of the decode step.
+//
+// A kernel launched with `launch(..., pdl = true, ...)` may start while the kernel before it on
+// the stream is still running: it must call pdl::wait() before it reads anything that kernel (or
+// any earlier one) writes, and before it writes anything they read. Work before the wait may only
+// touch data no earlier kernel writes (weights) or give hints (L2 prefetch). pdl::launch_dependents()
+// lets the next PDL kernel start; every kernel here calls it right after its wait, so at most one
+// kernel runs ahead of the one doing the work (a kernel that never calls it lets the next one
+// start when it exits). Chains are transitive: a grid completes only after its own wait returned.
+// Both instructions are no-ops in a grid launched without the attribute, and compile to nothing
+// below sm_90.
+//
+// GPTOSS_PDL=0 in the environment (read once per process) launches everything the ordinary way;
+// GPTOSS_MOE_DECODE_PDL=0, the older switch, does the same. A runtime that refuses the attribute
+// (the same launch works without it) turns PDL off for the rest of the process.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdlib>
+
+namespace gptoss {
+namespace pdl {
+
+__device__ __forceinline__ void wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Hint: bring [p, p + bytes) into L2 (bytes a multiple of 16, p 16-byte aligned). No effect on
+// results, so it may run before wait() on data that no earlier kernel writes.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// The process-wide switch (inline: one instance in the library; atomic: any thread may launch).
+inline std::atomic<bool>& disabled() {
+  static std::atomic<bool> off{[] {
+    for (const char* name : {"GPTOSS_PDL", "GPTOSS_MOE_DECODE_PDL"}) {
+      const char* v = std::getenv(name);
+      if (v != nullptr && v[0] == '0') return true;
+    }
+    return false;
+  }()};
+  return off;
+}
+inline bool enabled() { return !disabled(); }
+
+// Launch kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl and PDL
+// is enabled. Returns the launch's error.
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                   Args... args) {
+  if (pdl && enabled()) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+    if (err == cudaSuccess || err == cudaErrorStreamCaptureInvalidated || err == cudaErrorStreamCaptureUnsupported)
+      return err;
+    // Retry the ordinary way; only if that works was the attribute the problem (a runtime or
+    // driver without PDL): then PDL stays off for the process. Any other error (no device, a bad
+    // configuration) is returned as it is and changes nothing.
+    (void)cudaGetLastError();
+    kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
+    const cudaError_t plain = cudaGetLastError();
+    if (plain == cudaSuccess) disabled() = true;
+    return plain;
+  }
+  kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
+  return cudaGetLastError();
+}
+
+}  // namespace pdl
+}  // namespace gptoss
