@@ -170,6 +170,18 @@ def _():
     return max(errs)
 
 
+@case("dense", "fused QKV + RoPE + cache append T=3 (one seq_id out of range) into a ring")
+def _():
+    x, W, b = bf(3, 2880), bf((64 + 16) * 64, 2880, scale=0.02), bf((64 + 16) * 64)
+    seq = torch.tensor([0, 5, 1], dtype=torch.int32, device=dev)
+    pos = torch.tensor([127, 128, 300], dtype=torch.int32, device=dev)
+    kc, vc = bf(2, 128, 8, 64), bf(2, 128, 8, 64)
+    k2, v2 = kc.clone(), vc.clone()
+    q = gk.qkv_rope_append(x, W, b, seq, pos, kc, vc)
+    want = gk.rope_and_cache_append(gk.linear(x, W, b), seq, pos, k2, v2)
+    return max(rel(q, want), rel(kc, k2), rel(vc, v2))
+
+
 # ---- the non-default kernel variants (not reached through the ops' defaults) ----
 
 @case("attention_decode", "variant 2 (mma.sync) B=3 full and sliding ring")

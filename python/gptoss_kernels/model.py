@@ -322,6 +322,10 @@ class GptOss:
         y = F.linear(x, weight, bias)
         return y if out is None else out.copy_(y)
 
+    def _qkv(self, i, a):
+        L = self.layers[i]
+        return self._linear(a, L["qkv_w"], L["qkv_b"])
+
     def _split_qkv(self, qkv):
         c = self.config
         T, nq, nkv, d = qkv.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -337,14 +341,19 @@ class GptOss:
         cos, sin = reference.rope_cos_sin(positions, c.yarn)
         return reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin), v.contiguous()
 
-    def _rope_append(self, qkv, seq_ids, positions, kc, vc, q_out=None):
-        """Decode: rotate q (returned) and write rotated k and v into the cache (one fused op)."""
-        c = self.config
+    def _qkv_rope_append(self, i, a, seq_ids, positions, kc, vc, q_out=None, qkv_out=None):
+        """Decode: the QKV projection, q rotated (returned), the rotated k and the v written into the
+        cache. bf16: one fused kernel for T <= 64 (ops.qkv_rope_append); otherwise the projection
+        (into qkv_out) and the fused RoPE + append."""
+        c, L = self.config, self.layers[i]
+        heads = dict(num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                     rope=c.yarn)
         if self._bf16:
-            return ops.rope_and_cache_append(qkv, seq_ids, positions, kc, vc, q_out=q_out,
-                                             num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-                                             head_dim=c.head_dim, rope=c.yarn)
-        q, k, v = self._rope(qkv, positions)
+            if a.shape[0] <= ops.dense.LINEAR_MAX_TOKENS:
+                return ops.qkv_rope_append(a, L["qkv_w"], L["qkv_b"], seq_ids, positions, kc, vc, q_out=q_out, **heads)
+            qkv = self._linear(a, L["qkv_w"], L["qkv_b"], out=qkv_out)
+            return ops.rope_and_cache_append(qkv, seq_ids, positions, kc, vc, q_out=q_out, **heads)
+        q, k, v = self._rope(self._linear(a, L["qkv_w"], L["qkv_b"], out=qkv_out), positions)
         self._cache_append(k, v, kc, vc, seq_ids, positions)
         return q if q_out is None else q_out.copy_(q)
 
@@ -412,7 +421,9 @@ class GptOss:
     # forward
     # ------------------------------------------------------------------------------------------
     def _layers(self, x, attend, buf: dict | None = None):
-        """All blocks (spec §4.2-4.3) on the residual stream x [T, H]; attend(i, qkv) -> [T, nq, d].
+        """All blocks (spec §4.2-4.3) on the residual stream x [T, H]; attend(i, a) -> [T, nq, d]
+        from the attention-normed hidden states a [T, H] (the QKV projection is attend's: the
+        decode step fuses it with RoPE and the cache append).
         Every residual add is fused with the norm that follows it (attention-in of the next layer,
         MoE-in, the final norm). Returns the final-normed hidden states [T, H].
 
@@ -424,8 +435,7 @@ class GptOss:
         a = self._norm(x, self.layers[0]["attn_norm"], out=g("a"))
         for i in range(n):
             L = self.layers[i]
-            qkv = self._linear(a, L["qkv_w"], L["qkv_b"], out=g("qkv"))
-            o = attend(i, qkv)
+            o = attend(i, a)
             p = self._linear(o.reshape(T, -1), L["out_w"], L["out_b"], out=g("proj"))
             a, x = self._norm(p, L["mlp_norm"], residual=x, out=g("a"), residual_out=x if inplace else None)
             m = self._moe(L, a, g("ids"), g("wts"), out=g("moe"))
@@ -455,8 +465,8 @@ class GptOss:
         positions = torch.arange(T, dtype=torch.int32, device=self.device).repeat(B)
         cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=self.device)
 
-        def attend(i, qkv):
-            q, k, v = self._rope(qkv, positions)
+        def attend(i, a):
+            q, k, v = self._rope(self._qkv(i, a), positions)
             return self._attend_packed(i, q, k, v, cu)
 
         return self._unembed(self._layers(x, attend)).reshape(B, T, -1)
@@ -513,8 +523,8 @@ class GptOss:
                     keep[S] = None if len(idx) == cu[-1] else torch.tensor(idx, dtype=torch.long, device=dev)
                 return keep[S]
 
-            def attend(i, qkv):
-                q, k, v = self._rope(qkv, positions)
+            def attend(i, a):
+                q, k, v = self._rope(self._qkv(i, a), positions)
                 kc, vc = caches[i]
                 o = self._attend_chunk(i, q, k, v, kc, vc, cu, p0, cu_t, p0_t)
                 sel = kept(kc.shape[1])
@@ -566,9 +576,9 @@ class GptOss:
         b, caches = st["buf"], st["caches"]
         torch.index_select(self.weights["embedding"], 0, b["tok"], out=b["x"])
 
-        def attend(i, qkv):
+        def attend(i, a):
             kc, vc = caches[i]
-            q = self._rope_append(qkv, b["seq_ids"], b["pos"], kc, vc, q_out=b["q"])
+            q = self._qkv_rope_append(i, a, b["seq_ids"], b["pos"], kc, vc, q_out=b["q"], qkv_out=b["qkv"])
             return self._attend_decode(i, q, kc, vc, b["seqlens"], out=b["o"])
 
         h = self._layers(b["x"], attend, buf=b)

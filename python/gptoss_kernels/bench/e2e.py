@@ -21,6 +21,7 @@ import torch
 
 from .shapes import ModelShape, decode_bytes_per_step, decode_bytes_per_token  # noqa: F401 (public here)
 from .timing import Limits
+from .. import _lib
 
 DEFAULT_DECODE_BATCH = (1, 4, 16, 64)
 DEFAULT_DECODE_CONTEXT = (1024, 32768)
@@ -261,6 +262,7 @@ def decode_step_ops(shape: ModelShape, batch: int = 1, context: int = 1024) -> l
     and written, the KV cache read (`context` positions per sequence including the new token;
     sliding layers at most the window). Experts: moe_bytes_read's expected distinct experts of
     the batch (exactly k at batch 1). Dict keys: op, calls, bytes (per call), group."""
+    from ..ops.dense import LINEAR_MAX_TOKENS
     from ..ops.moe import moe_bytes_read
 
     s, B, bf = shape, batch, 2
@@ -270,11 +272,14 @@ def decode_step_ops(shape: ModelShape, batch: int = 1, context: int = 1024) -> l
     L, Ls = s.num_layers, s.num_sliding_layers
     Lf = L - Ls
     kv_pos = 2 * kvd * bf                     # K + V of one position in one layer
+    fused = B <= LINEAR_MAX_TOKENS          # the step's QKV GEMV carries RoPE and the cache append
     rows = [
         ("embedding", 1, 2 * B * H * bf, "other"),
         ("rms_norm (first)", 1, 2 * B * H * bf + H * bf, "norms"),
-        ("qkv linear + bias", L, qkv * H * bf + qkv * bf + B * H * bf + B * qkv * bf, "attention"),
-        ("rope + cache append", L, 2 * B * qkv * bf + 2 * B * 4, "attention"),
+        ("qkv + rope + cache append", L if fused else 0,
+         qkv * H * bf + qkv * bf + B * H * bf + B * qkv * bf + 2 * B * 4, "attention"),
+        ("qkv linear + bias", 0 if fused else L, qkv * H * bf + qkv * bf + B * H * bf + B * qkv * bf, "attention"),
+        ("rope + cache append", 0 if fused else L, 2 * B * qkv * bf + 2 * B * 4, "attention"),
         ("attention_decode (sliding)", Ls,
          2 * B * nqd * bf + B * min(context, s.sliding_window) * kv_pos + s.nq * bf + B * 4, "attention"),
         ("attention_decode (full)", Lf, 2 * B * nqd * bf + B * context * kv_pos + s.nq * bf + B * 4, "attention"),
@@ -337,6 +342,9 @@ def _op_calls(model, st: dict, layer_ids: dict[str, int]) -> dict[str, object]:
                                     else torch.argmax(b["logits"], dim=-1, out=b["tok"])),
     }
     kc, vc = st["caches"][layer_ids["sliding"]]
+    calls["qkv + rope + cache append"] = lambda: ops.qkv_rope_append(
+        b["a"], Ls["qkv_w"], Ls["qkv_b"], b["seq_ids"], b["pos"], kc, vc, q_out=b["q"],
+        num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, rope=c.yarn)
     calls["rope + cache append"] = lambda: ops.rope_and_cache_append(
         b["qkv"], b["seq_ids"], b["pos"], kc, vc, q_out=b["q"], num_q_heads=c.num_attention_heads,
         num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, rope=c.yarn)
@@ -416,20 +424,31 @@ def profile_decode_step(config_name: str = "120b", batch: int = 1, context: int 
             r["gbps"] = r["bytes"] / (us * 1e-6) / 1e9
             r["pct_copy"] = 100.0 * r["gbps"] / copy_gbps
         # the 2-layer step replayed as one graph against the sum of its ops
-        step = model._step_fn(st, "greedy")
-        graph = model._graph is not None
-        step()
-        torch.cuda.synchronize(dev)
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        n = 20
-        e0.record()
-        for _ in range(n):
+        def time_step() -> tuple[float, bool]:
+            st["steps"].clear()          # capture anew (a graph keeps its launches' attributes)
+            model._graph = None
+            step = model._step_fn(st, "greedy")
             step()
-        e1.record()
-        torch.cuda.synchronize(dev)
-        step_us = e0.elapsed_time(e1) * 1e3 / n
+            torch.cuda.synchronize(dev)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            n = 20
+            e0.record()
+            for _ in range(n):
+                step()
+            e1.record()
+            torch.cuda.synchronize(dev)
+            return e0.elapsed_time(e1) * 1e3 / n, model._graph is not None
+
+        step_us, graph = time_step()
+        pdl_off_us = None
+        before = _lib.set_pdl(False)      # the same step with ordinary launches: what PDL buys
+        if before:
+            try:
+                pdl_off_us, _ = time_step()
+            finally:
+                _lib.set_pdl(True)
     summary.update(profile_summary(rows, config_name, batch, model.config.num_hidden_layers, copy_gbps, step_us,
-                                   bool(graph)), device_name=torch.cuda.get_device_name(dev))
+                                   bool(graph)), device_name=torch.cuda.get_device_name(dev), step2_pdl_off_us=pdl_off_us)
     del model, st, calls
     torch.cuda.empty_cache()
     return {"mode": "gpu", "rows": rows, "summary": summary}
@@ -445,8 +464,10 @@ def profile_summary(rows: list[dict], config_name: str, batch: int, layers: int,
     L = layers
     small = sum(per[o]["us"] for o in ("embedding", "rms_norm (first)", "unembedding (fp32 logits)", "sample (argmax)"))
     small += per["residual + rms_norm"]["us"] * 2 * L
-    for o in ("qkv linear + bias", "rope + cache append", "out linear + bias", "router top-k", "moe_mxfp4"):
-        small += per[o]["us"] * L
+    for o in ("qkv + rope + cache append", "qkv linear + bias", "rope + cache append", "out linear + bias",
+              "router top-k", "moe_mxfp4"):
+        if o in per:          # the fused QKV row (batch <= 64) or the two separate ones
+            small += per[o]["us"] * L
     small += (per["attention_decode (sliding)"]["us"] + per["attention_decode (full)"]["us"]) * (L / 2)
     head_us = sum(per[o]["us"] for o in ("embedding", "unembedding (fp32 logits)", "sample (argmax)"))
     full_layers = ModelShape.preset(config_name).num_layers
@@ -482,6 +503,9 @@ def format_profile(prof: dict) -> str:
                      f"vs its ops summed {s['step2_sum_ops_us']:.0f} us (the difference: launch gaps, overlap, "
                      f"warm L2); scaled to all layers: {s['est_graph_step_us']:.0f} us = "
                      f"{s['est_graph_tok_s']:.0f} tok/s ({100 * s['bound_us'] / s['est_graph_step_us']:.0f}% of the bound)")
+        if s.get("step2_pdl_off_us"):
+            lines.append(f"2-layer step with PDL off (ordinary launches): {s['step2_pdl_off_us']:.0f} us "
+                         f"(PDL on: {s['step2_us']:.0f} us, {s['step2_pdl_off_us'] / s['step2_us']:.2f}x)")
     return "\n".join(lines)
 
 
