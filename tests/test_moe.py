@@ -724,3 +724,72 @@ def test_gpu_pdl_off_gives_same_bits(tmp_path):
     x, ids, w, wt = _gpu_case(16, 32, 2880, 2880, seed=81)
     out = _run_decode(x, ids, w, wt).cpu()
     assert torch.equal(out.view(torch.int16), torch.load(dst).view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE + residual add + RMSNorm (the decode step's layer end; the norm inside the combine kernel)
+# ---------------------------------------------------------------------------------------------
+
+def test_moe_add_rms_norm_cpu_is_the_two_ops_and_checks_arguments():
+    from gptoss_kernels import ops
+
+    g = torch.Generator().manual_seed(7)
+    T, E, H, I, k = 5, 6, 64, 64, 2  # noqa: E741
+    wt = make_weights(E, H, I, gen=g)
+    ids, w = make_routing(T, E, k, gen=g)
+    x, r = make_x(T, H, gen=g), make_x(T, H, gen=g)
+    nw = torch.randn(H, generator=g).to(torch.bfloat16)
+    y, h = ops.moe_mxfp4_add_rms_norm(*args_of(x, ids, w, wt), r, nw, eps=1e-5)
+    m = moe_mxfp4(*args_of(x, ids, w, wt))
+    y_ref, h_ref = ops.rms_norm(m, nw, eps=1e-5, residual=r)
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+    r2 = r.clone()
+    y2, h2 = ops.moe_mxfp4_add_rms_norm(*args_of(x, ids, w, wt), r2, nw.float(), residual_out=r2)   # in place
+    assert h2.data_ptr() == r2.data_ptr() and torch.equal(r2, h_ref)
+    with pytest.raises(ValueError, match="residual"):
+        ops.moe_mxfp4_add_rms_norm(*args_of(x, ids, w, wt), r[:3], nw)
+    with pytest.raises(TypeError, match="norm_weight"):
+        ops.moe_mxfp4_add_rms_norm(*args_of(x, ids, w, wt), r, nw.half())
+    with pytest.raises(ValueError, match="norm_out"):
+        ops.moe_mxfp4_add_rms_norm(*args_of(x, ids, w, wt), r, nw, norm_out=torch.empty(T, H + 1, dtype=torch.bfloat16))
+
+
+def _fused_vs_two_ops(T, E, H, I, k, wdtype, seed, bad_id=False):  # noqa: E741
+    from gptoss_kernels import ops
+
+    x, ids, w, wt = _gpu_case(T, E, H, I, k=k, seed=seed)
+    if bad_id:
+        ids[T // 2, 0] = E        # that token's rows come out NaN on both paths
+    g = torch.Generator(device=DEV).manual_seed(seed + 1)
+    r = torch.randn(T, H, device=DEV, generator=g).to(torch.bfloat16)
+    nw = (torch.randn(H, device=DEV, generator=g) * 0.5 + 1).to(wdtype)
+    m = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+    _run_decode(x, ids, w, wt, out=m)
+    want_y, want_h = ops.rms_norm(m, nw, eps=1e-5, residual=r)
+    y = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+    r_inplace = r.clone()
+    got_y, got_h = ops.moe_mxfp4_add_rms_norm(*args_of(x, ids, w, wt), r_inplace, nw, eps=1e-5, norm_out=y,
+                                              residual_out=r_inplace, validate_ids=False)
+    assert got_y.data_ptr() == y.data_ptr() and got_h.data_ptr() == r_inplace.data_ptr()
+    for got, want in ((got_y, want_y), (got_h, want_h)):
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan], want[~nan]), f"T={T} E={E} {wdtype}: fused norm differs from the two ops"
+    if bad_id:
+        assert torch.isnan(got_y[T // 2]).all() and not torch.isnan(got_y[:T // 2]).any()
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 2, 5, 64])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+def test_gpu_moe_add_rms_norm_equals_the_two_ops(T, wdtype):
+    """gpt-oss shapes (H = I = 2880, 32 experts, k = 4): the same bits as moe_mxfp4 then rms_norm."""
+    _fused_vs_two_ops(T, 32, 2880, 2880, 4, wdtype, seed=90 + T)
+
+
+@gpu
+def test_gpu_moe_add_rms_norm_chunks_and_bad_ids():
+    """E > 256 keeps T*k = 280 routed rows on the decode kernels: two token chunks (64 + 6); a bad
+    id gives its token's row NaN on both paths; H = 64 (one warp per row)."""
+    _fused_vs_two_ops(70, 300, 64, 64, 4, torch.bfloat16, seed=5, bad_id=True)
+    _fused_vs_two_ops(3, 300, 64, 96, 4, torch.float32, seed=6, bad_id=True)

@@ -101,6 +101,15 @@ def _moe(T: int):
 
 
 case("moe_decode", "T=3 E=5")(lambda: _moe(3))
+
+
+@case("moe_decode", "T=3 E=5 with the residual add + RMSNorm in the combine")
+def _():
+    args = _moe_args(3)
+    r, nw = bf(3, args[0].shape[1]), bf(args[0].shape[1])
+    y, h = gk.moe_mxfp4_add_rms_norm(*args, r, nw)
+    h_ref = (reference.moe(*args).to(torch.bfloat16).float() + r.float()).to(torch.bfloat16)
+    return max(rel(h, h_ref), rel(y, reference.rms_norm(h_ref, nw)))
 case("moe_prefill", "T=77 E=5 (T*k above the decode regime)")(lambda: _moe(77))
 
 

@@ -21,6 +21,7 @@
 #include "common.cuh"
 #include "gptoss/dense.h"
 #include "norm.cuh"
+#include "rms_block.cuh"
 #include "pdl.cuh"
 #include "rope.cuh"
 
@@ -32,65 +33,19 @@ using gptoss::mma_bf16_16816;
 using gptoss::dense::bf16_round;
 using gptoss::dense::rms_apply;
 using gptoss::dense::rms_inv;
+using gptoss::dense::block_sum;
+using gptoss::dense::kRmsMaxThreads;
+using gptoss::dense::norm_chunk;
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kRmsMaxThreads = 1024;
-
-// 8 weights of chunk c as floats.
-__device__ __forceinline__ void load_weight8(const __nv_bfloat16* w, int c, float (&f)[8]) {
-  unpack_bf16x8(__ldg(reinterpret_cast<const uint4*>(w) + c), f);
-}
-__device__ __forceinline__ void load_weight8(const float* w, int c, float (&f)[8]) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(w) + 2 * c);
-  const float4 b = __ldg(reinterpret_cast<const float4*>(w) + 2 * c + 1);
-  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-}
-
 // h chunk: x (+ residual, rounded to bf16, stored to residual_out); returns its sum of squares.
 template <bool kResidual>
 __device__ __forceinline__ float residual_chunk(const uint4* xr, const uint4* rr, uint4* ro, int c, uint4& h) {
-  h = __ldcg(xr + c);  // the previous kernel's output (PDL): L2-coherent
-  float f[8];
-  unpack_bf16x8(h, f);
-  if constexpr (kResidual) {
-    float r[8];
-    unpack_bf16x8(__ldcg(rr + c), r);  // L2-coherent (PDL); residual may alias residual_out
-#pragma unroll
-    for (int i = 0; i < 8; ++i) f[i] = gptoss::dense::residual_add(f[i], r[i]);
-    h = pack_bf16x8(f);  // exact: f already holds bf16 values
-    ro[c] = h;
-  }
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) s = fmaf(f[i], f[i], s);
-  return s;
-}
-
-template <typename WT>
-__device__ __forceinline__ uint4 norm_chunk(const uint4& h, const WT* w, int c, float inv) {
-  float f[8], wf[8];
-  unpack_bf16x8(h, f);
-  load_weight8(w, c, wf);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) f[i] = rms_apply(f[i], inv, wf[i]);
-  return pack_bf16x8(f);
-}
-
-// Sum over the block (blockDim.x a multiple of 32), the same value in every thread; fixed order.
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float warp_sums[kRmsMaxThreads / 32];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float t = 0.f;
-  const int nw = blockDim.x >> 5;
-  for (int i = 0; i < nw; ++i) t += warp_sums[i];
-  return t;
+  // x: the previous kernel's output (PDL): L2-coherent
+  return gptoss::dense::add_residual_chunk<kResidual>(__ldcg(xr + c), rr, ro, c, h);
 }
 
 // V > 0: each thread keeps its V chunks of h in registers (chunks <= V * blockDim.x).

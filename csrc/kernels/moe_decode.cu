@@ -37,6 +37,8 @@
 #include "gptoss/moe.h"
 #include "mxfp4_decode_fast.cuh"
 #include "pdl.cuh"
+#include "ptx.cuh"
+#include "rms_block.cuh"
 
 namespace {
 
@@ -326,7 +328,7 @@ __global__ void __launch_bounds__(256) moe_decode_combine_kernel(const float4* _
     bool bad = false;
     for (int j = 0; j < k; ++j) {
       const int r = t * k + j;
-      const int id = __ldg(ids + r);
+      const int id = __ldcg(ids + r);
       if (id < 0 || id >= E) {
         bad = true;
         continue;
@@ -366,6 +368,45 @@ gptoss_status resident_blocks(int& blocks) {
   return GPTOSS_OK;
 }
 
+// The combine fused with the residual add and RMSNorm that follow the MoE in a decode step:
+// one block per token, thread c owns the 8-element chunk c of the row (blockDim = chunks rounded
+// up to 32, chunks = H / 8 <= 1024). m = bf16(sum_j y[t*k+j] in slot order) exactly as the combine
+// kernel computes it, then h = bf16(m + residual) -> residual_out (may alias residual) and
+// norm_out = RMSNorm(h) * weight with the same code as rms_norm_kernel (rms_block.cuh): the same
+// bits as combine, then gptoss_rms_norm_bf16.
+template <typename WT>
+__global__ void __launch_bounds__(gptoss::dense::kRmsMaxThreads) moe_decode_combine_norm_kernel(
+    const float4* __restrict__ y, const int32_t* __restrict__ ids, int k, int E, int H, const uint4* residual,
+    uint4* residual_out, const WT* __restrict__ weight, uint4* __restrict__ norm_out, float eps) {
+  gptoss::pdl::wait();  // y is mlp2's output
+  gptoss::pdl::launch_dependents();
+  const int t = blockIdx.x, c = threadIdx.x, chunks = H >> 3, per_row = H >> 2;
+  const int64_t row = static_cast<int64_t>(t) * chunks;
+  uint4 h = make_uint4(0, 0, 0, 0);
+  float ss = 0.f;
+  if (c < chunks) {
+    float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    bool bad = false;
+    for (int j = 0; j < k; ++j) {
+      const int r = t * k + j;
+      const int id = __ldcg(ids + r);
+      if (id < 0 || id >= E) {
+        bad = true;
+        continue;
+      }
+      const float4 a = __ldcg(y + static_cast<int64_t>(r) * per_row + 2 * c);
+      const float4 b = __ldcg(y + static_cast<int64_t>(r) * per_row + 2 * c + 1);
+      s[0] += a.x; s[1] += a.y; s[2] += a.z; s[3] += a.w;
+      s[4] += b.x; s[5] += b.y; s[6] += b.z; s[7] += b.w;
+    }
+    if (bad)
+      for (float& v : s) v = __int_as_float(0x7FC00000);
+    ss = gptoss::dense::add_residual_chunk<true>(gptoss::pack_bf16x8(s), residual + row, residual_out + row, c, h);
+  }
+  const float inv = gptoss::dense::rms_inv(gptoss::dense::block_sum(ss), 8 * chunks, eps);
+  if (c < chunks) norm_out[row + c] = gptoss::dense::norm_chunk(h, weight, c, inv);
+}
+
 // Grid of a GEMV launch: one wave of resident blocks, at most one block per worst-case item.
 unsigned gemv_grid(int resident, int max_experts, int64_t rows) {
   const int64_t row_blocks = (rows / 16 + kMTiles - 1) / kMTiles;
@@ -384,13 +425,25 @@ GPTOSS_API size_t gptoss_moe_mxfp4_decode_workspace_size(int64_t T, int64_t k, i
   return align256(static_cast<size_t>(n * I * 2)) + align256(static_cast<size_t>(n * H * 4));
 }
 
-GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
+namespace {
+
+// The residual add + RMSNorm fused into the combine (gptoss_moe_mxfp4_decode_add_rms_norm).
+struct AddNorm {
+  const void* residual;
+  void* residual_out;
+  const void* weight;
+  int weight_fp32;
+  float eps;
+  void* norm_out;
+};
+
+gptoss_status moe_decode_impl(
     const void* x, const int32_t* topk_ids, const float* topk_weights,
     const uint8_t* w1_blocks, const uint8_t* w1_scales, const void* w1_bias,
     const uint8_t* w2_blocks, const uint8_t* w2_scales, const void* w2_bias,
     float swiglu_alpha, float swiglu_limit, void* out,
     int64_t T, int64_t H, int64_t I, int64_t E, int64_t k,
-    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    void* workspace, size_t workspace_bytes, const AddNorm* an, cudaStream_t stream) {
   GPTOSS_REQUIRE(T >= 0, "moe_mxfp4_decode: T must be >= 0");
   GPTOSS_REQUIRE(H > 0 && H % 32 == 0, "moe_mxfp4_decode: H must be a positive multiple of 32");
   GPTOSS_REQUIRE(I > 0 && I % 32 == 0, "moe_mxfp4_decode: I must be a positive multiple of 32");
@@ -400,10 +453,10 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
     return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED, "moe_mxfp4_decode: E must be in [1, 4096]");
   if (T == 0) return GPTOSS_OK;
   GPTOSS_REQUIRE(x && topk_ids && topk_weights && w1_blocks && w1_scales && w1_bias && w2_blocks && w2_scales &&
-                     w2_bias && out && workspace,
+                     w2_bias && (out || an) && workspace,
                  "moe_mxfp4_decode: null pointer");
   GPTOSS_REQUIRE(gptoss::aligned(x, 16) && gptoss::aligned(w1_blocks, 16) && gptoss::aligned(w2_blocks, 16) &&
-                     gptoss::aligned(workspace, 16) && gptoss::aligned(out, 8),
+                     gptoss::aligned(workspace, 16) && (an || gptoss::aligned(out, 8)),
                  "moe_mxfp4_decode: x, w1_blocks, w2_blocks and workspace must be 16-byte aligned, out 8-byte");
   const size_t need = gptoss_moe_mxfp4_decode_workspace_size(T, k, H, I);
   GPTOSS_REQUIRE(workspace_bytes >= need, "moe_mxfp4_decode: workspace too small (see _workspace_size)");
@@ -442,6 +495,24 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
                            static_cast<const __nv_bfloat16*>(w2_bias), static_cast<void*>(y), n, static_cast<int>(k),
                            static_cast<int>(E), static_cast<int>(I), static_cast<int>(H), swiglu_alpha, swiglu_limit),
                     "moe_mxfp4_decode mlp2 launch");
+    if (an != nullptr) {
+      const int chunks = static_cast<int>(H / 8);
+      const dim3 threads((chunks + 31) / 32 * 32);
+      const auto* res = static_cast<const uint4*>(an->residual) + t0 * chunks;
+      auto* res_out = static_cast<uint4*>(an->residual_out) + t0 * chunks;
+      auto* nout = static_cast<uint4*>(an->norm_out) + t0 * chunks;
+      const auto* yv = reinterpret_cast<const float4*>(y);
+      const cudaError_t err =
+          an->weight_fp32
+              ? gptoss::pdl::launch(moe_decode_combine_norm_kernel<float>, dim3(nt), threads, 0, stream, pdl, yv, ids,
+                                    static_cast<int>(k), static_cast<int>(E), static_cast<int>(H), res, res_out,
+                                    static_cast<const float*>(an->weight), nout, an->eps)
+              : gptoss::pdl::launch(moe_decode_combine_norm_kernel<__nv_bfloat16>, dim3(nt), threads, 0, stream, pdl,
+                                    yv, ids, static_cast<int>(k), static_cast<int>(E), static_cast<int>(H), res,
+                                    res_out, static_cast<const __nv_bfloat16*>(an->weight), nout, an->eps);
+      GPTOSS_CUDA_TRY(err, "moe_mxfp4_decode combine + rms_norm launch");
+      continue;
+    }
     const int64_t work = static_cast<int64_t>(nt) * (H / 4);
     const int64_t want = (work + 255) / 256;
     const int grid3 = static_cast<int>(want < 4096 ? want : 4096);
@@ -451,4 +522,40 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
                     "moe_mxfp4_decode combine launch");
   }
   return GPTOSS_OK;
+}
+
+}  // namespace
+
+GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
+    const void* x, const int32_t* topk_ids, const float* topk_weights,
+    const uint8_t* w1_blocks, const uint8_t* w1_scales, const void* w1_bias,
+    const uint8_t* w2_blocks, const uint8_t* w2_scales, const void* w2_bias,
+    float swiglu_alpha, float swiglu_limit, void* out,
+    int64_t T, int64_t H, int64_t I, int64_t E, int64_t k,
+    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  return moe_decode_impl(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+                         swiglu_alpha, swiglu_limit, out, T, H, I, E, k, workspace, workspace_bytes, nullptr, stream);
+}
+
+GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode_add_rms_norm(
+    const void* x, const int32_t* topk_ids, const float* topk_weights,
+    const uint8_t* w1_blocks, const uint8_t* w1_scales, const void* w1_bias,
+    const uint8_t* w2_blocks, const uint8_t* w2_scales, const void* w2_bias,
+    float swiglu_alpha, float swiglu_limit, const void* residual, void* residual_out, const void* norm_weight,
+    int norm_weight_fp32, float eps, void* norm_out,
+    int64_t T, int64_t H, int64_t I, int64_t E, int64_t k,
+    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  GPTOSS_REQUIRE(H > 0 && H % 32 == 0 && H / 8 <= gptoss::dense::kRmsMaxThreads,
+                 "moe_mxfp4_decode_add_rms_norm: H must be a positive multiple of 32, at most 8192");
+  if (T > 0) {
+    GPTOSS_REQUIRE(residual && residual_out && norm_weight && norm_out,
+                   "moe_mxfp4_decode_add_rms_norm: null pointer");
+    GPTOSS_REQUIRE(gptoss::aligned(residual, 16) && gptoss::aligned(residual_out, 16) &&
+                       gptoss::aligned(norm_weight, 16) && gptoss::aligned(norm_out, 16),
+                   "moe_mxfp4_decode_add_rms_norm: residual, residual_out, norm_weight and norm_out must be "
+                   "16-byte aligned");
+  }
+  const AddNorm an{residual, residual_out, norm_weight, norm_weight_fp32 ? 1 : 0, eps, norm_out};
+  return moe_decode_impl(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+                         swiglu_alpha, swiglu_limit, nullptr, T, H, I, E, k, workspace, workspace_bytes, &an, stream);
 }

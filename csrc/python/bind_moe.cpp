@@ -22,6 +22,26 @@ GPTOSS_PY_BIND(moe_decode) {
       py::arg("w1_bias"), py::arg("w2_blocks"), py::arg("w2_scales"), py::arg("w2_bias"), py::arg("swiglu_alpha"),
       py::arg("swiglu_limit"), py::arg("out"), py::arg("T"), py::arg("H"), py::arg("I"), py::arg("E"), py::arg("k"),
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+  m.def(
+      "moe_mxfp4_decode_add_rms_norm",
+      [](uintptr_t x, uintptr_t topk_ids, uintptr_t topk_weights, uintptr_t w1_blocks, uintptr_t w1_scales,
+         uintptr_t w1_bias, uintptr_t w2_blocks, uintptr_t w2_scales, uintptr_t w2_bias, float swiglu_alpha,
+         float swiglu_limit, uintptr_t residual, uintptr_t residual_out, uintptr_t norm_weight, bool norm_weight_fp32,
+         float eps, uintptr_t norm_out, int64_t T, int64_t H, int64_t I, int64_t E, int64_t k, uintptr_t workspace,
+         size_t workspace_bytes, uintptr_t s) {
+        check(gptoss_moe_mxfp4_decode_add_rms_norm(
+            ptr<const void>(x), ptr<const int32_t>(topk_ids), ptr<const float>(topk_weights),
+            ptr<const uint8_t>(w1_blocks), ptr<const uint8_t>(w1_scales), ptr<const void>(w1_bias),
+            ptr<const uint8_t>(w2_blocks), ptr<const uint8_t>(w2_scales), ptr<const void>(w2_bias), swiglu_alpha,
+            swiglu_limit, ptr<const void>(residual), ptr<void>(residual_out), ptr<const void>(norm_weight),
+            norm_weight_fp32 ? 1 : 0, eps, ptr<void>(norm_out), T, H, I, E, k, ptr<void>(workspace), workspace_bytes,
+            stream(s)));
+      },
+      py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("w1_blocks"), py::arg("w1_scales"),
+      py::arg("w1_bias"), py::arg("w2_blocks"), py::arg("w2_scales"), py::arg("w2_bias"), py::arg("swiglu_alpha"),
+      py::arg("swiglu_limit"), py::arg("residual"), py::arg("residual_out"), py::arg("norm_weight"),
+      py::arg("norm_weight_fp32"), py::arg("eps"), py::arg("norm_out"), py::arg("T"), py::arg("H"), py::arg("I"),
+      py::arg("E"), py::arg("k"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
   m.attr("MOE_DECODE_MAX_ROUTED_ROWS") = GPTOSS_MOE_DECODE_MAX_ROUTED_ROWS;
   m.attr("MOE_DECODE_MAX_EXPERTS") = GPTOSS_MOE_DECODE_MAX_EXPERTS;
 

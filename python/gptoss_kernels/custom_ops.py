@@ -90,6 +90,24 @@ def _(*args, **kwargs):
     return None
 
 
+@_op("moe_mxfp4_add_rms_norm_out", mutates_args=("norm_out", "residual_out"))
+def moe_mxfp4_add_rms_norm_out(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w1_blocks: Tensor,
+                               w1_scales: Tensor, w1_bias: Tensor, w2_blocks: Tensor, w2_scales: Tensor,
+                               w2_bias: Tensor, residual: Tensor, norm_weight: Tensor, norm_out: Tensor,
+                               residual_out: Tensor, eps: float = 1e-5, swiglu_alpha: float = 1.702,
+                               swiglu_limit: float = 7.0) -> None:
+    """residual_out = residual + MoE(x), norm_out = RMSNorm(residual_out) * norm_weight (a decode
+    layer's end; residual_out must not alias residual here: custom ops take no aliased inputs)."""
+    ops.moe_mxfp4_add_rms_norm(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales,
+                               w2_bias, residual, norm_weight, eps=eps, swiglu_alpha=swiglu_alpha,
+                               swiglu_limit=swiglu_limit, norm_out=norm_out, residual_out=residual_out)
+
+
+@moe_mxfp4_add_rms_norm_out.register_fake
+def _(*args, **kwargs):
+    return None
+
+
 # ---- attention ----
 
 @_op("attention_decode")
@@ -185,5 +203,6 @@ def _(x, weight, bias, seq_ids, positions, k_cache, v_cache, num_q_heads=64, num
 
 
 #: every registered op, for tests and docs
-ALL_OPS = (mxfp4_dequantize, router_topk, route, moe_mxfp4, moe_mxfp4_out, attention_decode, attention_decode_out,
-           attention_prefill, attention_prefill_out, rope_qkv, cache_append, qkv_rope_append)
+ALL_OPS = (mxfp4_dequantize, router_topk, route, moe_mxfp4, moe_mxfp4_out, moe_mxfp4_add_rms_norm_out,
+           attention_decode, attention_decode_out, attention_prefill, attention_prefill_out, rope_qkv, cache_append,
+           qkv_rope_append)

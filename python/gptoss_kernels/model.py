@@ -417,6 +417,21 @@ class GptOss:
                           L["w2_scales"], L["w2_bias"], swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
         return y if out is None else out.copy_(y)
 
+    def _moe_norm(self, L, u, norm_w, residual, ids_out=None, w_out=None, out=None, residual_out=None):
+        """The layer's end and the next norm: h = residual + MoE(u), returns (RMSNorm(h) * norm_w, h).
+        bf16: one op (on CUDA in the decode regime the norm runs in the MoE's combine kernel); out
+        may alias u (written only after the MoE has read it)."""
+        c = self.config
+        if self._bf16:
+            ids, w = ops.router_topk(u, L["gate_w"], L["gate_b"], c.experts_per_token,
+                                     out=None if ids_out is None else (ids_out, w_out))
+            # the router's ids are always in [0, E): no validation (it would sync with the host per layer)
+            return ops.moe_mxfp4_add_rms_norm(u, ids, w, L["w1_blocks"], L["w1_scales"], L["w1_bias"], L["w2_blocks"],
+                                              L["w2_scales"], L["w2_bias"], residual, norm_w, eps=c.rms_norm_eps,
+                                              swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
+                                              norm_out=out, residual_out=residual_out, validate_ids=False)
+        return self._norm(self._moe(L, u), norm_w, residual=residual, out=out, residual_out=residual_out)
+
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
@@ -438,9 +453,9 @@ class GptOss:
             o = attend(i, a)
             p = self._linear(o.reshape(T, -1), L["out_w"], L["out_b"], out=g("proj"))
             a, x = self._norm(p, L["mlp_norm"], residual=x, out=g("a"), residual_out=x if inplace else None)
-            m = self._moe(L, a, g("ids"), g("wts"), out=g("moe"))
             w_next = self.layers[i + 1]["attn_norm"] if i + 1 < n else self.weights["norm"]
-            a, x = self._norm(m, w_next, residual=x, out=g("a"), residual_out=x if inplace else None)
+            a, x = self._moe_norm(L, a, w_next, x, g("ids"), g("wts"), out=g("a"),
+                                  residual_out=x if inplace else None)
         return a
 
     def _unembed(self, h, out=None):

@@ -12,8 +12,8 @@
  * The GEMV launches are one wave of resident blocks; each block finds the distinct selected
  * experts from topk_ids itself and takes (expert, row tile) items in a grid-stride loop, so
  * unselected experts cost nothing and the work spreads over all SMs whatever the routing.
- * mlp2 and combine are launched with programmatic dependent launch (sm_90: they start while the
- * previous kernel drains and wait for its results; set GPTOSS_MOE_DECODE_PDL=0 to disable).
+ * Every kernel is launched with programmatic dependent launch (sm_90: it may start while the
+ * previous kernel drains and waits for its results; see gptoss_set_pdl in gptoss/common.h).
  * Deterministic: no float atomics; two runs give identical bits.
  * Tokens are processed in chunks of GPTOSS_MOE_DECODE_MAX_ROUTED_ROWS / k tokens (the launcher
  * loops; experts chosen in several chunks are read once per chunk). The op routes large T*k to the
@@ -44,6 +44,23 @@ GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode(
     const uint8_t* w1_blocks, const uint8_t* w1_scales, const void* w1_bias,
     const uint8_t* w2_blocks, const uint8_t* w2_scales, const void* w2_bias,
     float swiglu_alpha, float swiglu_limit, void* out,
+    int64_t T, int64_t H, int64_t I, int64_t E, int64_t k,
+    void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+/* The decode step's MoE fused with the residual add and RMSNorm that follow it: with m the
+ * bf16 output gptoss_moe_mxfp4_decode would write, residual_out = bf16(residual + m) (may alias
+ * residual: the residual stream updated in place) and norm_out = bf16(RMSNorm(residual_out) *
+ * norm_weight) (eps as given; norm_weight bf16, or float32 when norm_weight_fp32). The same bits as
+ * gptoss_moe_mxfp4_decode followed by gptoss_rms_norm_bf16, one kernel fewer (the combine does the
+ * norm: one block per token). Other arguments, requirements and workspace as
+ * gptoss_moe_mxfp4_decode; additionally H / 8 <= 1024 and residual, residual_out, norm_weight,
+ * norm_out bf16 [T, H] ([H] for the weight), 16-byte aligned. */
+GPTOSS_API gptoss_status gptoss_moe_mxfp4_decode_add_rms_norm(
+    const void* x, const int32_t* topk_ids, const float* topk_weights,
+    const uint8_t* w1_blocks, const uint8_t* w1_scales, const void* w1_bias,
+    const uint8_t* w2_blocks, const uint8_t* w2_scales, const void* w2_bias,
+    float swiglu_alpha, float swiglu_limit, const void* residual, void* residual_out, const void* norm_weight,
+    int norm_weight_fp32, float eps, void* norm_out,
     int64_t T, int64_t H, int64_t I, int64_t E, int64_t k,
     void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

@@ -263,7 +263,7 @@ def decode_step_ops(shape: ModelShape, batch: int = 1, context: int = 1024) -> l
     sliding layers at most the window). Experts: moe_bytes_read's expected distinct experts of
     the batch (exactly k at batch 1). Dict keys: op, calls, bytes (per call), group."""
     from ..ops.dense import LINEAR_MAX_TOKENS
-    from ..ops.moe import moe_bytes_read
+    from ..ops.moe import PREFILL_MIN_ROUTED_ROWS, moe_bytes_read
 
     s, B, bf = shape, batch, 2
     H, V, E, k, I = s.hidden, s.vocab, s.num_experts, s.k, s.intermediate
@@ -273,6 +273,7 @@ def decode_step_ops(shape: ModelShape, batch: int = 1, context: int = 1024) -> l
     Lf = L - Ls
     kv_pos = 2 * kvd * bf                     # K + V of one position in one layer
     fused = B <= LINEAR_MAX_TOKENS          # the step's QKV GEMV carries RoPE and the cache append
+    moe_norm = B * k <= PREFILL_MIN_ROUTED_ROWS   # the MoE decode kernels: combine + add + norm fused
     rows = [
         ("embedding", 1, 2 * B * H * bf, "other"),
         ("rms_norm (first)", 1, 2 * B * H * bf + H * bf, "norms"),
@@ -284,9 +285,12 @@ def decode_step_ops(shape: ModelShape, batch: int = 1, context: int = 1024) -> l
          2 * B * nqd * bf + B * min(context, s.sliding_window) * kv_pos + s.nq * bf + B * 4, "attention"),
         ("attention_decode (full)", Lf, 2 * B * nqd * bf + B * context * kv_pos + s.nq * bf + B * 4, "attention"),
         ("out linear + bias", L, H * nqd * bf + H * bf + B * nqd * bf + B * H * bf, "attention"),
-        ("residual + rms_norm", 2 * L, 4 * B * H * bf + H * bf, "norms"),
+        ("residual + rms_norm", L if moe_norm else 2 * L, 4 * B * H * bf + H * bf, "norms"),
         ("router top-k", L, E * H * bf + E * bf + B * H * bf + B * k * 8, "moe"),
-        ("moe_mxfp4", L, moe_bytes_read(B, k, E, H, I), "moe"),
+        # decode regime: the residual add + next norm run in the MoE's combine (its out not stored)
+        ("moe_mxfp4 + residual + rms_norm", L if moe_norm else 0,
+         moe_bytes_read(B, k, E, H, I) + 2 * B * H * bf + H * bf, "moe"),
+        ("moe_mxfp4", 0 if moe_norm else L, moe_bytes_read(B, k, E, H, I), "moe"),
         ("unembedding (fp32 logits)", 1, V * H * bf + B * H * bf + B * V * 4, "unembedding"),
         ("sample (argmax)", 1, B * V * 4 + B * 8, "other"),
     ]
@@ -336,6 +340,10 @@ def _op_calls(model, st: dict, layer_ids: dict[str, int]) -> dict[str, object]:
                                            Ls["w1_bias"], Ls["w2_blocks"], Ls["w2_scales"], Ls["w2_bias"],
                                            swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
                                            out=b["moe"], validate_ids=False),
+        "moe_mxfp4 + residual + rms_norm": lambda: ops.moe_mxfp4_add_rms_norm(
+            b["a"], b["ids"], b["wts"], Ls["w1_blocks"], Ls["w1_scales"], Ls["w1_bias"], Ls["w2_blocks"],
+            Ls["w2_scales"], Ls["w2_bias"], b["x"], Ls["attn_norm"], eps=eps, swiglu_alpha=c.swiglu_alpha,
+            swiglu_limit=c.swiglu_limit, norm_out=b["moe"], residual_out=b["x"], validate_ids=False),
         "unembedding (fp32 logits)": lambda: ops.linear(b["a"], W["unembedding"], out=b["logits"],
                                                         out_dtype=torch.float32),
         "sample (argmax)": lambda: (ops.greedy_argmax(b["logits"], out=b["tok"]) if hasattr(ops, "greedy_argmax")
@@ -463,10 +471,10 @@ def profile_summary(rows: list[dict], config_name: str, batch: int, layers: int,
     per = {r["op"]: r for r in rows}
     L = layers
     small = sum(per[o]["us"] for o in ("embedding", "rms_norm (first)", "unembedding (fp32 logits)", "sample (argmax)"))
-    small += per["residual + rms_norm"]["us"] * 2 * L
+    small += per["residual + rms_norm"]["us"] * L * (1 if "moe_mxfp4 + residual + rms_norm" in per else 2)
     for o in ("qkv + rope + cache append", "qkv linear + bias", "rope + cache append", "out linear + bias",
-              "router top-k", "moe_mxfp4"):
-        if o in per:          # the fused QKV row (batch <= 64) or the two separate ones
+              "router top-k", "moe_mxfp4", "moe_mxfp4 + residual + rms_norm"):
+        if o in per:          # the fused rows (decode regime) or the separate ones
             small += per[o]["us"] * L
     small += (per["attention_decode (sliding)"]["us"] + per["attention_decode (full)"]["us"]) * (L / 2)
     head_us = sum(per[o]["us"] for o in ("embedding", "unembedding (fp32 logits)", "sample (argmax)"))

@@ -215,3 +215,50 @@ def moe_mxfp4(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         return res
     out.copy_(res)
     return out
+
+
+def moe_mxfp4_add_rms_norm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                           w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
+                           w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
+                           residual: torch.Tensor, norm_weight: torch.Tensor, *, eps: float = 1e-5,
+                           swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                           norm_out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                           validate_ids: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE and the residual add + RMSNorm after it (a decode step's layer end):
+    rms_norm(moe_mxfp4(x, ...), norm_weight, residual=residual) -> (norm_out, residual_out).
+
+    Shapes as moe_mxfp4; residual bf16 [T, H]; norm_weight bf16 or float32 [H]; norm_out,
+    residual_out optional bf16 [T, H] (residual_out may alias residual). On CUDA in the decode
+    regime the norm runs inside the MoE's combine kernel (one launch fewer, the same bits as the two
+    ops); otherwise the two ops run one after the other."""
+    from .dense import rms_norm
+
+    dev, T, H, I, E, k = check_moe_args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias,
+                                        w2_blocks, w2_scales, w2_bias, None)
+    _checks.tensor("residual", residual, dtype=torch.bfloat16, shape=(T, H))
+    _checks.tensor("norm_weight", norm_weight, dtype=(torch.bfloat16, torch.float32), shape=(H,))
+    _checks.same_device(x=x, residual=residual, norm_weight=norm_weight, norm_out=norm_out, residual_out=residual_out)
+    norm_out = _checks.out_tensor("norm_out", norm_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
+    residual_out = _checks.out_tensor("residual_out", residual_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
+    fused = (dev.type == "cuda" and _cuda_unsupported(x, w1_blocks, w2_blocks, None, E) is None
+             and hasattr(_lib.C(), "moe_mxfp4_decode_add_rms_norm") and H // 8 <= 1024
+             and not (wants_prefill(T, k, E) and _prefill_module() is not None)
+             and all(t.data_ptr() % 16 == 0 for t in (residual, residual_out, norm_weight, norm_out)))
+    if not fused:
+        m = moe_mxfp4(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+                      swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, validate_ids=validate_ids)
+        return rms_norm(m, norm_weight, eps=eps, residual=residual, out=norm_out, residual_out=residual_out)
+    if T == 0:
+        return norm_out, residual_out
+    if validate_ids and not torch.cuda.is_current_stream_capturing():
+        check_expert_ids(topk_ids, E)
+    need = decode_workspace_bytes(T, k, H, I)
+    workspace = torch.empty(max(need, 1), dtype=torch.uint8, device=dev)
+    with torch.cuda.device(dev):
+        _lib.C().moe_mxfp4_decode_add_rms_norm(
+            x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), w1_blocks.data_ptr(), w1_scales.data_ptr(),
+            w1_bias.data_ptr(), w2_blocks.data_ptr(), w2_scales.data_ptr(), w2_bias.data_ptr(), float(swiglu_alpha),
+            float(swiglu_limit), residual.data_ptr(), residual_out.data_ptr(), norm_weight.data_ptr(),
+            norm_weight.dtype == torch.float32, float(eps), norm_out.data_ptr(), T, H, I, E, k, workspace.data_ptr(),
+            workspace.numel(), _checks.stream_of(dev))
+    return norm_out, residual_out
