@@ -96,6 +96,9 @@ class GptOss:
         self.dtype = dtype
         self.device = weights["embedding"].device   # where the weights actually are
         self.use_cuda_graph = True
+        #: the decode step's fused ops (QKV + RoPE + cache append; MoE + residual add + RMSNorm).
+        #: False runs the separate ops (the same results): for measuring what the fusions buy.
+        self.fused_decode = True
         self._graph = None
         self._state = None   # the KV cache and captured decode step, reused by generate calls of the same shape
         self._check_weights()
@@ -349,7 +352,7 @@ class GptOss:
         heads = dict(num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                      rope=c.yarn)
         if self._bf16:
-            if a.shape[0] <= ops.dense.LINEAR_MAX_TOKENS:
+            if self.fused_decode and a.shape[0] <= ops.dense.LINEAR_MAX_TOKENS:
                 return ops.qkv_rope_append(a, L["qkv_w"], L["qkv_b"], seq_ids, positions, kc, vc, q_out=q_out, **heads)
             qkv = self._linear(a, L["qkv_w"], L["qkv_b"], out=qkv_out)
             return ops.rope_and_cache_append(qkv, seq_ids, positions, kc, vc, q_out=q_out, **heads)
@@ -417,12 +420,14 @@ class GptOss:
                           L["w2_scales"], L["w2_bias"], swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
         return y if out is None else out.copy_(y)
 
-    def _moe_norm(self, L, u, norm_w, residual, ids_out=None, w_out=None, out=None, residual_out=None):
+    def _moe_norm(self, L, u, norm_w, residual, ids_out=None, w_out=None, out=None, residual_out=None,
+                  moe_out=None):
         """The layer's end and the next norm: h = residual + MoE(u), returns (RMSNorm(h) * norm_w, h).
         bf16: one op (on CUDA in the decode regime the norm runs in the MoE's combine kernel); out
-        may alias u (written only after the MoE has read it)."""
+        may alias u (written only after the MoE has read it); moe_out: the MoE output's buffer when
+        the ops run separately."""
         c = self.config
-        if self._bf16:
+        if self._bf16 and self.fused_decode:
             ids, w = ops.router_topk(u, L["gate_w"], L["gate_b"], c.experts_per_token,
                                      out=None if ids_out is None else (ids_out, w_out))
             # the router's ids are always in [0, E): no validation (it would sync with the host per layer)
@@ -430,7 +435,8 @@ class GptOss:
                                               L["w2_scales"], L["w2_bias"], residual, norm_w, eps=c.rms_norm_eps,
                                               swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
                                               norm_out=out, residual_out=residual_out, validate_ids=False)
-        return self._norm(self._moe(L, u), norm_w, residual=residual, out=out, residual_out=residual_out)
+        m = self._moe(L, u, ids_out, w_out, out=moe_out)
+        return self._norm(m, norm_w, residual=residual, out=out, residual_out=residual_out)
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -455,7 +461,7 @@ class GptOss:
             a, x = self._norm(p, L["mlp_norm"], residual=x, out=g("a"), residual_out=x if inplace else None)
             w_next = self.layers[i + 1]["attn_norm"] if i + 1 < n else self.weights["norm"]
             a, x = self._moe_norm(L, a, w_next, x, g("ids"), g("wts"), out=g("a"),
-                                  residual_out=x if inplace else None)
+                                  residual_out=x if inplace else None, moe_out=g("moe"))
         return a
 
     def _unembed(self, h, out=None):

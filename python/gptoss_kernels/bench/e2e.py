@@ -448,15 +448,21 @@ def profile_decode_step(config_name: str = "120b", batch: int = 1, context: int 
             return e0.elapsed_time(e1) * 1e3 / n, model._graph is not None
 
         step_us, graph = time_step()
-        pdl_off_us = None
+        pdl_off_us = unfused_us = None
         before = _lib.set_pdl(False)      # the same step with ordinary launches: what PDL buys
         if before:
             try:
                 pdl_off_us, _ = time_step()
             finally:
                 _lib.set_pdl(True)
+        model.fused_decode = False        # and with the separate ops: what the decode-step fusions buy
+        try:
+            unfused_us, _ = time_step()
+        finally:
+            model.fused_decode = True
     summary.update(profile_summary(rows, config_name, batch, model.config.num_hidden_layers, copy_gbps, step_us,
-                                   bool(graph)), device_name=torch.cuda.get_device_name(dev), step2_pdl_off_us=pdl_off_us)
+                                   bool(graph)), device_name=torch.cuda.get_device_name(dev), step2_pdl_off_us=pdl_off_us,
+                   step2_unfused_us=unfused_us)
     del model, st, calls
     torch.cuda.empty_cache()
     return {"mode": "gpu", "rows": rows, "summary": summary}
@@ -514,6 +520,9 @@ def format_profile(prof: dict) -> str:
         if s.get("step2_pdl_off_us"):
             lines.append(f"2-layer step with PDL off (ordinary launches): {s['step2_pdl_off_us']:.0f} us "
                          f"(PDL on: {s['step2_us']:.0f} us, {s['step2_pdl_off_us'] / s['step2_us']:.2f}x)")
+        if s.get("step2_unfused_us"):
+            lines.append(f"2-layer step without the fused QKV + RoPE + append and MoE + add + norm: "
+                         f"{s['step2_unfused_us']:.0f} us ({s['step2_unfused_us'] / s['step2_us']:.2f}x the fused step)")
     return "\n".join(lines)
 
 
