@@ -7,8 +7,11 @@
 // lets the next PDL kernel start; every kernel here calls it right after its wait, so at most one
 // kernel runs ahead of the one doing the work (a kernel that never calls it lets the next one
 // start when it exits). Chains are transitive: a grid completes only after its own wait returned.
-// Both instructions are no-ops in a grid launched without the attribute, and compile to nothing
-// below sm_90.
+// wait() returns at once in a grid launched without the attribute; launch_dependents() lets a
+// following kernel that was launched WITH the attribute start early whatever our own launch was,
+// so such a kernel (ours or a caller's) must wait before reading our outputs. Both compile to
+// nothing below sm_90. One exception to "nothing before the wait": MoE mlp2 reads the routing ids
+// before it, only to aim an L2 prefetch (a hint), and reads them again after it.
 //
 // GPTOSS_PDL=0 in the environment (read once per process) launches everything the ordinary way;
 // GPTOSS_MOE_DECODE_PDL=0, the older switch, does the same. A runtime that refuses the attribute

@@ -515,7 +515,11 @@ def test_gpu_pdl_off_gives_same_tokens(tmp_path):
             "from tests.test_decode_step import _pdl_case_tokens; "
             f"json.dump(_pdl_case_tokens(), open({str(dst)!r}, 'w'))")
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "GPTOSS_PDL": "0"}, check=True, timeout=600)
+    from gptoss_kernels import _lib
+
+    assert _lib.pdl_enabled(), "PDL is off in this process: the comparison would be off against off"
     assert _pdl_case_tokens() == json.loads(dst.read_text())
+    assert _lib.pdl_enabled(), "PDL turned itself off (the runtime refused the launch attribute)"
 
 
 @pytest.mark.gpu

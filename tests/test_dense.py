@@ -372,6 +372,9 @@ def test_qkv_rope_append_cpu_matches_reference_and_checks():
         wk[seq[t], pos[t] % S] = want_k[t]
         wv[seq[t], pos[t] % S] = want_v[t]
     assert torch.equal(kc2, wk) and torch.equal(vc2, wv)
+    empty = torch.zeros(0, S, nkv, 64, dtype=BF)        # no sequences: q only
+    assert torch.equal(ops.qkv_rope_append(x, w, b, seq, pos, empty, empty.clone(), num_q_heads=nq,
+                                           num_kv_heads=nkv), want_q)
     with pytest.raises(ValueError, match="weight"):
         ops.qkv_rope_append(x, w[:-64], b, seq, pos, kc, vc, num_q_heads=nq, num_kv_heads=nkv)
     with pytest.raises(ValueError, match="k_cache"):
@@ -749,6 +752,12 @@ def test_gpu_qkv_rope_append_graph_and_large_t_path():
     q = ops.qkv_rope_append(x, w, b, seq, pos, kc, vc)
     for got, exp in zip((q, kc, vc), want):
         assert torch.equal(got.view(torch.int16), exp.view(torch.int16))
+    # no sequences (batch 0): q only
+    x, w, b, seq, pos, kc, vc = _qkv_case(3, nq, nkv, K, 1, 8, DEV, seed=7)
+    empty = torch.zeros(0, 8, nkv, 64, dtype=BF, device=DEV)
+    want_q = _qkv_unfused(x, w, b, seq, pos, kc, vc, nq, nkv)[0]
+    assert torch.equal(ops.qkv_rope_append(x, w, b, seq, pos, empty, empty.clone()).view(torch.int16),
+                       want_q.view(torch.int16))
 
 
 def test_pdl_switch_round_trips():

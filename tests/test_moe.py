@@ -722,7 +722,9 @@ def test_gpu_pdl_off_gives_same_bits(tmp_path):
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "GPTOSS_PDL": "0"}, check=True,
                    timeout=600)
     x, ids, w, wt = _gpu_case(16, 32, 2880, 2880, seed=81)
+    assert gptoss_kernels._lib.pdl_enabled(), "PDL is off in this process: nothing to compare"
     out = _run_decode(x, ids, w, wt).cpu()
+    assert gptoss_kernels._lib.pdl_enabled(), "PDL turned itself off (the runtime refused the launch attribute)"
     assert torch.equal(out.view(torch.int16), torch.load(dst).view(torch.int16))
 
 

@@ -67,9 +67,11 @@ def _pdl_kernels(kernels):
 
 
 def test_pdl_kernels_wait_before_they_write(kernels):
-    """Every PDL-launched kernel waits for its predecessor (ACQBULK) and stores nothing to global
-    memory before that wait (its predecessor may still be reading what it would overwrite); the
-    only global loads before it are L2-coherent ones (not the non-coherent .CONSTANT path)."""
+    """Every PDL-launched kernel waits for its predecessor (ACQBULK) before any global store or
+    load (its predecessor may still be writing what it would read or reading what it would
+    overwrite); before the wait only L2 prefetches of weights (UBLKPF). One documented exception:
+    the MoE mlp2 GEMV scans the routing ids (L2-coherent loads) to aim its prefetch; it scans them
+    again after the wait."""
     ks = _pdl_kernels(kernels)
     found = {n for n in PDL_KERNELS for k in ks if f"::{n}(" in k.name or f"::{n}<" in k.name}
     assert found == set(PDL_KERNELS), f"PDL kernels missing from the library: {set(PDL_KERNELS) - found}"
@@ -77,11 +79,14 @@ def test_pdl_kernels_wait_before_they_write(kernels):
         lines = k.sass.splitlines()
         first = next((i for i, line in enumerate(lines) if "ACQBULK" in line), None)
         assert first is not None, f"{k.name}: no griddepcontrol.wait (ACQBULK)"
-        before = "\n".join(lines[:first])
+        before = lines[:first]
         for op in ("STG", "ATOMG", "RED.", "LDGSTS"):     # shared-memory stores are the kernel's own
-            assert op not in before, f"{k.name}: {op} before the PDL wait"
-        assert ".CONSTANT" not in "\n".join(l for l in before.splitlines() if "LDG" in l), \
-            f"{k.name}: a non-coherent global load before the PDL wait"
+            assert not any(op in line for line in before), f"{k.name}: {op} before the PDL wait"
+        loads = [line.split(";")[0].strip() for line in before if "LDG" in line]
+        if "moe_decode_gemv_kernel<false>" in k.name:
+            assert loads and all("STRONG.GPU" in line for line in loads), f"{k.name}: {loads}"
+        else:
+            assert not loads, f"{k.name}: global loads before the PDL wait: {loads}"
 
 
 def test_pdl_kernels_let_dependents_launch(kernels):

@@ -457,10 +457,10 @@ GPTOSS_API gptoss_status gptoss_linear_qkv_rope_append_bf16(
   GPTOSS_REQUIRE(num_q_heads >= 1 && num_kv_heads >= 1 && num_q_heads <= 4096 && num_kv_heads <= 4096,
                  "linear_qkv_rope_append: num_q_heads and num_kv_heads must be in [1, 4096]");
   GPTOSS_REQUIRE(K > 0 && K % 8 == 0 && K <= (1 << 24), "linear_qkv_rope_append: K must be a positive multiple of 8");
-  GPTOSS_REQUIRE(batch >= 1 && cache_size >= 1, "linear_qkv_rope_append: batch and cache_size must be >= 1");
+  GPTOSS_REQUIRE(batch >= 0 && cache_size >= 1, "linear_qkv_rope_append: batch must be >= 0, cache_size >= 1");
   GPTOSS_REQUIRE(inv_freq != nullptr, "linear_qkv_rope_append: inv_freq (host, head_dim / 2 floats) is required");
   if (T == 0) return GPTOSS_OK;
-  GPTOSS_REQUIRE(x && weight && seq_ids && positions && q_out && k_cache && v_cache,
+  GPTOSS_REQUIRE(x && weight && seq_ids && positions && q_out && (batch == 0 || (k_cache && v_cache)),
                  "linear_qkv_rope_append: null pointer");
   GPTOSS_REQUIRE(gptoss::aligned(x, 16) && gptoss::aligned(weight, 16) && gptoss::aligned(q_out, 16) &&
                      gptoss::aligned(k_cache, 16) && gptoss::aligned(v_cache, 16) && (!bias || gptoss::aligned(bias, 2)),

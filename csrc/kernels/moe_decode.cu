@@ -78,13 +78,10 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {  // read-once weig
   return v;
 }
 
-// The GEMV input: x (mlp1) is read-only while the kernel lives, so the non-coherent path is fine;
-// act (mlp2) is written by mlp1, which under PDL is still running when mlp2 starts, and
-// ld.global.nc requires data read-only for the whole lifetime of the kernel: L2-coherent ld.cg.
-template <bool kMlp1>
-__device__ __forceinline__ uint4 load_in(const uint4* p) {
-  return kMlp1 ? __ldg(p) : __ldcg(p);
-}
+// The GEMV input (x for mlp1, act for mlp2) may be written by the kernel just before (PDL: that
+// kernel is still running when this one starts, and ld.global.nc requires data read-only for the
+// whole lifetime of the kernel): L2-coherent ld.cg.
+__device__ __forceinline__ uint4 load_in(const uint4* p) { return __ldcg(p); }
 
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
@@ -188,35 +185,37 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
     const uint8_t* __restrict__ blocks, const uint8_t* __restrict__ scales, const __nv_bfloat16* __restrict__ bias,
     void* __restrict__ dst, int n, int k, int E, int K, int rows, float alpha, float limit) {
   __shared__ Shared sh;
-  // mlp1 (PDL): waits for the router's ids, then lets mlp2 launch (its blocks fill the SMs as
-  // mlp1's leave). mlp2 reads only the ids before its own wait: the router completed before mlp1's
-  // wait returned, hence before mlp2 launched (the ids are read L2-coherent, see
-  // block_distinct_experts).
-  if (kMlp1) {
-    gptoss::pdl::wait();
-    gptoss::pdl::launch_dependents();
-  }
-  const int my_id = block_distinct_experts(ids, n, E, sh);
   const int n_tiles = rows / 16;                                  // rows is a multiple of 32
   const int n_blocks_rows = (n_tiles + kMTiles - 1) / kMTiles;    // row tiles of the block
-  const int64_t items = static_cast<int64_t>(sh.n_experts) * n_blocks_rows;
   const int G = K >> 5;                             // MXFP4 groups per row
-  // An item's weight blocks are one contiguous range (kMTiles * 16 consecutive rows).
+  // Thread 0: bring item `it` (kMTiles * 16 consecutive rows of one expert: one contiguous range
+  // of blocks) towards L2, from the experts in sh.
   auto prefetch_item = [&](int64_t it) {
-    if (threadIdx.x == 0 && it < items) {
+    if (threadIdx.x == 0 && it < static_cast<int64_t>(sh.n_experts) * n_blocks_rows) {
       const int row0 = static_cast<int>(it % n_blocks_rows) * (16 * kMTiles);
       const int nr = min(16 * kMTiles, rows - row0);
       const int64_t first = static_cast<int64_t>(sh.experts[it / n_blocks_rows]) * rows + row0;
       gptoss::pdl::prefetch_l2(blocks + first * G * 16, static_cast<uint32_t>(nr) * G * 16);
     }
   };
-  // The first item's weights start towards L2 now (in mlp2: while mlp1 drains), then mlp2 waits
-  // for mlp1's act.
-  prefetch_item(blockIdx.x);
-  if (!kMlp1) {
+  if (kMlp1) {
+    // PDL: wait for the router's ids (and x), then let mlp2 launch (its blocks fill the SMs as
+    // mlp1's leave)
     gptoss::pdl::wait();
     gptoss::pdl::launch_dependents();
+  } else {
+    // mlp2, while mlp1 drains: a scan of the ids only to aim an L2 prefetch (a hint: the ids are
+    // not formally synchronised with this grid before its wait, though the router finished before
+    // mlp1 let this grid launch; ids outside [0, E) are dropped, so any value gives a valid
+    // address). The scan after the wait is the one the kernel uses.
+    block_distinct_experts(ids, n, E, sh);
+    prefetch_item(blockIdx.x);
+    gptoss::pdl::wait();  // act: mlp1's output
+    gptoss::pdl::launch_dependents();
   }
+  const int my_id = block_distinct_experts(ids, n, E, sh);
+  const int64_t items = static_cast<int64_t>(sh.n_experts) * n_blocks_rows;
+  if (kMlp1) prefetch_item(blockIdx.x);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
@@ -262,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
             sa[uu] = ok ? __ldg(sA + gi) : 0u;
             sb[uu] = ok ? __ldg(sB + gi) : 0u;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) xv[uu][q] = (ok && xin) ? load_in<kMlp1>(xin + 4 * gi + q) : z;
+            for (int q = 0; q < 4; ++q) xv[uu][q] = (ok && xin) ? load_in(xin + 4 * gi + q) : z;
           }
 #pragma unroll
           for (int uu = 0; uu < kUnroll; ++uu) {
@@ -300,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
             static_cast<__nv_bfloat16*>(dst)[static_cast<int64_t>(slot) * I + j] =
                 __float2bfloat16_rn(gptoss::swiglu_clamped(gate, lin, alpha, limit));
           } else {
-            const float wgt = __ldg(topk_weights + slot);
+            const float wgt = __ldcg(topk_weights + slot);  // the router's output
             float* y = static_cast<float*>(dst) + static_cast<int64_t>(slot) * rows;
             y[rowA] = (v[p] + __bfloat162float(bias[erow + rowA])) * wgt;
             y[rowB] = (v[2 + p] + __bfloat162float(bias[erow + rowB])) * wgt;

@@ -40,8 +40,9 @@ GPTOSS_API gptoss_status gptoss_linear_bf16(const void* x, const void* weight, c
  *   seq_ids, positions : int32 [T]; q_out : bf16 [T, num_q_heads, 64]
  *   k_cache, v_cache : bf16 [batch, cache_size, num_kv_heads, 64]
  *   inv_freq : HOST float [32], concentration: as in gptoss/rope.h.
- * head_dim must be 64; 0 <= T <= 64; K a positive multiple of 8; x, weight, q_out and the caches
- * 16-byte aligned. Graph-safe; no workspace. */
+ * head_dim must be 64; 0 <= T <= 64; K a positive multiple of 8, at most 2^24; 1 <= num_q_heads,
+ * num_kv_heads <= 4096; batch >= 0 (0: q only, the caches may be NULL); cache_size >= 1; x,
+ * weight, q_out and the caches 16-byte aligned. Graph-safe; no workspace. */
 GPTOSS_API gptoss_status gptoss_linear_qkv_rope_append_bf16(
     const void* x, const void* weight, const void* bias, const int32_t* seq_ids, const int32_t* positions, void* q_out,
     void* k_cache, void* v_cache, int64_t T, int64_t K, int num_q_heads, int num_kv_heads, int head_dim, int64_t batch,

@@ -122,14 +122,15 @@ def qkv_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     _checks.tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(T,))
     _checks.tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=(None, None, num_kv_heads, head_dim))
     _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=tuple(k_cache.shape))
-    if k_cache.shape[0] < 1 or k_cache.shape[1] < 1:
-        raise ValueError(f"k_cache must have at least one sequence and one slot, got shape {tuple(k_cache.shape)}")
+    if k_cache.shape[1] < 1:
+        raise ValueError(f"k_cache must have at least one slot, got shape {tuple(k_cache.shape)}")
     dev = _checks.same_device(x=x, weight=weight, bias=bias, seq_ids=seq_ids, positions=positions, k_cache=k_cache,
                               v_cache=v_cache, q_out=q_out)
     q_out = _checks.out_tensor("q_out", q_out, shape=(T, num_q_heads, head_dim), dtype=torch.bfloat16, device=dev)
     if T == 0:
         return q_out
     if (_kernel(dev) and T <= LINEAR_MAX_TOKENS and head_dim == 64 and rope.head_dim == head_dim and K % 8 == 0
+            and K <= 2**24 and num_q_heads <= 4096 and num_kv_heads <= 4096
             and _aligned(x, weight, q_out, k_cache, v_cache)):
         inv, conc = _rope_table(rope)
         sid, pos = _int32(seq_ids), _int32(positions)
