@@ -172,6 +172,9 @@ def test_router_arg_checks():
         router_topk(x, torch.randn(64, 32).bfloat16().t(), b)
     with pytest.raises(ValueError, match="path"):
         router_topk(x, w, b, path="fast")
+    big = torch.randn(129, x.shape[1], dtype=x.dtype)
+    with pytest.raises(ValueError, match="cluster"):
+        router_topk(x, big, torch.zeros(129, dtype=x.dtype), path="cluster")
     with pytest.raises(TypeError, match="out"):
         router_topk(x, w, b, out=torch.empty(5, 4, dtype=torch.int32))
     with pytest.raises(TypeError, match="topk_ids"):
@@ -241,7 +244,7 @@ def router_kernels():
 
 def test_router_kernels_no_local_memory(router_kernels):
     names = " ".join(k.name for k in router_kernels.values())
-    for want in ("router_fused_kernel", "router_partial_kernel", "router_select_kernel",
+    for want in ("router_fused_kernel", "router_partial_kernel", "router_select_kernel", "router_cluster_kernel",
                  "route_count_kernel", "route_scan_kernel", "route_scatter_kernel"):
         assert want in names, f"{want} missing from the library"
     for k in router_kernels.values():
@@ -252,8 +255,10 @@ def test_router_kernels_no_local_memory(router_kernels):
 
 def test_router_kernels_use_tensor_cores(router_kernels):
     for k in router_kernels.values():
-        if "router_fused_kernel" in k.name or "router_partial_kernel" in k.name:
+        if any(n in k.name for n in ("router_fused_kernel", "router_partial_kernel", "router_cluster_kernel")):
             assert "HMMA" in k.sass and "LDSM" in k.sass and "LDGSTS" in k.sass, k.name
+        if "router_cluster_kernel" in k.name:   # two cluster barriers (arrive + wait each)
+            assert k.sass.count("UCGABAR_WAIT") >= 2, k.name
         if "route_scatter_kernel" in k.name:
             assert "MATCH" in k.sass, k.name
 
@@ -304,7 +309,7 @@ def _check_against_reference(x, w, b, k, path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["auto", "fused", "split"])
+@pytest.mark.parametrize("path", ["auto", "fused", "split", "cluster"])
 @pytest.mark.parametrize("T", [1, 7, 64, 1000, 16384])
 @pytest.mark.parametrize("E", [32, 128])
 def test_gpu_router_tie_free(E, T, path):
@@ -313,17 +318,19 @@ def test_gpu_router_tie_free(E, T, path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "split", "cluster"])
 @pytest.mark.parametrize("E,H,k", [(128, 200, 4), (40, 64, 4), (256, 512, 8), (256, 2880, 4), (128, 2880, 1),
                                    (128, 2880, 8), (8, 136, 8), (64, 1024, 5), (33, 72, 3)])
 @pytest.mark.parametrize("T", [3, 130])
 def test_gpu_router_shapes(E, H, k, T, path):
+    if path == "cluster" and E > 128:
+        pytest.skip("the cluster path takes E <= 128")
     x, w, b = _tie_free_inputs(T, E, H, k)
     _check_against_reference(x, w, b, k, path)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "split", "cluster"])
 def test_gpu_router_exact_ties_and_nan(path):
     """Rows of x that are zero give logits == bias exactly (every product is 0), so bias ties are
     exact ties: ids must go to the lower index. A NaN in x makes every logit of that token NaN:
@@ -367,7 +374,7 @@ def test_gpu_router_empty_and_deterministic():
     ids, wts = router_topk(x, w, b, k=4)
     assert ids.shape == (0, 4) and wts.shape == (0, 4)
     x, w, b = _inputs(T=777, H=2880, E=128, device="cuda")
-    for path in ("fused", "split"):
+    for path in ("fused", "split", "cluster"):
         a = router_topk(x, w, b, k=4, path=path)
         c = router_topk(x, w, b, k=4, path=path)
         assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]), "not deterministic"

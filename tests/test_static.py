@@ -58,7 +58,7 @@ def test_expected_instructions(kernels, kernel, opcode):
 PDL_KERNELS = ("rms_norm_kernel", "linear_gemv_kernel", "argmax_slices_kernel", "argmax_rows_kernel",
                "rope_kernel", "attention_decode_kernel", "attention_decode_mma_kernel",
                "attention_decode_combine_kernel", "router_partial_kernel", "router_select_kernel",
-               "router_fused_kernel", "moe_decode_gemv_kernel", "moe_decode_combine_kernel",
+               "router_fused_kernel", "router_cluster_kernel", "moe_decode_gemv_kernel", "moe_decode_combine_kernel",
                "moe_decode_combine_norm_kernel")
 
 

@@ -1,6 +1,7 @@
 // MoE router: logits (bf16 x bf16 -> fp32, mma.sync m16n8k16), top-k + k-softmax (topk.cuh),
 // and the route metadata (histogram, scan, stable scatter). See gptoss/router.h for the contract
 // and the two paths (FUSED for large T, SPLIT for small T).
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -194,6 +195,71 @@ __global__ void __launch_bounds__(kThreads) router_fused_kernel(
   }
 }
 
+// CLUSTER path (T <= 64 per tile, E <= 128): one thread-block cluster of kClusterRanks blocks per
+// 64-token tile. Rank r accumulates all experts (EB = 128) over its slice of H, chunks
+// [r*nc/R, (r+1)*nc/R), into its own shared logits tile. After a cluster barrier, warp w of rank r
+// takes tile row r*8 + w: it sums the R ranks' logits in rank order through distributed shared
+// memory, adds the bias and selects. One kernel, no workspace, deterministic.
+constexpr int kClusterRanks = 8;
+constexpr int kClusterEB = 128;
+static_assert(kClusterRanks * (kThreads / 32) == kTT, "one warp per token of the tile");
+
+template <int KMAX>
+__global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kThreads) router_cluster_kernel(
+    const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T, int H, int E,
+    int k, int32_t* __restrict__ ids, float* __restrict__ weights) {
+  namespace cg = cooperative_groups;
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int EB = kClusterEB, NT = Tile<EB>::NT, LDL = Tile<EB>::ldl, EPL = EB / 32;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int nc = (H + kKC - 1) / kKC;
+  const int c_begin = rank * nc / kClusterRanks, c_end = (rank + 1) * nc / kClusterRanks;
+  // PDL: this rank's slice of the gate rows (weights) towards L2, then wait for x (the norm's output)
+  if (static_cast<int>(threadIdx.x) < E && c_begin < c_end) {
+    const int h0 = c_begin * kKC, h1 = min(H, c_end * kKC);
+    gptoss::pdl::prefetch_l2(w + static_cast<int64_t>(threadIdx.x) * H + h0, static_cast<uint32_t>(h1 - h0) * 2u);
+  }
+  gptoss::pdl::wait();
+  gptoss::pdl::launch_dependents();
+  const int t0 = static_cast<int>(blockIdx.x / kClusterRanks) * kTT;
+  float acc[NT][4];
+  logits_mainloop<EB>(x, w, T, H, E, t0, 0, c_begin, c_end, reinterpret_cast<bf16*>(smem), acc);
+
+  // accumulators -> this rank's shared logits [64][LDL] (the pipeline buffers are free)
+  float* sl = reinterpret_cast<float*>(smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp & 3, wn = warp >> 2, g = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int col = wn * (EB / 2) + n * 8 + 2 * tig, row = wm * 16 + g;
+    *reinterpret_cast<float2*>(sl + row * LDL + col) = make_float2(acc[n][0], acc[n][1]);
+    *reinterpret_cast<float2*>(sl + (row + 8) * LDL + col) = make_float2(acc[n][2], acc[n][3]);
+  }
+  float bl[EPL];
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    const int e = lane + 32 * i;
+    bl[i] = e < E ? __bfloat162float(bias[e]) : 0.0f;
+  }
+  cluster.sync();  // every rank's logits tile is written (and visible across the cluster)
+  const int r = rank * (kThreads / 32) + warp;
+  if (t0 + r < T) {
+    const float* part[kClusterRanks];
+#pragma unroll
+    for (int q = 0; q < kClusterRanks; ++q) part[q] = cluster.map_shared_rank(sl, q) + r * LDL;
+    select_token<KMAX, EPL>(
+        [&](int i, int e) {
+          float v = 0.0f;
+#pragma unroll
+          for (int q = 0; q < kClusterRanks; ++q) v += part[q][e];
+          return v + bl[i];
+        },
+        E, k, t0 + r, ids, weights);
+  }
+  cluster.sync();  // this block's logits stay alive until every rank has read them
+}
+
 // SPLIT path, part 1: grid (ceil(E/32), ceil(T/64), splits); block z sums H chunks
 // [z*nc/splits, (z+1)*nc/splits) into partial[z][T][E] (no bias).
 __global__ void __launch_bounds__(kThreads) router_partial_kernel(
@@ -282,8 +348,9 @@ int split_count(int64_t T, int64_t H, int64_t E) {
   return static_cast<int>(s);
 }
 
-int resolve_path(int64_t T, int path) {
+int resolve_path(int64_t T, int64_t E, int path) {
   if (path != GPTOSS_ROUTER_PATH_AUTO) return path;
+  if (T <= kTT && E <= kClusterEB) return GPTOSS_ROUTER_PATH_CLUSTER;  // the decode step: one launch
   return (T + kTT - 1) / kTT >= kFusedMinTiles ? GPTOSS_ROUTER_PATH_FUSED : GPTOSS_ROUTER_PATH_SPLIT;
 }
 
@@ -313,6 +380,21 @@ gptoss_status launch_fused(const bf16* x, const bf16* w, const bf16* bias, int32
   GPTOSS_CUDA_TRY(gptoss::pdl::launch(kernel, dim3((T + kTT - 1) / kTT), dim3(kThreads), smem, stream, true, x, w, bias,
                                       T, H, E, k, ids, wts),
                   "router_fused_kernel launch");
+  return GPTOSS_OK;
+}
+
+template <int KMAX>
+gptoss_status launch_cluster(const bf16* x, const bf16* w, const bf16* bias, int32_t* ids, float* wts, int T, int H,
+                             int E, int k, cudaStream_t stream) {
+  static std::atomic<uint64_t> smem_set{0};
+  auto kernel = router_cluster_kernel<KMAX>;
+  constexpr int smem = Tile<kClusterEB>::smem_bytes;
+  const gptoss_status st = set_smem_once(kernel, smem, smem_set);
+  if (st != GPTOSS_OK) return st;
+  const unsigned tiles = static_cast<unsigned>((T + kTT - 1) / kTT);
+  GPTOSS_CUDA_TRY(gptoss::pdl::launch(kernel, dim3(tiles * kClusterRanks), dim3(kThreads), smem, stream, true, x, w,
+                                      bias, T, H, E, k, ids, wts),
+                  "router_cluster_kernel launch");
   return GPTOSS_OK;
 }
 
@@ -445,7 +527,7 @@ __global__ void __launch_bounds__(kRouteThreads) route_scatter_kernel(
 GPTOSS_API size_t gptoss_router_topk_workspace_size(int64_t T, int64_t H, int64_t E, int k, int path) {
   (void)k;
   if (T <= 0 || H <= 0 || E <= 0) return 0;
-  if (resolve_path(T, path) != GPTOSS_ROUTER_PATH_SPLIT) return 0;
+  if (resolve_path(T, E, path) != GPTOSS_ROUTER_PATH_SPLIT) return 0;
   return static_cast<size_t>(split_count(T, H, E)) * static_cast<size_t>(T) * static_cast<size_t>(E) *
          sizeof(float);
 }
@@ -463,8 +545,10 @@ GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weig
   GPTOSS_REQUIRE(k >= 1 && k <= E, "router_topk: k must be in [1, E]");
   if (k > kMaxK) return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED, "router_topk: k > 8 is not supported");
   GPTOSS_REQUIRE(path == GPTOSS_ROUTER_PATH_AUTO || path == GPTOSS_ROUTER_PATH_FUSED ||
-                     path == GPTOSS_ROUTER_PATH_SPLIT,
+                     path == GPTOSS_ROUTER_PATH_SPLIT || path == GPTOSS_ROUTER_PATH_CLUSTER,
                  "router_topk: unknown path");
+  if (path == GPTOSS_ROUTER_PATH_CLUSTER && E > kClusterEB)
+    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED, "router_topk: the CLUSTER path takes E <= 128");
   if (T == 0) return GPTOSS_OK;
   GPTOSS_REQUIRE(x && weight && bias && topk_ids && topk_weights, "router_topk: null pointer");
   GPTOSS_REQUIRE(gptoss::aligned(x, 16) && gptoss::aligned(weight, 16),
@@ -473,7 +557,11 @@ GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weig
   const bf16* wb = static_cast<const bf16*>(weight);
   const bf16* bb = static_cast<const bf16*>(bias);
   const int Ti = static_cast<int>(T), Hi = static_cast<int>(H), Ei = static_cast<int>(E);
-  if (resolve_path(T, path) == GPTOSS_ROUTER_PATH_FUSED) {
+  const int resolved = resolve_path(T, E, path);
+  if (resolved == GPTOSS_ROUTER_PATH_CLUSTER)
+    return k <= 4 ? launch_cluster<4>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream)
+                  : launch_cluster<8>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream);
+  if (resolved == GPTOSS_ROUTER_PATH_FUSED) {
     return k <= 4 ? launch_fused_e<4>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream)
                   : launch_fused_e<8>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream);
   }

@@ -12,10 +12,17 @@
  *          blocks and writes fp32 partial logits to the workspace, the second (one warp per
  *          token) sums the slices + bias and selects. Best for small T: the E x H weight is
  *          read once, by ~hundreds of blocks (T = 1: about a weight read at memory bandwidth
- *          plus two launch latencies; at most 16 slices of H). Deterministic: no atomics. */
+ *          plus two launch latencies; at most 16 slices of H). Deterministic: no atomics.
+ *   CLUSTER: one kernel for E <= 128 (AUTO's choice for T <= 64, the decode step): a cluster of 8
+ *          blocks per 64-token tile, each block all experts over 1/8 of H; the 8 partial logit
+ *          tiles are summed in a fixed order through distributed shared memory, then selected.
+ *          No workspace; the weight read once by 8 blocks per tile.
+ * Every path is deterministic (no atomics); they add the H slices in different orders, so logits
+ * within an ulp of a tie may select differently between paths. */
 #define GPTOSS_ROUTER_PATH_AUTO 0
 #define GPTOSS_ROUTER_PATH_FUSED 1
 #define GPTOSS_ROUTER_PATH_SPLIT 2
+#define GPTOSS_ROUTER_PATH_CLUSTER 3
 
 /* Bytes of workspace gptoss_router_topk_bf16 needs for these sizes and path (0 for FUSED).
  * Depends only on its arguments (not on the device). */

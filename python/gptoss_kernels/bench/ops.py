@@ -216,7 +216,10 @@ def router_cases(ctx: Context, tokens) -> list[Case]:
         cases.append(Case(
             op="router_topk", name=f"T={T}", shape={"T": T, "E": E, "H": H, "k": k}, family="router",
             bytes=E * H * 2 + E * 2 + T * H * 2 + T * k * 8, flops=2 * T * E * H, alloc_bytes=T * H * 2,
-            make=make, run=run, verify=verify, baselines=[("reference", ref)]))
+            make=make, run=run, verify=verify, baselines=[("reference", ref)] + (
+                # the two-kernel path the one-kernel cluster path replaces at decode sizes
+                [("split path", lambda a: lambda: gops.router_topk(a["x"], a["weight"], a["bias"], k, path="split"))]
+                if ctx.gpu and T <= 64 and E <= 128 else [])))
     return cases
 
 

@@ -11,7 +11,7 @@ from .. import _checks, _lib, reference
 # csrc/topk.cuh). Limits of the CUDA path: E <= 256, k <= 8, H % 8 == 0, x and weight 16-byte
 # aligned; other shapes run the reference on CUDA tensors too (with a one-time warning).
 
-_PATHS = {"auto": 0, "fused": 1, "split": 2}
+_PATHS = {"auto": 0, "fused": 1, "split": 2, "cluster": 3}
 _MAX_E = 256
 _MAX_K = 8
 
@@ -89,14 +89,16 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: in
          (topk_ids, topk_weights, RouteMetadata) — the same as calling route(topk_ids, E) after,
          in one call (on CUDA: the router kernel(s) then route's three small kernels, no host sync).
     metadata_out: optional RouteMetadata of output tensors for return_metadata.
-    path: "auto" | "fused" | "split" — which CUDA kernel path (see gptoss/router.h); results are
-         the same; for tests and benchmarks.
+    path: "auto" | "fused" | "split" | "cluster" — which CUDA kernel path (see gptoss/router.h;
+         "cluster" takes E <= 128); results agree up to accumulation order; for tests and benchmarks.
     """
     dev = _check_router_args(x, weight, bias, k)
     if path not in _PATHS:
         raise ValueError(f"path must be one of {sorted(_PATHS)}, got {path!r}")
     T, H = x.shape
     E = weight.shape[0]
+    if path == "cluster" and E > 128:
+        raise ValueError(f"path='cluster' takes at most 128 experts, got weight with E={E}")
     ids, wts = _out_pair(out, T, k, dev)
     if metadata_out is not None and not return_metadata:
         raise ValueError("metadata_out is given but return_metadata is False")
