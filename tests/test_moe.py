@@ -768,9 +768,10 @@ def _fused_vs_two_ops(T, E, H, I, k, wdtype, seed, bad_id=False):  # noqa: E741
     m = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
     _run_decode(x, ids, w, wt, out=m)
     want_y, want_h = ops.rms_norm(m, nw, eps=1e-5, residual=r)
-    y = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+    # the model's pattern: norm_out is the MoE's own input x, residual_out the residual (in place)
+    y = x.clone()
     r_inplace = r.clone()
-    got_y, got_h = ops.moe_mxfp4_add_rms_norm(*args_of(x, ids, w, wt), r_inplace, nw, eps=1e-5, norm_out=y,
+    got_y, got_h = ops.moe_mxfp4_add_rms_norm(*args_of(y, ids, w, wt), r_inplace, nw, eps=1e-5, norm_out=y,
                                               residual_out=r_inplace, validate_ids=False)
     assert got_y.data_ptr() == y.data_ptr() and got_h.data_ptr() == r_inplace.data_ptr()
     for got, want in ((got_y, want_y), (got_h, want_h)):

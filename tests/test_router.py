@@ -651,3 +651,73 @@ def test_emulated_route_invalid_ids_go_to_the_tail():
     assert offsets[8] == valid.sum() and np.all(perm[offsets[8]:] == -1)
     order = np.argsort(np.where(valid, ids, 8), kind="stable")[:valid.sum()]
     np.testing.assert_array_equal(perm[:offsets[8]], order)
+
+
+# ---------------------------------------------------------------------------------------------
+# residual add + RMSNorm + router in one kernel (the decode step, T <= 16)
+# ---------------------------------------------------------------------------------------------
+
+def test_add_rms_norm_router_topk_cpu_is_the_two_ops_and_checks():
+    from gptoss_kernels.ops import add_rms_norm_router_topk, rms_norm
+
+    g = torch.Generator().manual_seed(3)
+    T, H, E = 5, 64, 32
+    d, r = torch.randn(T, H, generator=g).bfloat16(), torch.randn(T, H, generator=g).bfloat16()
+    nw = torch.randn(H, generator=g).bfloat16()
+    _, w, b = _inputs(T, H, E)
+    a, h, ids, wts = add_rms_norm_router_topk(d, r, nw, w, b, 4, eps=1e-5)
+    a_ref, h_ref = rms_norm(d, nw, eps=1e-5, residual=r)
+    rid, rw = router_topk(a_ref, w, b, 4)
+    assert torch.equal(a, a_ref) and torch.equal(h, h_ref) and torch.equal(ids, rid) and torch.equal(wts, rw)
+    r2 = r.clone()
+    out = (torch.empty(T, 4, dtype=torch.int32), torch.empty(T, 4))
+    a2, h2, ids2, _ = add_rms_norm_router_topk(d, r2, nw.float(), w, b, 4, residual_out=r2, out=out)
+    assert h2.data_ptr() == r2.data_ptr() and ids2 is out[0] and torch.equal(r2, h_ref)
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm_router_topk(d, r[:2], nw, w, b, 4)
+    with pytest.raises(TypeError, match="norm_weight"):
+        add_rms_norm_router_topk(d, r, nw.half(), w, b, 4)
+    with pytest.raises(ValueError, match="norm_out"):
+        add_rms_norm_router_topk(d, r, nw, w, b, 4, norm_out=torch.empty(T, H + 8, dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 3, 16, 17])
+@pytest.mark.parametrize("E", [32, 128])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+def test_gpu_add_rms_norm_router_topk_equals_the_two_ops(T, E, wdtype):
+    _add_norm_router_vs_two_ops(T, E, 2880, 4, wdtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize("H,E,k", [(64, 5, 4), (136, 33, 3), (520, 128, 8), (8192, 32, 8), (200, 128, 1)])
+def test_gpu_add_rms_norm_router_topk_shapes(T, H, E, k):
+    """H below 8 chunks of 64 (ranks with empty slices), H not a multiple of 64, H = 8192 (32
+    groups of chunks), E not a multiple of 32, k = 1 and 8."""
+    _add_norm_router_vs_two_ops(T, E, H, k, torch.bfloat16)
+
+
+def _add_norm_router_vs_two_ops(T, E, H, k, wdtype):
+    """The one-kernel path (T <= 16) against rms_norm then router_topk (the cluster path for
+    T <= 64): the same normed activations and residual stream bit for bit, and then the same
+    logits in the same order, so the same ids and weights; in place on the residual stream.
+    T = 17 takes the two-op path itself."""
+    from gptoss_kernels.ops import add_rms_norm_router_topk, rms_norm
+
+    g = torch.Generator(device="cuda").manual_seed(T * 31 + E + H + k)
+    d = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    r = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    nw = (torch.randn(H, device="cuda", generator=g) * 0.3 + 1).to(wdtype)
+    w = (torch.randn(E, H, device="cuda", generator=g) / math.sqrt(H)).bfloat16()
+    b = (torch.randn(E, device="cuda", generator=g) * 0.1).bfloat16()
+    a_ref, h_ref = rms_norm(d, nw, eps=1e-5, residual=r)
+    rid, rw = router_topk(a_ref, w, b, k, path="cluster")
+    x = r.clone()
+    a = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = _poisoned(T, k)
+    got = add_rms_norm_router_topk(d, x, nw, w, b, k, eps=1e-5, norm_out=a, residual_out=x, out=out)
+    assert got[0] is a and got[1] is x and got[2] is out[0] and got[3] is out[1]
+    assert torch.equal(a.view(torch.int16), a_ref.view(torch.int16))
+    assert torch.equal(x.view(torch.int16), h_ref.view(torch.int16))
+    assert torch.equal(out[0], rid) and torch.equal(out[1], rw)

@@ -191,6 +191,17 @@ def _():
     return max(rel(q, want), rel(kc, k2), rel(vc, v2))
 
 
+@case("router", "residual add + RMSNorm + router in one cluster kernel, T=3 E=128, in place")
+def _():
+    d, x, nw = bf(3, 2880), bf(3, 2880), bf(2880)
+    w, b = bf(128, 2880, scale=0.02), bf(128, scale=0.1)
+    h_ref = (d.float() + x.float()).to(torch.bfloat16)
+    a_ref = reference.rms_norm(h_ref, nw)
+    a, h, ids, wts = gk.add_rms_norm_router_topk(d, x, nw, w, b, 4, residual_out=x)
+    rid, rw = reference.router_topk(a_ref.to(torch.bfloat16), w, b, 4)
+    return max(rel(h, h_ref), rel(a, a_ref), float((ids != rid).float().mean()))
+
+
 # ---- the non-default kernel variants (not reached through the ops' defaults) ----
 
 @case("attention_decode", "variant 2 (mma.sync) B=3 full and sliding ring")

@@ -7,7 +7,9 @@
 
 #include <atomic>
 
+#include "norm.cuh"
 #include "pdl.cuh"
+#include "rms_block.cuh"
 #include "ptx.cuh"
 #include "common.cuh"
 #include "gptoss/router.h"
@@ -204,10 +206,63 @@ constexpr int kClusterRanks = 8;
 constexpr int kClusterEB = 128;
 static_assert(kClusterRanks * (kThreads / 32) == kTT, "one warp per token of the tile");
 
-template <int KMAX>
-__global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kThreads) router_cluster_kernel(
-    const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T, int H, int E,
-    int k, int32_t* __restrict__ ids, float* __restrict__ weights) {
+// The residual add + RMSNorm before the router, folded into the CLUSTER kernel (the decode step,
+// T <= kAddNormMaxTokens): delta (the attention block's output) + residual -> residual_out (may
+// alias residual), RMSNorm * weight -> norm_out, which is also the router's input x.
+struct AddNormArgs {
+  const uint4* delta;
+  const uint4* residual;
+  uint4* residual_out;
+  const void* weight;   // bf16 or float32 [H] (the kernel's WT)
+  float eps;
+  uint4* norm_out;
+};
+constexpr int kAddNormMaxTokens = 16;
+
+static_assert(kAddNormMaxTokens <= kTT, "the add + norm rows lie in one 64-token tile");
+
+// Every rank needs the whole rows' sums of squares, so every rank reads the rows of its tile; it
+// sums them exactly as rms_norm_kernel does (rms_block.cuh: 8-element chunks, groups of 32
+// chunks reduced by a warp butterfly, lane 0's value, then the groups in order), so norm_out and
+// residual_out get the bits of gptoss_rms_norm_bf16. All rows at once: item (row, chunk) over
+// rows x (groups * 32); a warp's 32 items are one group of one row. inv[r] for tile row r.
+__device__ __forceinline__ void add_norm_rows_inv(const AddNormArgs& an, int H, int t0, int rows,
+                                                  float (*group_sums)[gptoss::dense::kRmsMaxThreads / 32],
+                                                  float* inv) {
+  const int chunks = H >> 3, lane = threadIdx.x & 31;
+  const int groups = (chunks + 31) >> 5, gpad = groups * 32;
+  for (int base = 0; base < rows * gpad; base += kThreads) {
+    const int item = base + static_cast<int>(threadIdx.x);
+    const int r = item / gpad, c = item - r * gpad;
+    float s = 0.f;
+    if (r < rows && c < chunks) {
+      const int64_t row = static_cast<int64_t>(t0 + r) * chunks;
+      float f[8], q[8];
+      gptoss::unpack_bf16x8(__ldcg(an.delta + row + c), f);
+      gptoss::unpack_bf16x8(__ldcg(an.residual + row + c), q);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) f[i] = gptoss::dense::residual_add(f[i], q[i]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s = fmaf(f[i], f[i], s);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0 && r < rows) group_sums[r][c >> 5] = s;
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < rows) {
+    float t = 0.f;
+    for (int i = 0; i < groups; ++i) t += group_sums[threadIdx.x][i];
+    inv[threadIdx.x] = gptoss::dense::rms_inv(t, 8 * chunks, an.eps);
+  }
+  // (the caller's cluster.sync publishes inv to the block)
+}
+
+// x: the router input (with kAddNorm: an.norm_out, which this kernel writes first: not __restrict__).
+template <int KMAX, bool kAddNorm, typename WT>
+__global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kThreads, 2) router_cluster_kernel(
+    const bf16* x, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T, int H, int E,
+    int k, int32_t* __restrict__ ids, float* __restrict__ weights, const AddNormArgs an) {
   namespace cg = cooperative_groups;
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int EB = kClusterEB, NT = Tile<EB>::NT, LDL = Tile<EB>::ldl, EPL = EB / 32;
@@ -215,7 +270,8 @@ __global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kThreads
   const int rank = static_cast<int>(cluster.block_rank());
   const int nc = (H + kKC - 1) / kKC;
   const int c_begin = rank * nc / kClusterRanks, c_end = (rank + 1) * nc / kClusterRanks;
-  // PDL: this rank's slice of the gate rows (weights) towards L2, then wait for x (the norm's output)
+  // PDL: this rank's slice of the gate rows (weights) towards L2, then wait for x (or delta and
+  // residual: earlier kernels' outputs)
   if (static_cast<int>(threadIdx.x) < E && c_begin < c_end) {
     const int h0 = c_begin * kKC, h1 = min(H, c_end * kKC);
     gptoss::pdl::prefetch_l2(w + static_cast<int64_t>(threadIdx.x) * H + h0, static_cast<uint32_t>(h1 - h0) * 2u);
@@ -223,6 +279,31 @@ __global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kThreads
   gptoss::pdl::wait();
   gptoss::pdl::launch_dependents();
   const int t0 = static_cast<int>(blockIdx.x / kClusterRanks) * kTT;
+
+  if constexpr (kAddNorm) {
+    // 1. every rank: the inverse RMS of each row of the tile (reads whole rows of delta, residual)
+    __shared__ float group_sums[kAddNormMaxTokens][gptoss::dense::kRmsMaxThreads / 32];
+    __shared__ float inv[kAddNormMaxTokens];
+    const int rows = min(T - t0, kAddNormMaxTokens);
+    add_norm_rows_inv(an, H, t0, rows, group_sums, inv);
+    // 2. every rank has read residual (and inv is published): now rank q writes its slice
+    //    [c0, c1) of residual_out (in place) and of norm_out, which its own main loop reads back
+    cluster.sync();
+    const int chunks = H >> 3, c0 = c_begin * (kKC / 8), c1 = min(chunks, c_end * (kKC / 8));
+    const int width = c1 - c0;
+    const WT* wt = static_cast<const WT*>(an.weight);
+    for (int i = threadIdx.x; width > 0 && i < rows * width; i += kThreads) {
+      const int r = i / width, c = c0 + (i - r * width);
+      const int64_t row = static_cast<int64_t>(t0 + r) * chunks;
+      uint4 h;
+      gptoss::dense::add_residual_chunk<true>(__ldcg(an.delta + row + c), an.residual + row, an.residual_out + row, c,
+                                              h);
+      an.norm_out[row + c] = gptoss::dense::norm_chunk(h, wt, c, inv[r]);
+    }
+    __threadfence();  // device scope: the cp.async.cg reads below go to L2
+    __syncthreads();  // this block's norm_out slice is written before its cp.async reads it
+  }
+
   float acc[NT][4];
   logits_mainloop<EB>(x, w, T, H, E, t0, 0, c_begin, c_end, reinterpret_cast<bf16*>(smem), acc);
 
@@ -383,17 +464,17 @@ gptoss_status launch_fused(const bf16* x, const bf16* w, const bf16* bias, int32
   return GPTOSS_OK;
 }
 
-template <int KMAX>
+template <int KMAX, bool kAddNorm, typename WT>
 gptoss_status launch_cluster(const bf16* x, const bf16* w, const bf16* bias, int32_t* ids, float* wts, int T, int H,
-                             int E, int k, cudaStream_t stream) {
+                             int E, int k, const AddNormArgs& an, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
-  auto kernel = router_cluster_kernel<KMAX>;
+  auto kernel = router_cluster_kernel<KMAX, kAddNorm, WT>;
   constexpr int smem = Tile<kClusterEB>::smem_bytes;
   const gptoss_status st = set_smem_once(kernel, smem, smem_set);
   if (st != GPTOSS_OK) return st;
   const unsigned tiles = static_cast<unsigned>((T + kTT - 1) / kTT);
   GPTOSS_CUDA_TRY(gptoss::pdl::launch(kernel, dim3(tiles * kClusterRanks), dim3(kThreads), smem, stream, true, x, w,
-                                      bias, T, H, E, k, ids, wts),
+                                      bias, T, H, E, k, ids, wts, an),
                   "router_cluster_kernel launch");
   return GPTOSS_OK;
 }
@@ -559,8 +640,10 @@ GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weig
   const int Ti = static_cast<int>(T), Hi = static_cast<int>(H), Ei = static_cast<int>(E);
   const int resolved = resolve_path(T, E, path);
   if (resolved == GPTOSS_ROUTER_PATH_CLUSTER)
-    return k <= 4 ? launch_cluster<4>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream)
-                  : launch_cluster<8>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream);
+    return k <= 4 ? launch_cluster<4, false, bf16>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, AddNormArgs{},
+                                                   stream)
+                  : launch_cluster<8, false, bf16>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, AddNormArgs{},
+                                                   stream);
   if (resolved == GPTOSS_ROUTER_PATH_FUSED) {
     return k <= 4 ? launch_fused_e<4>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream)
                   : launch_fused_e<8>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream);
@@ -585,6 +668,40 @@ GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weig
                                       topk_ids, topk_weights),
                   "router_select_kernel launch");
   return GPTOSS_OK;
+}
+
+GPTOSS_API int64_t gptoss_add_rms_norm_router_topk_max_tokens(void) { return kAddNormMaxTokens; }
+
+GPTOSS_API gptoss_status gptoss_add_rms_norm_router_topk_bf16(
+    const void* delta, const void* residual, void* residual_out, const void* norm_weight, int norm_weight_fp32,
+    float eps, void* norm_out, const void* weight, const void* bias, int32_t* topk_ids, float* topk_weights, int64_t T,
+    int64_t H, int64_t E, int k, cudaStream_t stream) {
+  GPTOSS_REQUIRE(T >= 0 && T <= kAddNormMaxTokens, "add_rms_norm_router_topk: T must be in [0, 16]");
+  GPTOSS_REQUIRE(H > 0 && H % 8 == 0 && H / 8 <= gptoss::dense::kRmsMaxThreads,
+                 "add_rms_norm_router_topk: H must be a positive multiple of 8, at most 8192");
+  if (E < 1 || E > kClusterEB)
+    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED, "add_rms_norm_router_topk: E must be in [1, 128]");
+  GPTOSS_REQUIRE(k >= 1 && k <= E, "add_rms_norm_router_topk: k must be in [1, E]");
+  if (k > kMaxK) return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED, "add_rms_norm_router_topk: k > 8 is not supported");
+  if (T == 0) return GPTOSS_OK;
+  GPTOSS_REQUIRE(delta && residual && residual_out && norm_weight && norm_out && weight && bias && topk_ids &&
+                     topk_weights,
+                 "add_rms_norm_router_topk: null pointer");
+  GPTOSS_REQUIRE(gptoss::aligned(delta, 16) && gptoss::aligned(residual, 16) && gptoss::aligned(residual_out, 16) &&
+                     gptoss::aligned(norm_weight, 16) && gptoss::aligned(norm_out, 16) && gptoss::aligned(weight, 16),
+                 "add_rms_norm_router_topk: delta, residual, residual_out, norm_weight, norm_out and weight must be "
+                 "16-byte aligned");
+  const AddNormArgs an{static_cast<const uint4*>(delta), static_cast<const uint4*>(residual),
+                       static_cast<uint4*>(residual_out), norm_weight, eps, static_cast<uint4*>(norm_out)};
+  const auto* xb = static_cast<const bf16*>(norm_out);
+  const auto* wb = static_cast<const bf16*>(weight);
+  const auto* bb = static_cast<const bf16*>(bias);
+  const int Ti = static_cast<int>(T), Hi = static_cast<int>(H), Ei = static_cast<int>(E);
+  if (norm_weight_fp32)
+    return k <= 4 ? launch_cluster<4, true, float>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, an, stream)
+                  : launch_cluster<8, true, float>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, an, stream);
+  return k <= 4 ? launch_cluster<4, true, bf16>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, an, stream)
+                : launch_cluster<8, true, bf16>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, an, stream);
 }
 
 GPTOSS_API size_t gptoss_route_workspace_size(int64_t n_rows, int64_t E) {

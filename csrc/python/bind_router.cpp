@@ -82,6 +82,21 @@ GPTOSS_PY_BIND(router) {
       py::arg("T"), py::arg("H"), py::arg("E"), py::arg("k"), py::arg("path"), py::arg("workspace"),
       py::arg("workspace_bytes"), py::arg("stream"));
   m.def(
+      "add_rms_norm_router_topk_bf16",
+      [](uintptr_t delta, uintptr_t residual, uintptr_t residual_out, uintptr_t norm_weight, bool norm_weight_fp32,
+         float eps, uintptr_t norm_out, uintptr_t weight, uintptr_t bias, uintptr_t ids, uintptr_t weights, int64_t T,
+         int64_t H, int64_t E, int k, uintptr_t s) {
+        check(gptoss_add_rms_norm_router_topk_bf16(
+            ptr<const void>(delta), ptr<const void>(residual), ptr<void>(residual_out), ptr<const void>(norm_weight),
+            norm_weight_fp32 ? 1 : 0, eps, ptr<void>(norm_out), ptr<const void>(weight), ptr<const void>(bias),
+            ptr<int32_t>(ids), ptr<float>(weights), T, H, E, k, stream(s)));
+      },
+      py::arg("delta"), py::arg("residual"), py::arg("residual_out"), py::arg("norm_weight"),
+      py::arg("norm_weight_fp32"), py::arg("eps"), py::arg("norm_out"), py::arg("weight"), py::arg("bias"),
+      py::arg("topk_ids"), py::arg("topk_weights"), py::arg("T"), py::arg("H"), py::arg("E"), py::arg("k"),
+      py::arg("stream"));
+  m.attr("add_rms_norm_router_topk_max_tokens") = gptoss_add_rms_norm_router_topk_max_tokens();
+  m.def(
       "route_workspace_size", [](int64_t n_rows, int64_t E) { return gptoss_route_workspace_size(n_rows, E); },
       py::arg("n_rows"), py::arg("E"));
   m.def(

@@ -96,12 +96,25 @@ class GptOss:
         self.dtype = dtype
         self.device = weights["embedding"].device   # where the weights actually are
         self.use_cuda_graph = True
-        #: the decode step's fused ops (QKV + RoPE + cache append; MoE + residual add + RMSNorm).
-        #: False runs the separate ops (the same results): for measuring what the fusions buy.
-        self.fused_decode = True
+        self._fused_decode = True
         self._graph = None
         self._state = None   # the KV cache and captured decode step, reused by generate calls of the same shape
         self._check_weights()
+
+    @property
+    def fused_decode(self) -> bool:
+        """The step's fused ops (QKV + RoPE + cache append; residual add + RMSNorm + router; MoE +
+        residual add + RMSNorm). False runs the separate ops, with the same results: for measuring
+        what the fusions buy. Changing it drops the captured decode step (captured anew)."""
+        return self._fused_decode
+
+    @fused_decode.setter
+    def fused_decode(self, value: bool) -> None:
+        if bool(value) != self._fused_decode:
+            self._fused_decode = bool(value)
+            if self._state is not None:
+                self._state["steps"].clear()
+            self._graph = None
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -420,23 +433,27 @@ class GptOss:
                           L["w2_scales"], L["w2_bias"], swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
         return y if out is None else out.copy_(y)
 
-    def _moe_norm(self, L, u, norm_w, residual, ids_out=None, w_out=None, out=None, residual_out=None,
-                  moe_out=None):
-        """The layer's end and the next norm: h = residual + MoE(u), returns (RMSNorm(h) * norm_w, h).
-        bf16: one op (on CUDA in the decode regime the norm runs in the MoE's combine kernel); out
-        may alias u (written only after the MoE has read it); moe_out: the MoE output's buffer when
-        the ops run separately."""
+    def _mlp(self, L, p, x, norm_w, ids_out=None, w_out=None, out=None, residual_out=None, moe_out=None):
+        """The MLP half of a block and the next norm, from the attention output p and the residual
+        stream x: h = x + p, u = RMSNorm(h), h2 = h + MoE(u); returns (RMSNorm(h2) * norm_w, h2).
+        bf16 with fused_decode: two ops (the add + norm inside the router's kernel, the next add +
+        norm inside the MoE's combine kernel, where the shapes allow; the same results).
+        out: the normed activations' buffer (also u's); residual_out: the residual stream's (may be
+        x); moe_out: the MoE output's buffer when the ops run separately."""
         c = self.config
         if self._bf16 and self.fused_decode:
-            ids, w = ops.router_topk(u, L["gate_w"], L["gate_b"], c.experts_per_token,
-                                     out=None if ids_out is None else (ids_out, w_out))
+            u, h, ids, w = ops.add_rms_norm_router_topk(p, x, L["mlp_norm"], L["gate_w"], L["gate_b"],
+                                                        c.experts_per_token, eps=c.rms_norm_eps, norm_out=out,
+                                                        residual_out=residual_out,
+                                                        out=None if ids_out is None else (ids_out, w_out))
             # the router's ids are always in [0, E): no validation (it would sync with the host per layer)
             return ops.moe_mxfp4_add_rms_norm(u, ids, w, L["w1_blocks"], L["w1_scales"], L["w1_bias"], L["w2_blocks"],
-                                              L["w2_scales"], L["w2_bias"], residual, norm_w, eps=c.rms_norm_eps,
+                                              L["w2_scales"], L["w2_bias"], h, norm_w, eps=c.rms_norm_eps,
                                               swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
                                               norm_out=out, residual_out=residual_out, validate_ids=False)
+        u, h = self._norm(p, L["mlp_norm"], residual=x, out=out, residual_out=residual_out)
         m = self._moe(L, u, ids_out, w_out, out=moe_out)
-        return self._norm(m, norm_w, residual=residual, out=out, residual_out=residual_out)
+        return self._norm(m, norm_w, residual=h, out=out, residual_out=residual_out)
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -458,10 +475,9 @@ class GptOss:
             L = self.layers[i]
             o = attend(i, a)
             p = self._linear(o.reshape(T, -1), L["out_w"], L["out_b"], out=g("proj"))
-            a, x = self._norm(p, L["mlp_norm"], residual=x, out=g("a"), residual_out=x if inplace else None)
             w_next = self.layers[i + 1]["attn_norm"] if i + 1 < n else self.weights["norm"]
-            a, x = self._moe_norm(L, a, w_next, x, g("ids"), g("wts"), out=g("a"),
-                                  residual_out=x if inplace else None, moe_out=g("moe"))
+            a, x = self._mlp(L, p, x, w_next, g("ids"), g("wts"), out=g("a"), residual_out=x if inplace else None,
+                             moe_out=g("moe"))
         return a
 
     def _unembed(self, h, out=None):

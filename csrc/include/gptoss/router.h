@@ -44,6 +44,21 @@ GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weig
                                                  void* workspace, size_t workspace_bytes,
                                                  cudaStream_t stream);
 
+/* The decode step's residual add + RMSNorm fused with the router (one kernel, the CLUSTER path):
+ *   residual_out = bf16(delta + residual)            (may alias residual: in-place residual stream)
+ *   norm_out     = bf16(RMSNorm(residual_out) * norm_weight)   (eps; norm_weight bf16, or float32
+ *                  when norm_weight_fp32) -- the bits of gptoss_rms_norm_bf16
+ *   topk_ids, topk_weights = gptoss_router_topk_bf16(norm_out, weight, bias, k)
+ *   delta, residual, residual_out, norm_out : bf16 [T, H]; weight bf16 [E, H]; bias bf16 [E].
+ * 0 <= T <= gptoss_add_rms_norm_router_topk_max_tokens() (16); H a positive multiple of 8, at most
+ * 8192; 1 <= E <= 128; 1 <= k <= min(E, 8). Pointers to rows and weights 16-byte aligned.
+ * No workspace; graph-safe. */
+GPTOSS_API int64_t gptoss_add_rms_norm_router_topk_max_tokens(void);
+GPTOSS_API gptoss_status gptoss_add_rms_norm_router_topk_bf16(
+    const void* delta, const void* residual, void* residual_out, const void* norm_weight, int norm_weight_fp32,
+    float eps, void* norm_out, const void* weight, const void* bias, int32_t* topk_ids, float* topk_weights, int64_t T,
+    int64_t H, int64_t E, int k, cudaStream_t stream);
+
 /* Bytes of workspace gptoss_route needs for n_rows = T * k routed rows and E experts. */
 GPTOSS_API size_t gptoss_route_workspace_size(int64_t n_rows, int64_t E);
 

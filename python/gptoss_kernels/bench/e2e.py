@@ -274,6 +274,7 @@ def decode_step_ops(shape: ModelShape, batch: int = 1, context: int = 1024) -> l
     kv_pos = 2 * kvd * bf                     # K + V of one position in one layer
     fused = B <= LINEAR_MAX_TOKENS          # the step's QKV GEMV carries RoPE and the cache append
     moe_norm = B * k <= PREFILL_MIN_ROUTED_ROWS   # the MoE decode kernels: combine + add + norm fused
+    norm_router = B <= 16 and E <= 128            # ops.add_rms_norm_router_topk's one-kernel range
     rows = [
         ("embedding", 1, 2 * B * H * bf, "other"),
         ("rms_norm (first)", 1, 2 * B * H * bf + H * bf, "norms"),
@@ -285,8 +286,11 @@ def decode_step_ops(shape: ModelShape, batch: int = 1, context: int = 1024) -> l
          2 * B * nqd * bf + B * min(context, s.sliding_window) * kv_pos + s.nq * bf + B * 4, "attention"),
         ("attention_decode (full)", Lf, 2 * B * nqd * bf + B * context * kv_pos + s.nq * bf + B * 4, "attention"),
         ("out linear + bias", L, H * nqd * bf + H * bf + B * nqd * bf + B * H * bf, "attention"),
-        ("residual + rms_norm", L if moe_norm else 2 * L, 4 * B * H * bf + H * bf, "norms"),
-        ("router top-k", L, E * H * bf + E * bf + B * H * bf + B * k * 8, "moe"),
+        ("residual + rms_norm", (0 if norm_router else L) + (0 if moe_norm else L), 4 * B * H * bf + H * bf, "norms"),
+        # small batches: the add + norm before the MoE run in the router's (cluster) kernel
+        ("residual + rms_norm + router top-k", L if norm_router else 0,
+         4 * B * H * bf + H * bf + E * H * bf + E * bf + B * k * 8, "moe"),
+        ("router top-k", 0 if norm_router else L, E * H * bf + E * bf + B * H * bf + B * k * 8, "moe"),
         # decode regime: the residual add + next norm run in the MoE's combine (its out not stored)
         ("moe_mxfp4 + residual + rms_norm", L if moe_norm else 0,
          moe_bytes_read(B, k, E, H, I) + 2 * B * H * bf + H * bf, "moe"),
@@ -340,7 +344,10 @@ def _op_calls(model, st: dict, layer_ids: dict[str, int]) -> dict[str, object]:
                                            Ls["w1_bias"], Ls["w2_blocks"], Ls["w2_scales"], Ls["w2_bias"],
                                            swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
                                            out=b["moe"], validate_ids=False),
-        "moe_mxfp4 + residual + rms_norm": lambda: ops.moe_mxfp4_add_rms_norm(
+"residual + rms_norm + router top-k": lambda: ops.add_rms_norm_router_topk(
+            b["proj"], b["x"], Ls["mlp_norm"], Ls["gate_w"], Ls["gate_b"], c.experts_per_token, eps=eps,
+            norm_out=b["a"], residual_out=b["x"], out=(b["ids"], b["wts"])),
+                "moe_mxfp4 + residual + rms_norm": lambda: ops.moe_mxfp4_add_rms_norm(
             b["a"], b["ids"], b["wts"], Ls["w1_blocks"], Ls["w1_scales"], Ls["w1_bias"], Ls["w2_blocks"],
             Ls["w2_scales"], Ls["w2_bias"], b["x"], Ls["attn_norm"], eps=eps, swiglu_alpha=c.swiglu_alpha,
             swiglu_limit=c.swiglu_limit, norm_out=b["moe"], residual_out=b["x"], validate_ids=False),
@@ -477,15 +484,12 @@ def profile_summary(rows: list[dict], config_name: str, batch: int, layers: int,
     layers (head ops once, the layers' share times num_layers / layers)."""
     per = {r["op"]: r for r in rows}
     L = layers
-    small = sum(per[o]["us"] for o in ("embedding", "rms_norm (first)", "unembedding (fp32 logits)", "sample (argmax)"))
-    small += per["residual + rms_norm"]["us"] * L * (1 if "moe_mxfp4 + residual + rms_norm" in per else 2)
-    for o in ("qkv + rope + cache append", "qkv linear + bias", "rope + cache append", "out linear + bias",
-              "router top-k", "moe_mxfp4", "moe_mxfp4 + residual + rms_norm"):
-        if o in per:          # the fused rows (decode regime) or the separate ones
-            small += per[o]["us"] * L
-    small += (per["attention_decode (sliding)"]["us"] + per["attention_decode (full)"]["us"]) * (L / 2)
-    head_us = sum(per[o]["us"] for o in ("embedding", "unembedding (fp32 logits)", "sample (argmax)"))
     full_layers = ModelShape.preset(config_name).num_layers
+    once = ("embedding", "rms_norm (first)", "unembedding (fp32 logits)", "sample (argmax)")
+    # the L-layer step runs each per-layer op calls * L / full_layers times (sliding: half the layers)
+    small = sum(per[o]["us"] for o in once)
+    small += sum(r["us"] * r["calls"] * L / full_layers for r in rows if r["op"] not in once)
+    head_us = sum(per[o]["us"] for o in ("embedding", "unembedding (fp32 logits)", "sample (argmax)"))
     est_us = head_us + (full_layers / L) * (step_us - head_us)
     sum_us = sum(r["us"] * r["calls"] for r in rows)
     total_bytes = sum(r["bytes"] * r["calls"] for r in rows)
@@ -501,14 +505,14 @@ def format_profile(prof: dict) -> str:
     gpu = prof["mode"] == "gpu"
     head = (f"decode-step profile, {s['config']}, batch {s['batch']}, context {s['context']}"
             + (f", {s['device_name']} (eager per op, CUDA events, cold L2)" if gpu else f" -- {prof['note']}"))
-    lines = [head, f"{'op':<28} {'calls':>5} {'MB/call':>9} {'us/call':>8} {'GB/s':>7} {'%copy':>6} {'us/step':>8}"]
+    lines = [head, f"{'op':<36} {'calls':>5} {'MB/call':>9} {'us/call':>8} {'GB/s':>7} {'%copy':>6} {'us/step':>8}"]
     for r in prof["rows"]:
         mb = r["bytes"] / 1e6
         if gpu:
-            lines.append(f"{r['op']:<28} {r['calls']:>5} {mb:>9.3f} {r['us']:>8.1f} {r['gbps']:>7.0f} "
+            lines.append(f"{r['op']:<36} {r['calls']:>5} {mb:>9.3f} {r['us']:>8.1f} {r['gbps']:>7.0f} "
                          f"{r['pct_copy']:>5.0f}% {r['us'] * r['calls']:>8.0f}")
         else:
-            lines.append(f"{r['op']:<28} {r['calls']:>5} {mb:>9.3f} {'-':>8} {'-':>7} {'-':>6} {'-':>8}")
+            lines.append(f"{r['op']:<36} {r['calls']:>5} {mb:>9.3f} {'-':>8} {'-':>7} {'-':>6} {'-':>8}")
     lines.append(f"bytes per step {s['bytes_per_step'] / 1e9:.3f} GB ({s['bytes_per_token'] / 1e9:.3f} GB/token)")
     if gpu:
         lines.append(f"sum of ops {s['sum_us']:.0f} us/step = {s['sum_tok_s']:.0f} tok/s; bound at the measured copy "

@@ -7,8 +7,8 @@ from .attention_prefill import attention_prefill
 from .dense import greedy_argmax, linear, qkv_rope_append, rms_norm
 from .moe import moe_bytes_read, moe_mxfp4, moe_mxfp4_add_rms_norm
 from .mxfp4 import mxfp4_dequantize, mxfp4_quantize
-from .router import RouteMetadata, route, router_topk
+from .router import RouteMetadata, add_rms_norm_router_topk, route, router_topk
 
 __all__ = ["attention_decode", "attention_prefill", "cache_append", "rope_and_cache_append", "rope_qkv",
            "greedy_argmax", "linear", "qkv_rope_append", "rms_norm", "moe_bytes_read", "moe_mxfp4", "moe_mxfp4_add_rms_norm", "mxfp4_dequantize", "mxfp4_quantize",
-           "RouteMetadata", "route", "router_topk"]
+           "RouteMetadata", "add_rms_norm_router_topk", "route", "router_topk"]

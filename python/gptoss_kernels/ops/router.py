@@ -135,6 +135,52 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: in
     return ids, wts
 
 
+def add_rms_norm_router_topk(delta: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                             weight: torch.Tensor, bias: torch.Tensor, k: int = 4, *, eps: float = 1e-5,
+                             norm_out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                             out=None):
+    """The decode step's residual add + RMSNorm before the MoE, with the router on its result:
+    h = delta + residual (bf16), a = RMSNorm(h) * norm_weight, (ids, w) = router_topk(a, weight,
+    bias, k). Returns (a, h, ids, w): the values of rms_norm(delta, norm_weight, residual=residual)
+    then router_topk. On CUDA for T <= 16 and E <= 128 one kernel (the router's cluster kernel
+    computes the norm first); otherwise the two ops.
+
+    delta, residual bf16 [T, H]; norm_weight bf16 or float32 [H]; weight bf16 [E, H]; bias bf16 [E];
+    norm_out, residual_out optional bf16 [T, H] (residual_out may alias residual); out optional
+    (topk_ids int32 [T, k], topk_weights float32 [T, k])."""
+    from .dense import rms_norm
+
+    dev = _check_router_args(delta, weight, bias, k)
+    T, H = delta.shape
+    E = weight.shape[0]
+    _checks.tensor("residual", residual, dtype=torch.bfloat16, shape=(T, H))
+    _checks.tensor("norm_weight", norm_weight, dtype=(torch.bfloat16, torch.float32), shape=(H,))
+    _checks.same_device(delta=delta, residual=residual, norm_weight=norm_weight, norm_out=norm_out,
+                        residual_out=residual_out)
+    norm_out = _checks.out_tensor("norm_out", norm_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
+    residual_out = _checks.out_tensor("residual_out", residual_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
+    ids, wts = _out_pair(out, T, k, dev)
+    C = _lib.C() if dev.type == "cuda" and _lib.cuda_available() else None
+    fused = (C is not None and hasattr(C, "add_rms_norm_router_topk_bf16")
+             and T <= C.add_rms_norm_router_topk_max_tokens and E <= 128 and k <= _MAX_K and H % 8 == 0
+             and H // 8 <= 1024
+             and all(t.data_ptr() % 16 == 0 for t in (delta, residual, residual_out, norm_weight, norm_out, weight)))
+    if not fused:
+        rms_norm(delta, norm_weight, eps=eps, residual=residual, out=norm_out, residual_out=residual_out)
+        ids, wts = router_topk(norm_out, weight, bias, k, out=None if ids is None else (ids, wts))
+        return norm_out, residual_out, ids, wts
+    if ids is None:
+        ids = torch.empty((T, k), dtype=torch.int32, device=dev)
+        wts = torch.empty((T, k), dtype=torch.float32, device=dev)
+    if T:
+        with torch.cuda.device(dev):
+            C.add_rms_norm_router_topk_bf16(delta.data_ptr(), residual.data_ptr(), residual_out.data_ptr(),
+                                            norm_weight.data_ptr(), norm_weight.dtype == torch.float32, float(eps),
+                                            norm_out.data_ptr(), weight.data_ptr(), bias.data_ptr(), ids.data_ptr(),
+                                            wts.data_ptr(), T, H, E, k, _checks.stream_of(dev))
+    return norm_out, residual_out, ids, wts
+
+
 def route(topk_ids: torch.Tensor, num_experts: int, *, out: RouteMetadata | None = None) -> RouteMetadata:
     """Group routed rows by expert: topk_ids int32 [T, k] -> RouteMetadata (see its doc).
 
