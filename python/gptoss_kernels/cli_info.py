@@ -14,10 +14,13 @@ OP_FAMILIES = {
     "mxfp4_dequantize": "mxfp4",
     "moe_mxfp4 (decode regime)": "moe_decode",
     "moe_mxfp4 (prefill regime)": "moe_prefill",
+    "moe_mxfp4_add_rms_norm": "moe_decode",
     "router_topk / route": "router",
+    "add_rms_norm_router_topk": "router",
     "attention_decode": "attention_decode",
     "attention_prefill": "attention_prefill",
     "rope_qkv / cache_append": "rope",
+    "rms_norm / linear / qkv_rope_append": "dense",
 }
 
 
@@ -57,9 +60,11 @@ def run(args) -> int:
     else:
         print("  device: none (torch sees no CUDA GPU)")
     print(f"  CUDA kernels in use: {'yes' if info['cuda_available'] else 'no: ' + str(info['kernels_error'])}")
+    if b.get("pdl") is not None:
+        print(f"  programmatic dependent launch (decode-path kernels): {'on' if b['pdl'] else 'off'}")
     print("  ops:")
     for op, how in info["ops"].items():
-        print(f"    {op:30s} {how}")
+        print(f"    {op:36s} {how}")
     return 0
 
 
