@@ -721,3 +721,52 @@ def _add_norm_router_vs_two_ops(T, E, H, k, wdtype):
     assert torch.equal(a.view(torch.int16), a_ref.view(torch.int16))
     assert torch.equal(x.view(torch.int16), h_ref.view(torch.int16))
     assert torch.equal(out[0], rid) and torch.equal(out[1], rw)
+
+
+def test_cluster_kernel_index_logic_emulated():
+    """The CLUSTER kernel's index logic in numpy (csrc/kernels/router.cu, router_cluster_kernel and
+    add_norm_rows_inv), for many H and T: the 8 ranks' 64-wide H slices partition the chunks; each
+    rank's 8-wide norm slice [c0, c1) is exactly the columns its main loop reads; the rank-order sum
+    of the ranks' partial logits is the full product; token row r of the tile is warp r % 8 of rank
+    r // 8; and in the norm pass every warp's 32 items are one group of one row, so each group sum
+    is one warp butterfly, as in rms_norm_kernel."""
+    R, kKC, kThreads, kTT = 8, 64, 256, 64
+    rng = np.random.default_rng(0)
+    for H in (8, 64, 136, 200, 520, 2880, 4096, 8192):
+        nc = (H + kKC - 1) // kKC
+        chunks = H // 8
+        covered = np.zeros(nc, int)
+        cols = np.zeros(H, int)
+        x = rng.standard_normal(H)
+        W = rng.standard_normal((5, H))
+        total = np.zeros(5)
+        for rank in range(R):
+            cb, ce = rank * nc // R, (rank + 1) * nc // R
+            covered[cb:ce] += 1
+            c0, c1 = cb * (kKC // 8), min(chunks, ce * (kKC // 8))
+            # the main loop's columns: chunks [cb, ce) of 64, clipped at H
+            loop_cols = [kk for c in range(cb, ce) for kk in range(c * kKC, min(H, (c + 1) * kKC))]
+            norm_cols = [8 * c + i for c in range(c0, max(c0, c1)) for i in range(8)]
+            assert loop_cols == norm_cols, (H, rank)
+            cols[loop_cols] += 1
+            total += W[:, loop_cols] @ x[loop_cols]          # rank order
+        assert (covered == 1).all() and (cols == 1).all(), H
+        np.testing.assert_allclose(total, W @ x, rtol=1e-12)
+        groups = (chunks + 31) // 32
+        gpad = groups * 32
+        for rows in (1, 3, 16):
+            seen = {}
+            for base in range(0, rows * gpad, kThreads):
+                for warp in range(kThreads // 32):
+                    items = [base + warp * 32 + lane for lane in range(32)]
+                    rc = {(i // gpad, (i % gpad) >> 5) for i in items}
+                    assert len(rc) == 1, (H, rows, base, warp)
+                    r, g = rc.pop()
+                    if r < rows:
+                        assert (r, g) not in seen
+                        seen[(r, g)] = [i % gpad for i in items]
+            assert sorted(seen) == [(r, g) for r in range(rows) for g in range(groups)]
+            for (r, g), cs in seen.items():          # the chunks rms_norm_kernel's warp g holds
+                assert cs == list(range(32 * g, 32 * g + 32))
+    rows_of = sorted(rank * (kThreads // 32) + warp for rank in range(R) for warp in range(kThreads // 32))
+    assert rows_of == list(range(kTT))
