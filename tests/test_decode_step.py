@@ -444,6 +444,12 @@ def test_profile_summary_and_table_gpu_format():
     s["bytes_per_step"] = s["bytes_per_token"] = sum(r["bytes"] * r["calls"] for r in rows)
     text = e2e.format_profile({"mode": "gpu", "rows": rows, "summary": s})
     assert "67% of the bound" in text and "CUDA graph" in text and "2000" in text
+    assert "PDL" not in text and "without the fused" not in text
+    s.update(pdl=True, step2_pdl_off_us=1.25 * two, step2_unfused_us=1.5 * two)
+    text = e2e.format_profile({"mode": "gpu", "rows": rows, "summary": s})
+    assert "PDL off (ordinary launches)" in text and "1.25x" in text and "1.50x the fused step" in text
+    s["pdl"] = False
+    assert "PDL is OFF in this run" in e2e.format_profile({"mode": "gpu", "rows": rows, "summary": s})
 
 
 def test_profile_op_calls_run_on_cpu():
