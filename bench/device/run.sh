@@ -137,7 +137,7 @@ elif (( c > 0 )); then
   files=()
   for f in "${order[@]}"; do [[ -f "tests/$f.py" ]] && files+=("tests/$f.py"); done
   for f in tests/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
-  timeout "$c" $PY -m pytest -m gpu -rs -v -p no:cacheprovider "${extra[@]}" "${files[@]}" > "$OUT/pytest.log" 2>&1; r=$?
+  timeout "$c" $PY -m pytest -m gpu -rs -v --durations=25 -p no:cacheprovider "${extra[@]}" "${files[@]}" > "$OUT/pytest.log" 2>&1; r=$?
   tail -5 "$OUT/pytest.log"
   case $r in 0) v=pass ;; 5) v="no GPU tests collected" ;; 124|137) v="TIMED OUT after ${c}s" ;; *) v="failures (rc $r)" ;; esac
   step "pytest -m gpu" "$v" $(( $(date +%s) - t ))
