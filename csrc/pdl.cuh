@@ -90,5 +90,35 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   return cudaGetLastError();
 }
 
+// launch() for a grid of thread-block clusters of cluster_x blocks along x (a runtime cluster
+// size: grid.x must be a multiple of it), with the PDL attribute as launch() adds it.
+template <typename... Params, typename... Args>
+cudaError_t launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                            unsigned cluster_x, bool pdl, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster_x;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = (pdl && enabled()) ? 2 : 1;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+  if (err == cudaSuccess || cfg.numAttrs == 1 || err == cudaErrorStreamCaptureInvalidated ||
+      err == cudaErrorStreamCaptureUnsupported)
+    return err;
+  (void)cudaGetLastError();  // as launch(): retry without PDL; turn PDL off only if that works
+  cfg.numAttrs = 1;
+  const cudaError_t plain = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+  if (plain == cudaSuccess) disabled() = true;
+  return plain;
+}
+
 }  // namespace pdl
 }  // namespace gptoss

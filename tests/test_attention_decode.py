@@ -216,6 +216,11 @@ def test_decode_kernel_sass(decode_kernels):
     assert "LDG.E.128" in k.sass            # q rows: 16-byte loads
     assert "LDL" not in k.sass and "STL" not in k.sass and k.local == 0 and k.stack == 0
     assert k.reg <= 168, f"{k.reg} registers: fewer than 3 CTAs of 128 threads per SM"
+    # the in-cluster merge of 2..8 splits: cluster barriers (arrive + wait) around the
+    # distributed-shared-memory reads, in both decode kernels
+    for n, kk in decode_kernels.items():
+        if "attention_decode_kernel(" in n or "attention_decode_mma_kernel" in n:
+            assert kk.sass.count("UCGABAR_WAIT") >= 2, n
 
 
 def test_decode_mma_kernel_sass(decode_kernels):
@@ -323,6 +328,24 @@ def test_decode_large_preallocated_cache_mostly_empty_splits(variant):
 def test_decode_batch_sizes(B, variant):
     lengths = torch.randint(1, 3000, (B,)).tolist()
     _check(*_make_case(lengths, None), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,S,window,want_splits", [(1, 128, 128, 2), (4, 300, 128, 2), (3, 400, None, 7),
+                                                    (1, 512, None, 8), (2, 600, None, 10)])
+def test_decode_cluster_merge_equals_combine_kernel(B, S, window, want_splits, variant, monkeypatch):
+    """2..8 splits merge inside their thread-block cluster (distributed shared memory); the
+    combine kernel (forced with DECODE_NO_CLUSTER, and used above 8 splits) gives the same bits."""
+    from gptoss_kernels.ops import attention as A
+
+    assert _lib.C().attention_decode_num_splits(B, S, 64, 8, 64, window or 0) == want_splits
+    q, kc, vc, lens, sinks = _make_case([max(1, S - 13 * b) for b in range(B)], window, S=S)
+    out = {}
+    for forced in (False, True):
+        monkeypatch.setattr(A, "DECODE_VARIANT", variant | (A.DECODE_NO_CLUSTER if forced else 0))
+        out[forced] = gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=window, out=torch.full_like(q, float("nan")))
+    assert torch.equal(out[False].view(torch.int16), out[True].view(torch.int16))
+    _check(q, kc, vc, lens, sinks, window)
 
 
 @pytest.mark.gpu

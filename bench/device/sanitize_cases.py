@@ -110,6 +110,8 @@ def _():
     y, h = gk.moe_mxfp4_add_rms_norm(*args, r, nw)
     h_ref = (reference.moe(*args).to(torch.bfloat16).float() + r.float()).to(torch.bfloat16)
     return max(rel(h, h_ref), rel(y, reference.rms_norm(h_ref, nw)))
+
+
 case("moe_prefill", "T=77 E=5 (T*k above the decode regime)")(lambda: _moe(77))
 
 
@@ -210,6 +212,20 @@ def _():
     saved, att.DECODE_VARIANT = att.DECODE_VARIANT, 2
     try:
         return _decode_errs()
+    finally:
+        att.DECODE_VARIANT = saved
+
+
+@case("attention_decode", "the combine kernel (forced: DECODE_NO_CLUSTER) on the same cases, both variants")
+def _():
+    from gptoss_kernels.ops import attention as att
+    saved = att.DECODE_VARIANT
+    try:
+        errs = []
+        for v in (1, 2):
+            att.DECODE_VARIANT = v | att.DECODE_NO_CLUSTER
+            errs.append(_decode_errs())
+        return max(errs)
     finally:
         att.DECODE_VARIANT = saved
 

@@ -27,6 +27,7 @@
 //                                  80% of copy bandwidth on long contexts.
 //   2 attention_decode_mma_kernel  tensor cores (mma.sync m16n8k16 bf16 -> fp32, described at
 //                                  the kernel); ~22 instructions per key, far below that limit.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -56,6 +57,7 @@ constexpr int kMinChunk = 64;
 constexpr int kMaxChunk = 2048;
 constexpr int kTargetCtas = 2 * 132;      // two CTAs per H100 SM
 constexpr int kPartialFloats = kGroup * kHeadDim;  // o of one (sequence, KV head, split)
+constexpr int kMaxClusterSplits = 8;                // the portable thread-block cluster size
 // Kernel used by variant 0: 1 = fp32 SIMT (attention_decode_kernel), 2 = tensor cores
 // (attention_decode_mma_kernel). Both share the split plan, workspace and combine.
 constexpr int kDefaultVariant = 1;
@@ -74,6 +76,8 @@ struct DecodeParams {
   int window;       // 0 = full
   int chunk;        // keys per split
   int splits;
+  int cluster;      // 1: the splits of one (sequence, KV head) are a thread-block cluster that merges
+                    // its partials through distributed shared memory (no workspace, no combine kernel)
   float qk_scale;   // sm_scale * log2(e)
 };
 
@@ -151,6 +155,39 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
     packed.x = *reinterpret_cast<uint32_t*>(&r01);
     packed.y = *reinterpret_cast<uint32_t*>(&r23);
     *reinterpret_cast<uint2*>(p.out + (b * (kGroup * p.nkv) + qh) * kHeadDim + d0) = packed;
+  } else if (p.cluster) {
+    // the cluster's partials merged by rank 0 in split order: the combine kernel's arithmetic
+    // (softmax_merge per split, then the sink) for this thread's head h and dims d0..d0+3
+    namespace cg = cooperative_groups;
+    __shared__ float4 xo[kThreads];
+    __shared__ float2 xml[kGroup];
+    xo[threadIdx.x] = acc;
+    if ((threadIdx.x & 15) == 0) xml[h] = make_float2(acc_st.m, acc_st.l);
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every split's partial is in its block's shared memory
+    if (cluster.block_rank() == 0) {
+      gptoss::SoftmaxState st = gptoss::softmax_empty();
+      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int s = 0; s < p.splits; ++s) {
+        const float2 ml = cluster.map_shared_rank(xml, s)[h];
+        const float4 v = cluster.map_shared_rank(xo, s)[threadIdx.x];
+        float sa, sb;
+        st = gptoss::softmax_merge(st, gptoss::SoftmaxState{ml.x, ml.y}, &sa, &sb);
+        o.x = o.x * sa + v.x * sb;
+        o.y = o.y * sa + v.y * sb;
+        o.z = o.z * sa + v.z * sb;
+        o.w = o.w * sa + v.w * sb;
+      }
+      const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
+      const float f = gptoss::softmax_sink_normalizer(st, sink2);
+      __nv_bfloat162 r01 = __floats2bfloat162_rn(o.x * f, o.y * f);
+      __nv_bfloat162 r23 = __floats2bfloat162_rn(o.z * f, o.w * f);
+      uint2 packed;
+      packed.x = *reinterpret_cast<uint32_t*>(&r01);
+      packed.y = *reinterpret_cast<uint32_t*>(&r23);
+      *reinterpret_cast<uint2*>(p.out + (b * (kGroup * p.nkv) + qh) * kHeadDim + d0) = packed;
+    }
+    cluster.sync();  // the other blocks' shared memory stays alive until rank 0 has read it
   } else {
     const int64_t part_idx = (b * p.nkv + kvh) * p.splits + split;
     *reinterpret_cast<float4*>(p.ws_o + part_idx * kPartialFloats + h * kHeadDim + d0) = acc;
@@ -571,7 +608,9 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16_variant(
     const void* q, const void* k_cache, const void* v_cache, const int32_t* cache_seqlens, const void* sinks,
     void* out, void* workspace, size_t workspace_bytes, int64_t batch, int64_t cache_size, int num_q_heads,
     int num_kv_heads, int head_dim, int sliding_window, float sm_scale, int variant, cudaStream_t stream) {
-  GPTOSS_REQUIRE(variant >= 0 && variant <= 2, "attention_decode: variant must be 0 (default), 1 (fp32) or 2 (mma)");
+  GPTOSS_REQUIRE((variant & ~GPTOSS_ATTENTION_DECODE_NO_CLUSTER) >= 0 && (variant & ~GPTOSS_ATTENTION_DECODE_NO_CLUSTER) <= 2,
+                 "attention_decode: variant must be 0 (default), 1 (fp32) or 2 (mma), optionally | "
+                 "GPTOSS_ATTENTION_DECODE_NO_CLUSTER");
   GPTOSS_REQUIRE(batch >= 0, "attention_decode: batch must be >= 0");
   GPTOSS_REQUIRE(cache_size > 0 && cache_size < (int64_t(1) << 31),
                  "attention_decode: cache_size must be in [1, 2^31)");
@@ -613,10 +652,19 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16_variant(
   p.ws_ml = need ? reinterpret_cast<float2*>(static_cast<float*>(workspace) + parts * kPartialFloats) : nullptr;
 
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(batch));
+  const bool no_cluster = (variant & GPTOSS_ATTENTION_DECODE_NO_CLUSTER) != 0;
+  variant &= ~GPTOSS_ATTENTION_DECODE_NO_CLUSTER;
   if (variant == 0) variant = kDefaultVariant;
-  GPTOSS_CUDA_TRY(gptoss::pdl::launch(variant == 2 ? attention_decode_mma_kernel : attention_decode_kernel, grid,
-                                      dim3(kThreads), 0, stream, true, p),
-                  "attention_decode launch");
+  auto* kernel = variant == 2 ? attention_decode_mma_kernel : attention_decode_kernel;
+  // 2..8 splits (a portable cluster size): the splits merge inside their cluster
+  p.cluster = (!no_cluster && p.splits > 1 && p.splits <= kMaxClusterSplits) ? 1 : 0;
+  if (p.cluster) {
+    GPTOSS_CUDA_TRY(gptoss::pdl::launch_clusters(kernel, grid, dim3(kThreads), 0, stream,
+                                                 static_cast<unsigned>(p.splits), true, p),
+                    "attention_decode (cluster) launch");
+    return GPTOSS_OK;
+  }
+  GPTOSS_CUDA_TRY(gptoss::pdl::launch(kernel, grid, dim3(kThreads), 0, stream, true, p), "attention_decode launch");
   if (p.splits > 1)
     GPTOSS_CUDA_TRY(gptoss::pdl::launch(attention_decode_combine_kernel,
                                         dim3(static_cast<unsigned>(num_kv_heads), static_cast<unsigned>(batch)),

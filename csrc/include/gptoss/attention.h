@@ -34,9 +34,15 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16(const void* q, const void*
                                                       int head_dim, int sliding_window, float sm_scale,
                                                       cudaStream_t stream);
 
-/* The same with an explicit kernel choice: variant 0 = the library's default, 1 = fp32 SIMT
+/* How the splits are merged: with 2..8 splits, the splits of one (sequence, KV head) run as a
+ * thread-block cluster and merge through distributed shared memory (one kernel; the workspace is
+ * then unused); with more, a second kernel merges them from the workspace. Same bits either way.
+ * The same with an explicit kernel choice: variant 0 = the library's default, 1 = fp32 SIMT
  * (q.k, softmax and p.v all in fp32 FMAs), 2 = tensor cores (mma.sync bf16 x bf16 -> fp32; P is
- * rounded to bf16 before P.V). Same workspace, same split plan. */
+ * rounded to bf16 before P.V); OR GPTOSS_ATTENTION_DECODE_NO_CLUSTER into it to merge with the
+ * second kernel whatever the split count (for tests and benchmarks). Same workspace, same split
+ * plan. */
+#define GPTOSS_ATTENTION_DECODE_NO_CLUSTER 16
 GPTOSS_API gptoss_status gptoss_attention_decode_bf16_variant(
     const void* q, const void* k_cache, const void* v_cache, const int32_t* cache_seqlens, const void* sinks,
     void* out, void* workspace, size_t workspace_bytes, int64_t batch, int64_t cache_size, int num_q_heads,

@@ -31,8 +31,10 @@ def _rope_table(rope: reference.YarnParams) -> tuple[list[float], float]:
 
 
 #: attention_decode kernel choice passed to the C ABI: 0 = the library default, 1 = fp32 SIMT,
-#: 2 = tensor cores (P rounded to bf16). For tests and benchmarks.
+#: 2 = tensor cores (P rounded to bf16); | DECODE_NO_CLUSTER merges 2..8 splits with the second
+#: kernel instead of inside a thread-block cluster (same bits). For tests and benchmarks.
 DECODE_VARIANT = 0
+DECODE_NO_CLUSTER = 16    # GPTOSS_ATTENTION_DECODE_NO_CLUSTER
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
