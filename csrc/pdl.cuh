@@ -75,8 +75,11 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
-    if (err == cudaSuccess || err == cudaErrorStreamCaptureInvalidated || err == cudaErrorStreamCaptureUnsupported)
+    if (err == cudaSuccess) return err;
+    if (err == cudaErrorStreamCaptureInvalidated || err == cudaErrorStreamCaptureUnsupported) {
+      (void)cudaGetLastError();  // returned to the caller; not left for an unrelated launch check
       return err;
+    }
     // Retry the ordinary way; only if that works was the attribute the problem (a runtime or
     // driver without PDL): then PDL stays off for the process. Any other error (no device, a bad
     // configuration) is returned as it is and changes nothing.
@@ -110,13 +113,14 @@ cudaError_t launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, si
   cfg.attrs = attr;
   cfg.numAttrs = (pdl && enabled()) ? 2 : 1;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
-  if (err == cudaSuccess || cfg.numAttrs == 1 || err == cudaErrorStreamCaptureInvalidated ||
-      err == cudaErrorStreamCaptureUnsupported)
+  if (err == cudaSuccess) return err;
+  (void)cudaGetLastError();  // errors are returned, not left for an unrelated launch check
+  if (cfg.numAttrs == 1 || err == cudaErrorStreamCaptureInvalidated || err == cudaErrorStreamCaptureUnsupported)
     return err;
-  (void)cudaGetLastError();  // as launch(): retry without PDL; turn PDL off only if that works
-  cfg.numAttrs = 1;
+  cfg.numAttrs = 1;  // as launch(): retry without PDL; turn PDL off only if that works
   const cudaError_t plain = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
   if (plain == cudaSuccess) disabled() = true;
+  else (void)cudaGetLastError();
   return plain;
 }
 

@@ -54,15 +54,27 @@ GPTOSS_HD float softmax_update_max(SoftmaxState& st, float tile_max) {
   return alpha;
 }
 
+// x_a * s_a + x_b * s_b with one fixed rounding sequence (x_b * s_b rounded, then a fused
+// multiply-add), on the device and the host alike: every kernel that merges partial states (the
+// split kernel's warps, the combine kernel, the in-cluster merge) gets the same bits, whatever
+// the compiler would contract.
+GPTOSS_HD float softmax_scaled_sum(float xa, float sa, float xb, float sb) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(xa, sa, __fmul_rn(xb, sb));
+#else
+  return std::fma(xa, sa, xb * sb);
+#endif
+}
+
 // Merge two partial states over disjoint key sets. *scale_a and *scale_b multiply the
-// corresponding unnormalized outputs: o = o_a * scale_a + o_b * scale_b.
+// corresponding unnormalized outputs: o = softmax_scaled_sum(o_a, scale_a, o_b, scale_b).
 GPTOSS_HD SoftmaxState softmax_merge(SoftmaxState a, SoftmaxState b, float* scale_a, float* scale_b) {
   const float m = fmaxf(a.m, b.m);
   const float sa = softmax_rescale(a.m, m);
   const float sb = softmax_rescale(b.m, m);
   *scale_a = sa;
   *scale_b = sb;
-  return SoftmaxState{m, a.l * sa + b.l * sb};
+  return SoftmaxState{m, softmax_scaled_sum(a.l, sa, b.l, sb)};
 }
 
 // Final factor of a complete state with the sink logit sink2 (= S_h * log2 e): the output is

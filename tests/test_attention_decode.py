@@ -363,8 +363,15 @@ def test_decode_longest_context(variant):
 
 
 @pytest.mark.gpu
-def test_decode_cuda_graph_replay_equals_eager(variant):
-    q, kc, vc, lens, sinks = _make_case([700, 3000], None, S=4096)
+@pytest.mark.parametrize("S", [4096, 320], ids=["combine-16-splits", "cluster-5-splits"])
+def test_decode_cuda_graph_replay_equals_eager(variant, S):
+    """Captured and replayed with other lengths: the same bits as eager calls, through the
+    combine kernel (B=2, S=4096: 16 splits) and through the in-cluster merge (S=320: 5 splits)."""
+    from gptoss_kernels.ops import attention as A
+
+    splits = _lib.C().attention_decode_num_splits(2, S, 64, 8, 64, 0)
+    assert (splits > A.MAX_CLUSTER_SPLITS) == (S == 4096)
+    q, kc, vc, lens, sinks = _make_case([min(700, S), min(3000, S - 1)], None, S=S)
     # fill the rest of the cache so that changing the lengths stays within written slots
     kc[torch.isnan(kc)] = 0.5
     vc[torch.isnan(vc)] = -0.25
@@ -374,7 +381,7 @@ def test_decode_cuda_graph_replay_equals_eager(variant):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=None, out=out)
-    for new in ([1, 4096], [2049, 17], [700, 3000]):
+    for new in ([1, S], [S // 2 + 1, 17], [min(700, S), min(3000, S - 1)]):
         lens.copy_(torch.tensor(new, dtype=torch.int32))
         q.copy_(torch.randn_like(q, dtype=torch.float32).to(torch.bfloat16))
         out.fill_(float("nan"))

@@ -117,6 +117,14 @@ struct __align__(16) MergeSmem {
   float l[kWarps][kGroup];
 };
 static_assert(sizeof(MergeSmem) <= sizeof(PipeSmem), "merge scratch reuses the pipeline buffers");
+// The in-cluster merge's exchange of one CTA's partial (o per thread, (m, l) per head), placed
+// right after MergeSmem inside the same pipeline buffer.
+struct __align__(16) ClusterXchg {
+  float4 o[kThreads];
+  float2 ml[kGroup];
+};
+static_assert(sizeof(MergeSmem) % 16 == 0 && sizeof(MergeSmem) + sizeof(ClusterXchg) <= sizeof(PipeSmem),
+              "the cluster exchange fits in the pipeline buffers' tail");
 
 // Epilogue shared by both kernels: merge the kWarps warps' partial states (each warp's o split
 // over kGroupsUsed key groups, summed here) and write the final bf16 output (one split) or the
@@ -139,10 +147,10 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
       const float4 v = *reinterpret_cast<const float4*>(&ms.o[w][gg][h][d0]);
       part.x += v.x; part.y += v.y; part.z += v.z; part.w += v.w;
     }
-    acc.x = acc.x * sa + part.x * sb;
-    acc.y = acc.y * sa + part.y * sb;
-    acc.z = acc.z * sa + part.z * sb;
-    acc.w = acc.w * sa + part.w * sb;
+    acc.x = gptoss::softmax_scaled_sum(acc.x, sa, part.x, sb);
+    acc.y = gptoss::softmax_scaled_sum(acc.y, sa, part.y, sb);
+    acc.z = gptoss::softmax_scaled_sum(acc.z, sa, part.z, sb);
+    acc.w = gptoss::softmax_scaled_sum(acc.w, sa, part.w, sb);
   }
 
   const int qh = kvh * kGroup + h;
@@ -159,8 +167,12 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
     // the cluster's partials merged by rank 0 in split order: the combine kernel's arithmetic
     // (softmax_merge per split, then the sink) for this thread's head h and dims d0..d0+3
     namespace cg = cooperative_groups;
-    __shared__ float4 xo[kThreads];
-    __shared__ float2 xml[kGroup];
+    // the exchange buffers: the pipeline buffer's tail, past the MergeSmem that ms occupies (the
+    // pipeline is drained; static shared memory stays within 48 KB)
+    ClusterXchg& xc = *reinterpret_cast<ClusterXchg*>(
+        reinterpret_cast<char*>(const_cast<MergeSmem*>(&ms)) + sizeof(MergeSmem));
+    float4* xo = xc.o;
+    float2* xml = xc.ml;
     xo[threadIdx.x] = acc;
     if ((threadIdx.x & 15) == 0) xml[h] = make_float2(acc_st.m, acc_st.l);
     cg::cluster_group cluster = cg::this_cluster();
@@ -173,10 +185,10 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
         const float4 v = cluster.map_shared_rank(xo, s)[threadIdx.x];
         float sa, sb;
         st = gptoss::softmax_merge(st, gptoss::SoftmaxState{ml.x, ml.y}, &sa, &sb);
-        o.x = o.x * sa + v.x * sb;
-        o.y = o.y * sa + v.y * sb;
-        o.z = o.z * sa + v.z * sb;
-        o.w = o.w * sa + v.w * sb;
+        o.x = gptoss::softmax_scaled_sum(o.x, sa, v.x, sb);
+        o.y = gptoss::softmax_scaled_sum(o.y, sa, v.y, sb);
+        o.z = gptoss::softmax_scaled_sum(o.z, sa, v.z, sb);
+        o.w = gptoss::softmax_scaled_sum(o.w, sa, v.w, sb);
       }
       const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
       const float f = gptoss::softmax_sink_normalizer(st, sink2);
@@ -546,8 +558,8 @@ __global__ void __launch_bounds__(256) attention_decode_combine_kernel(const Dec
     const float2 v = __ldcg(reinterpret_cast<const float2*>(p.ws_o + (base + s) * kPartialFloats + h * kHeadDim + d0));
     float sa, sb;
     st = gptoss::softmax_merge(st, gptoss::SoftmaxState{ml.x, ml.y}, &sa, &sb);
-    acc.x = acc.x * sa + v.x * sb;
-    acc.y = acc.y * sa + v.y * sb;
+    acc.x = gptoss::softmax_scaled_sum(acc.x, sa, v.x, sb);
+    acc.y = gptoss::softmax_scaled_sum(acc.y, sa, v.y, sb);
   }
   const int qh = kvh * kGroup + h;
   const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
@@ -659,10 +671,14 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16_variant(
   // 2..8 splits (a portable cluster size): the splits merge inside their cluster
   p.cluster = (!no_cluster && p.splits > 1 && p.splits <= kMaxClusterSplits) ? 1 : 0;
   if (p.cluster) {
-    GPTOSS_CUDA_TRY(gptoss::pdl::launch_clusters(kernel, grid, dim3(kThreads), 0, stream,
-                                                 static_cast<unsigned>(p.splits), true, p),
-                    "attention_decode (cluster) launch");
-    return GPTOSS_OK;
+    const cudaError_t err = gptoss::pdl::launch_clusters(kernel, grid, dim3(kThreads), 0, stream,
+                                                         static_cast<unsigned>(p.splits), true, p);
+    if (err == cudaSuccess) return GPTOSS_OK;
+    if (err == cudaErrorStreamCaptureInvalidated || err == cudaErrorStreamCaptureUnsupported)
+      return gptoss::cuda_status(err, "attention_decode (cluster) launch");
+    // the cluster was refused (e.g. too few SMs per GPC in a partitioned GPU): merge with the
+    // combine kernel instead (the workspace is always required for this)
+    p.cluster = 0;
   }
   GPTOSS_CUDA_TRY(gptoss::pdl::launch(kernel, grid, dim3(kThreads), 0, stream, true, p), "attention_decode launch");
   if (p.splits > 1)

@@ -35,6 +35,7 @@ def _rope_table(rope: reference.YarnParams) -> tuple[list[float], float]:
 #: kernel instead of inside a thread-block cluster (same bits). For tests and benchmarks.
 DECODE_VARIANT = 0
 DECODE_NO_CLUSTER = 16    # GPTOSS_ATTENTION_DECODE_NO_CLUSTER
+MAX_CLUSTER_SPLITS = 8    # splits merged inside a thread-block cluster (2..8)
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
