@@ -126,6 +126,20 @@ struct __align__(16) ClusterXchg {
 static_assert(sizeof(MergeSmem) % 16 == 0 && sizeof(MergeSmem) + sizeof(ClusterXchg) <= sizeof(PipeSmem),
               "the cluster exchange fits in the pipeline buffers' tail");
 
+// out[b, qh, d0..d0+3] = bf16(o * the sink normalizer of the complete state st): the output of a
+// head's dims once every key has been merged.
+__device__ __forceinline__ void store_normalized(const DecodeParams& p, int64_t b, int qh, int d0, const float4& o,
+                                                 gptoss::SoftmaxState st) {
+  const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
+  const float f = gptoss::softmax_sink_normalizer(st, sink2);
+  __nv_bfloat162 r01 = __floats2bfloat162_rn(o.x * f, o.y * f);
+  __nv_bfloat162 r23 = __floats2bfloat162_rn(o.z * f, o.w * f);
+  uint2 packed;
+  packed.x = *reinterpret_cast<uint32_t*>(&r01);
+  packed.y = *reinterpret_cast<uint32_t*>(&r23);
+  *reinterpret_cast<uint2*>(p.out + (b * (kGroup * p.nkv) + qh) * kHeadDim + d0) = packed;
+}
+
 // Epilogue shared by both kernels: merge the kWarps warps' partial states (each warp's o split
 // over kGroupsUsed key groups, summed here) and write the final bf16 output (one split) or the
 // CTA's partial (m, l, o) to the workspace. Called after a __syncthreads that follows the stores.
@@ -155,14 +169,7 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
 
   const int qh = kvh * kGroup + h;
   if (p.splits == 1) {
-    const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
-    const float f = gptoss::softmax_sink_normalizer(acc_st, sink2);
-    __nv_bfloat162 r01 = __floats2bfloat162_rn(acc.x * f, acc.y * f);
-    __nv_bfloat162 r23 = __floats2bfloat162_rn(acc.z * f, acc.w * f);
-    uint2 packed;
-    packed.x = *reinterpret_cast<uint32_t*>(&r01);
-    packed.y = *reinterpret_cast<uint32_t*>(&r23);
-    *reinterpret_cast<uint2*>(p.out + (b * (kGroup * p.nkv) + qh) * kHeadDim + d0) = packed;
+    store_normalized(p, b, qh, d0, acc, acc_st);
   } else if (p.cluster) {
     // the cluster's partials merged by rank 0 in split order: the combine kernel's arithmetic
     // (softmax_merge per split, then the sink) for this thread's head h and dims d0..d0+3
@@ -190,14 +197,7 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
         o.z = gptoss::softmax_scaled_sum(o.z, sa, v.z, sb);
         o.w = gptoss::softmax_scaled_sum(o.w, sa, v.w, sb);
       }
-      const float sink2 = __bfloat162float(p.sinks[qh]) * gptoss::kLog2e;
-      const float f = gptoss::softmax_sink_normalizer(st, sink2);
-      __nv_bfloat162 r01 = __floats2bfloat162_rn(o.x * f, o.y * f);
-      __nv_bfloat162 r23 = __floats2bfloat162_rn(o.z * f, o.w * f);
-      uint2 packed;
-      packed.x = *reinterpret_cast<uint32_t*>(&r01);
-      packed.y = *reinterpret_cast<uint32_t*>(&r23);
-      *reinterpret_cast<uint2*>(p.out + (b * (kGroup * p.nkv) + qh) * kHeadDim + d0) = packed;
+      store_normalized(p, b, qh, d0, o, st);
     }
     cluster.sync();  // the other blocks' shared memory stays alive until rank 0 has read it
   } else {
