@@ -207,6 +207,18 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
   }
 }
 
+// This split's keys: positions [*k0, *k0 + *n) of sequence b, the split-th chunk of its visible
+// positions [max(0, L - W, L - S), L) (never more keys than slots: the contract S >= min(L, W)).
+__device__ __forceinline__ void split_keys(const DecodeParams& p, int64_t b, int split, int* k0, int* n) {
+  const int L = p.seqlens[b];
+  const int end = L > 0 ? L : 0;
+  int start = 0;
+  if (p.window > 0) start = max(start, end - p.window);
+  start = max(start, end - p.S);
+  *k0 = start + split * p.chunk;
+  *n = max(0, min(end, *k0 + p.chunk) - *k0);
+}
+
 __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const DecodeParams p) {
   __shared__ PipeSmem smem;
   gptoss::pdl::wait();  // q, the cache and seqlens are earlier kernels' outputs
@@ -217,15 +229,9 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 3, c = lane & 7;
 
-  // visible positions [start, end) of this sequence, then this split's part [k0, k1)
-  const int L = p.seqlens[b];
-  const int end = L > 0 ? L : 0;
-  int start = 0;
-  if (p.window > 0) start = max(start, end - p.window);
-  start = max(start, end - p.S);  // never more keys than slots (contract: S >= min(L, W))
-  const int k0 = start + split * p.chunk;
-  const int k1 = min(end, k0 + p.chunk);
-  const int n = max(0, k1 - k0);
+  int k0, n;
+  split_keys(p, b, split, &k0, &n);
+  const int k1 = k0 + n;  // keys at positions >= k1 are masked
   const int n_tiles = (n + kTile - 1) / kTile;
 
   // q rows of the 8 heads, dims 8c..8c+7, fp32 scaled into the base-2 logit domain
@@ -400,14 +406,9 @@ __global__ void __launch_bounds__(kThreads) attention_decode_mma_kernel(const De
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
 
-  const int L = p.seqlens[b];
-  const int end = L > 0 ? L : 0;
-  int start = 0;
-  if (p.window > 0) start = max(start, end - p.window);
-  start = max(start, end - p.S);
-  const int k0 = start + split * p.chunk;
-  const int k1 = min(end, k0 + p.chunk);
-  const int n = max(0, k1 - k0);
+  int k0, n;
+  split_keys(p, b, split, &k0, &n);
+  const int k1 = k0 + n;  // keys at positions >= k1 are masked
   const int n_tiles = (n + kTile - 1) / kTile;
 
   // A fragments of q (head g; rows 8..15 are zero): qa[ks][0] = dims 16ks + 2t, +1; qa[ks][1] = +8

@@ -311,6 +311,29 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_gemv_kernel(
   }
 }
 
+// s = sum_j y[t*k+j, 4 h4 .. 4 h4 + 3] over token t's k slots in slot order (fp32), skipping slots
+// whose id is outside [0, E); returns whether one was (its token's row is then NaN). y and ids
+// are earlier kernels' outputs (PDL): L2-coherent loads, not .nc.
+__device__ __forceinline__ bool sum_slots(const float4* __restrict__ y, const int32_t* __restrict__ ids, int t, int k,
+                                          int E, int per_row, int h4, float4& s) {
+  s = make_float4(0.f, 0.f, 0.f, 0.f);
+  bool bad = false;
+  for (int j = 0; j < k; ++j) {
+    const int r = t * k + j;
+    const int id = __ldcg(ids + r);
+    if (id < 0 || id >= E) {
+      bad = true;
+      continue;
+    }
+    const float4 v = __ldcg(y + static_cast<int64_t>(r) * per_row + h4);
+    s.x += v.x;
+    s.y += v.y;
+    s.z += v.z;
+    s.w += v.w;
+  }
+  return bad;
+}
+
 // out[t, h..h+3] = sum_j y[t*k+j, h..h+3] in slot order; NaN where a slot's id is invalid.
 __global__ void __launch_bounds__(256) moe_decode_combine_kernel(const float4* __restrict__ y,
                                                                   const int32_t* __restrict__ ids, int n_tokens,
@@ -323,21 +346,8 @@ __global__ void __launch_bounds__(256) moe_decode_combine_kernel(const float4* _
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int t = static_cast<int>(idx / per_row), h4 = static_cast<int>(idx % per_row);
-    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-    bool bad = false;
-    for (int j = 0; j < k; ++j) {
-      const int r = t * k + j;
-      const int id = __ldcg(ids + r);
-      if (id < 0 || id >= E) {
-        bad = true;
-        continue;
-      }
-      const float4 v = __ldcg(y + static_cast<int64_t>(r) * per_row + h4);  // written by mlp2 (PDL): not .nc
-      s.x += v.x;
-      s.y += v.y;
-      s.z += v.z;
-      s.w += v.w;
-    }
+    float4 s;
+    const bool bad = sum_slots(y, ids, t, k, E, per_row, h4, s);
     if (bad) s = make_float4(__int_as_float(0x7FC00000), __int_as_float(0x7FC00000),
                              __int_as_float(0x7FC00000), __int_as_float(0x7FC00000));
     __nv_bfloat162 o[2] = {__floats2bfloat162_rn(s.x, s.y), __floats2bfloat162_rn(s.z, s.w)};
@@ -384,20 +394,9 @@ __global__ void __launch_bounds__(gptoss::dense::kRmsMaxThreads) moe_decode_comb
   uint4 h = make_uint4(0, 0, 0, 0);
   float ss = 0.f;
   if (c < chunks) {
-    float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    bool bad = false;
-    for (int j = 0; j < k; ++j) {
-      const int r = t * k + j;
-      const int id = __ldcg(ids + r);
-      if (id < 0 || id >= E) {
-        bad = true;
-        continue;
-      }
-      const float4 a = __ldcg(y + static_cast<int64_t>(r) * per_row + 2 * c);
-      const float4 b = __ldcg(y + static_cast<int64_t>(r) * per_row + 2 * c + 1);
-      s[0] += a.x; s[1] += a.y; s[2] += a.z; s[3] += a.w;
-      s[4] += b.x; s[5] += b.y; s[6] += b.z; s[7] += b.w;
-    }
+    float4 a, b;
+    const bool bad = sum_slots(y, ids, t, k, E, per_row, 2 * c, a) | sum_slots(y, ids, t, k, E, per_row, 2 * c + 1, b);
+    float s[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
     if (bad)
       for (float& v : s) v = __int_as_float(0x7FC00000);
     ss = gptoss::dense::add_residual_chunk<true>(gptoss::pack_bf16x8(s), residual + row, residual_out + row, c, h);
