@@ -65,5 +65,8 @@ def positive_int(name: str, v, *, multiple_of: int = 1) -> int:
 
 
 def stream_of(device: torch.device) -> int:
-    """Raw handle of torch's current CUDA stream on `device` (what the C ABI takes)."""
+    """Raw handle of torch's current CUDA stream on `device` (what the C ABI takes); 0 for a CPU
+    device (the host-simulated kernels take no stream)."""
+    if device.type == "cpu":
+        return 0
     return torch.cuda.current_stream(device).cuda_stream

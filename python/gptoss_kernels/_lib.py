@@ -1,14 +1,23 @@
-"""Loading the compiled library and the facts of this build.
+"""Loading the compiled libraries and the facts of this build.
 
 The package always imports: without the compiled module (a reference-only install, or a
 library that fails to load) every op runs the PyTorch reference, and ``cuda_available()`` says
 False. ``kernels_error()`` tells why kernels are not in use.
+
+Two compiled modules may be present: ``_C`` (the CUDA kernels, for CUDA tensors) and
+``_hostsim`` (a host-simulation build of the same kernels, run on the CPU over CPU tensors'
+memory, with a global-memory bounds checker). CPU tensors run the PyTorch reference on the
+"reference" backend (the default) and the host-simulated kernels on the "hostsim" backend
+(``GPTOSS_BACKEND=hostsim``, ``set_backend("hostsim")`` or ``with use_backend("hostsim"):``).
+Ops ask ``runs_kernels(dev)`` and call the kernels through ``kernels(dev)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 import warnings
 
 try:
@@ -34,8 +43,13 @@ def kernels_built() -> bool:
     return _C is not None
 
 
-def kernels_error() -> str | None:
-    """Why kernels cannot be used (None when ``cuda_available()``)."""
+def kernels_error(dev=None) -> str | None:
+    """Why kernels cannot be used (None when ``cuda_available()``). With a CPU device: why CPU
+    tensors do not run the host-simulated kernels (None when ``runs_kernels(dev)``)."""
+    if dev is not None and _device(dev).type == "cpu":
+        if backend() != "hostsim":
+            return "the reference backend is selected for CPU tensors (GPTOSS_BACKEND / set_backend)"
+        return hostsim_error()
     if _C is None:
         return _C_error
     import torch
@@ -56,6 +70,231 @@ def cuda_available() -> bool:
     return kernels_error() is None
 
 
+# ---- the host-simulation build (optional, loaded on first use) ----
+
+_HS = None                      # the _hostsim module once loaded
+_HS_error: str | None = None    # why it is not available
+_HS_loaded = False
+
+
+def _hostsim():
+    """The _hostsim module, or None (imported on the first call)."""
+    global _HS, _HS_error, _HS_loaded
+    if not _HS_loaded:
+        try:
+            from . import _hostsim as mod
+        except ImportError as e:
+            _HS_error = f"the host-simulation module (gptoss_kernels._hostsim) is not built or failed to load: {e}"
+        else:
+            _HS = mod
+        _HS_loaded = True
+    return _HS
+
+
+def hostsim_built() -> bool:
+    """True when the host-simulation build of the kernels (gptoss_kernels._hostsim) loads."""
+    return _hostsim() is not None
+
+
+def hostsim_error() -> str | None:
+    """Why the host-simulation module cannot be used (None when ``hostsim_built()``)."""
+    return None if _hostsim() is not None else _HS_error
+
+
+# ---- the backend for CPU tensors ----
+
+BACKENDS = ("reference", "hostsim")
+BACKEND_ENV = "GPTOSS_BACKEND"
+_backend: str | None = None     # None: not read from the environment yet
+
+
+def backend() -> str:
+    """What CPU tensors run: "reference" (the PyTorch reference) or "hostsim" (the host-simulated
+    kernels, when ``hostsim_built()``). Initially $GPTOSS_BACKEND (default "reference")."""
+    global _backend
+    if _backend is None:
+        value = os.environ.get(BACKEND_ENV, "reference")
+        if value not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(repr(b) for b in BACKENDS)}, got {value!r}")
+        _backend = value
+    return _backend
+
+
+def set_backend(name: str) -> str:
+    """Select the backend for CPU tensors ("reference" or "hostsim"); returns the previous one.
+    ValueError for an unknown name, RuntimeError for "hostsim" when it is not built."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {name!r}")
+    if name == "hostsim" and not hostsim_built():
+        raise RuntimeError(f"the hostsim backend is not available: {hostsim_error()}")
+    previous = backend()
+    _backend = name
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("hostsim"): ...`` selects the backend for the block, then restores it."""
+    global _backend
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def _device(dev):
+    import torch
+
+    return dev if isinstance(dev, torch.device) else torch.device(dev)
+
+
+def runs_kernels(dev) -> bool:
+    """True when ops on tensors of device `dev` run this package's kernels: CUDA tensors when
+    ``cuda_available()``, CPU tensors on the hostsim backend when ``hostsim_built()``."""
+    dev = _device(dev)
+    if dev.type == "cuda":
+        return cuda_available()
+    if dev.type == "cpu":
+        return backend() == "hostsim" and hostsim_built()
+    return False
+
+
+def expects_kernels(dev) -> bool:
+    """True when tensors of device `dev` are meant to run kernels (CUDA tensors; CPU tensors on the
+    hostsim backend), so that taking the reference instead deserves a warning."""
+    dev = _device(dev)
+    return dev.type == "cuda" or (dev.type == "cpu" and backend() == "hostsim")
+
+
+class HostsimCheckError(RuntimeError):
+    """The host-simulation bounds checker reported accesses outside a call's tensor arguments."""
+
+    def __init__(self, function: str, reports: list[str]):
+        self.function = function
+        self.reports = list(reports)
+        super().__init__(f"hostsim checker: {function}:" + "".join("\n" + str(r) for r in self.reports))
+
+
+def tensor_extent(t) -> tuple[int, int]:
+    """(address, nbytes) of the bytes tensor `t` may touch: (data_ptr, 0) when empty, else up to
+    its last element (strides included)."""
+    if t.numel() == 0:
+        return (t.data_ptr(), 0)
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return (t.data_ptr(), (last + 1) * t.element_size())
+
+
+_hostsim_lock = threading.Lock()   # begin_call .. end_call is one global session in the emulator
+
+
+class KernelModule:
+    """A compiled module's functions with tensor arguments: ``kernels(dev).fn(*args)`` passes each
+    torch.Tensor as its data_ptr() and each None as 0. For the hostsim module the call is bracketed
+    by begin_call(extents of the tensor arguments) / end_call(), and checker reports raise
+    HostsimCheckError. Attributes that are not callables pass through."""
+
+    def __init__(self, module, hostsim: bool):
+        import torch
+
+        self._module = module
+        self._hostsim = hostsim
+        self._tensor = torch.Tensor
+
+    @property
+    def module(self):
+        return self._module
+
+    def __repr__(self) -> str:
+        return f"<gptoss_kernels kernels over {getattr(self._module, '__name__', self._module)!r}>"
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_module", "_hostsim", "_tensor"):
+            raise AttributeError(name)
+        attr = getattr(self._module, name)
+        if not callable(attr):
+            return attr
+        if self._hostsim:
+            if name in ("begin_call", "end_call"):
+                return attr
+            return functools.partial(self._call_hostsim, name, attr)
+        return functools.partial(self._call, attr)
+
+    def _convert(self, args, kwargs):
+        T = self._tensor
+        cargs = [a.data_ptr() if isinstance(a, T) else 0 if a is None else a for a in args]
+        ckw = {k: (a.data_ptr() if isinstance(a, T) else 0 if a is None else a) for k, a in kwargs.items()}
+        return cargs, ckw
+
+    def _call(self, fn, *args, **kwargs):
+        cargs, ckw = self._convert(args, kwargs)
+        return fn(*cargs, **ckw)
+
+    def _call_hostsim(self, name, fn, *args, **kwargs):
+        T = self._tensor
+        regions = [tensor_extent(a) for a in (*args, *kwargs.values()) if isinstance(a, T)]
+        cargs, ckw = self._convert(args, kwargs)
+        mod = self._module
+        with _hostsim_lock:
+            mod.begin_call(regions)
+            try:
+                result = fn(*cargs, **ckw)
+            except BaseException as e:
+                try:
+                    reports = mod.end_call()
+                except Exception:  # noqa: BLE001 - the kernel's own exception wins
+                    reports = None
+                if reports and hasattr(e, "add_note"):
+                    e.add_note(f"hostsim checker: {name}:" + "".join("\n" + str(r) for r in reports))
+                raise
+            reports = mod.end_call()
+        if reports:
+            raise HostsimCheckError(name, reports)
+        return result
+
+
+_wrappers: dict[bool, KernelModule] = {}
+
+
+def kernels(dev) -> KernelModule:
+    """The kernels for tensors of device `dev` (``_C`` for CUDA, ``_hostsim`` for CPU), wrapped
+    (see KernelModule). Call only when ``runs_kernels(dev)``."""
+    dev = _device(dev)
+    if dev.type == "cuda":
+        mod, hs = _C, False
+    elif dev.type == "cpu":
+        mod, hs = _hostsim(), True
+    else:
+        raise ValueError(f"no kernels for {dev.type} tensors (CUDA, or CPU on the hostsim backend)")
+    if mod is None:
+        raise RuntimeError(f"no kernels for {dev.type} tensors: {_C_error if hs is False else hostsim_error()}")
+    w = _wrappers.get(hs)
+    if w is None or w.module is not mod:
+        w = _wrappers[hs] = KernelModule(mod, hs)
+    return w
+
+
+def stream_handle(dev) -> int:
+    """The stream handle the C ABI takes: torch's current CUDA stream on a CUDA device, 0 on CPU."""
+    dev = _device(dev)
+    if dev.type == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.current_stream(dev).cuda_stream
+
+
+def device_guard(dev):
+    """``torch.cuda.device(dev)`` for a CUDA device, a no-op context for others."""
+    dev = _device(dev)
+    if dev.type == "cuda":
+        import torch
+
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
+
+
 # kernel family -> the _C function its binding registers (a binding file may hold several
 # families, e.g. bind_attention.cpp holds the decode attention and the RoPE/cache kernels).
 KERNEL_ENTRY_POINTS = {
@@ -70,11 +309,13 @@ KERNEL_ENTRY_POINTS = {
 }
 
 
-def family_built(family: str | None) -> bool:
-    """This build compiled the kernels of `family` (whether or not this machine can run them)."""
-    if _C is None or family is None:
+def family_built(family: str | None, dev=None) -> bool:
+    """This build compiled the kernels of `family` (whether or not this machine can run them);
+    for a CPU device: whether the host-simulation build has them."""
+    mod = _hostsim() if dev is not None and _device(dev).type == "cpu" else _C
+    if mod is None or family is None:
         return False
-    return family in _C.families or hasattr(_C, KERNEL_ENTRY_POINTS.get(family, "-"))
+    return family in getattr(mod, "families", ()) or hasattr(mod, KERNEL_ENTRY_POINTS.get(family, "-"))
 
 
 def build_archs() -> list[str]:
@@ -106,6 +347,8 @@ def build_info() -> dict:
         "kernel_families": sorted(f for f in KERNEL_ENTRY_POINTS if family_built(f)),
         "abi_version": _C.abi_version if _C is not None else None,
         "pdl": pdl_enabled(),
+        "hostsim_built": hostsim_built(),
+        "backend": backend(),
     }
     return info
 
@@ -124,18 +367,27 @@ def set_pdl(enabled: bool) -> bool | None:
     return before
 
 
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple] = set()
 
 
-def warn_reference_fallback(op: str, reason: str | None = None) -> None:
-    """Say once per op (and reason) that CUDA tensors are going through the reference path."""
-    reason = reason or kernels_error() or "the kernels do not support these shapes or arguments"
-    if (op, reason) not in _warned:
-        _warned.add((op, reason))
-        warnings.warn(f"gptoss_kernels.{op}: running the PyTorch reference on CUDA tensors because "
+def _tensors_phrase(dev) -> str:
+    return "hostsim (CPU) tensors" if dev is not None and _device(dev).type == "cpu" else "CUDA tensors"
+
+
+def warn_reference_fallback(op: str, reason: str | None = None, dev=None) -> None:
+    """Say once per op (and reason) that tensors meant for the kernels are going through the
+    reference path: CUDA tensors (dev None or CUDA), or CPU tensors on the hostsim backend. Nothing
+    is said for a device that does not expect kernels (CPU tensors on the reference backend)."""
+    if dev is not None and not expects_kernels(dev):
+        return
+    reason = reason or kernels_error(dev) or "the kernels do not support these shapes or arguments"
+    where = _tensors_phrase(dev)
+    if (op, reason, where) not in _warned:
+        _warned.add((op, reason, where))
+        warnings.warn(f"gptoss_kernels.{op}: running the PyTorch reference on {where} because "
                       f"{reason}", RuntimeWarning, stacklevel=3)
 
 
 def C():
-    """The compiled module (only call when cuda_available())."""
+    """The compiled CUDA module (only call when cuda_available())."""
     return _C

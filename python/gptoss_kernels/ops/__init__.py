@@ -1,6 +1,7 @@
 """Public ops. Each takes torch tensors, checks its arguments (gptoss_kernels._checks), then runs
 the CUDA kernel for CUDA tensors when this build has kernels, or the PyTorch reference
-(gptoss_kernels.reference) for CPU tensors and reference-only builds."""
+(gptoss_kernels.reference) for CPU tensors and reference-only builds. CPU tensors run the same
+kernels under the hostsim backend (host-simulation build; _lib.set_backend / GPTOSS_BACKEND)."""
 
 from .attention import attention_decode, cache_append, rope_and_cache_append, rope_qkv
 from .attention_prefill import attention_prefill

@@ -33,20 +33,32 @@ WS_PARTS = ("counts", "offsets", "tile_offsets", "perm", "chunk_base", "act", "y
 FAMILY = "moe_prefill"
 
 
-def available() -> bool:
-    """True when this build has the prefill kernels and they can run on this machine's GPU."""
-    C = _lib.C()
-    return C is not None and FAMILY in getattr(C, "families", ()) and _lib.cuda_available()
+def _device(dev) -> torch.device:
+    return torch.device("cuda") if dev is None else dev if isinstance(dev, torch.device) else torch.device(dev)
 
 
-def workspace_bytes(T: int, k: int, E: int, H: int, I: int) -> int:  # noqa: E741
-    """Bytes of device workspace one call needs (grouping metadata, act bf16 [T*k, I], y bf16 [T*k, H])."""
-    return int(_lib.C().moe_prefill_workspace_layout(T, k, E, H, I)[0])
+def available(dev: torch.device | str | None = None) -> bool:
+    """True when this build has the prefill kernels and they can run tensors of device `dev`
+    (default: CUDA, on this machine's GPU; a CPU device: the hostsim backend's kernels)."""
+    dev = _device(dev)
+    if not _lib.runs_kernels(dev):
+        return False
+    return FAMILY in getattr(_lib.kernels(dev), "families", ())
 
 
-def workspace_layout(T: int, k: int, E: int, H: int, I: int) -> dict[str, int]:  # noqa: E741
+def _module(dev):
+    return _lib.C() if dev is None else _lib.kernels(dev)
+
+
+def workspace_bytes(T: int, k: int, E: int, H: int, I: int, dev: torch.device | None = None) -> int:  # noqa: E741
+    """Bytes of device workspace one call needs (grouping metadata, act bf16 [T*k, I], y bf16 [T*k, H]);
+    asked of the module that runs `dev`'s tensors (default: the CUDA one)."""
+    return int(_module(dev).moe_prefill_workspace_layout(T, k, E, H, I)[0])
+
+
+def workspace_layout(T: int, k: int, E: int, H: int, I: int, dev: torch.device | None = None) -> dict[str, int]:  # noqa: E741
     """Byte offset of each workspace part (see WS_PARTS)."""
-    _, offs = _lib.C().moe_prefill_workspace_layout(T, k, E, H, I)
+    _, offs = _module(dev).moe_prefill_workspace_layout(T, k, E, H, I)
     return dict(zip(WS_PARTS, (int(o) for o in offs)))
 
 
@@ -55,15 +67,16 @@ def _args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w
     T, H = x.shape
     k = topk_ids.shape[1]
     E, two_i = w1_blocks.shape[0], w1_blocks.shape[1]
-    return (x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), w1_blocks.data_ptr(), w1_scales.data_ptr(),
-            w1_bias.data_ptr(), w2_blocks.data_ptr(), w2_scales.data_ptr(), w2_bias.data_ptr(), float(swiglu_alpha),
-            float(swiglu_limit), out.data_ptr(), T, H, two_i // 2, E, k, workspace.data_ptr(), workspace.numel(),
+    # tensors, not pointers: _lib.kernels() passes their data_ptr() (and registers their extents
+    # with the hostsim bounds checker)
+    return (x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+            float(swiglu_alpha), float(swiglu_limit), out, T, H, two_i // 2, E, k, workspace, workspace.numel(),
             int(variant), _checks.stream_of(x.device))
 
 
 def new_workspace(x: torch.Tensor, topk_ids: torch.Tensor, w1_blocks: torch.Tensor) -> torch.Tensor:
     T, H = x.shape
-    n = workspace_bytes(T, topk_ids.shape[1], w1_blocks.shape[0], H, w1_blocks.shape[1] // 2)
+    n = workspace_bytes(T, topk_ids.shape[1], w1_blocks.shape[0], H, w1_blocks.shape[1] // 2, x.device)
     return torch.empty(max(n, 1), dtype=torch.uint8, device=x.device)
 
 
@@ -87,9 +100,10 @@ def run(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_
                                                                                w2_scales))
     w1_bias, w2_bias = _aligned(w1_bias, 4), _aligned(w2_bias, 4)
     dst = out if out.data_ptr() % 16 == 0 else torch.empty_like(out)
-    with torch.cuda.device(x.device):
-        _lib.C().moe_prefill_mxfp4(*_args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks,
-                                          w2_scales, w2_bias, swiglu_alpha, swiglu_limit, dst, workspace, variant))
+    with _lib.device_guard(x.device):
+        _lib.kernels(x.device).moe_prefill_mxfp4(*_args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias,
+                                                        w2_blocks, w2_scales, w2_bias, swiglu_alpha, swiglu_limit, dst,
+                                                        workspace, variant))
     if dst is not out:
         out.copy_(dst)
     return out
@@ -102,15 +116,15 @@ def _aligned(t: torch.Tensor, nbytes: int) -> torch.Tensor:
 def run_step(step: int, x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
              swiglu_alpha, swiglu_limit, out, *, workspace: torch.Tensor, variant: int = AUTO) -> None:
     """One step of the pipeline (1 route, 2 mlp1, 3 mlp2, 4 combine) into `workspace` (tests)."""
-    with torch.cuda.device(x.device):
-        _lib.C().moe_prefill_step(step, *_args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks,
-                                               w2_scales, w2_bias, swiglu_alpha, swiglu_limit, out, workspace,
-                                               variant))
+    with _lib.device_guard(x.device):
+        _lib.kernels(x.device).moe_prefill_step(step, *_args(x, topk_ids, topk_weights, w1_blocks, w1_scales,
+                                                             w1_bias, w2_blocks, w2_scales, w2_bias, swiglu_alpha,
+                                                             swiglu_limit, out, workspace, variant))
 
 
 def workspace_views(workspace: torch.Tensor, T: int, k: int, E: int, H: int, I: int) -> dict[str, torch.Tensor]:  # noqa: E741
     """Typed views of the workspace parts (tests): counts, offsets, tile_offsets, perm, act, y."""
-    off = workspace_layout(T, k, E, H, I)
+    off = workspace_layout(T, k, E, H, I, workspace.device)
     R = T * k
 
     def view(name, dtype, shape):

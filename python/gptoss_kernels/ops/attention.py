@@ -65,22 +65,18 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _checks.positive_int("sliding_window", sliding_window)
     dev = _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, sinks=sinks, out=out)
     out = _checks.out_tensor("out", out, shape=(B, nq, d), dtype=torch.bfloat16, device=dev)
-    if dev.type == "cuda" and _lib.cuda_available() and d == 64 and nq == 8 * nkv and 0 < S < 2 ** 31 \
-            and B <= 65535:
+    if _lib.runs_kernels(dev) and d == 64 and nq == 8 * nkv and 0 < S < 2 ** 31 and B <= 65535:
         # clamp like attention_prefill: the C ABI takes an int32 window (a window >= S is the same
         # as 2^30 for any cache that fits in memory); larger Python ints would raise TypeError here
         window = 0 if sliding_window is None else min(int(sliding_window), 1 << 30)
-        C = _lib.C()
-        ws_bytes = C.attention_decode_workspace_size(B, S, nq, nkv, d, window)
+        K = _lib.kernels(dev)
+        ws_bytes = K.attention_decode_workspace_size(B, S, nq, nkv, d, window)
         ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev) if ws_bytes else None
-        with torch.cuda.device(dev):
-            C.attention_decode_bf16(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cache_seqlens.data_ptr(),
-                                    sinks.data_ptr(), out.data_ptr(), ws.data_ptr() if ws is not None else 0,
-                                    ws_bytes, B, S, nq, nkv, d, window, float(sm_scale), _checks.stream_of(dev),
-                                    DECODE_VARIANT)
+        with _lib.device_guard(dev):
+            K.attention_decode_bf16(q, k_cache, v_cache, cache_seqlens, sinks, out, ws, ws_bytes, B, S, nq, nkv, d,
+                                    window, float(sm_scale), _checks.stream_of(dev), DECODE_VARIANT)
         return out
-    if dev.type == "cuda":
-        _lib.warn_reference_fallback("attention_decode")
+    _lib.warn_reference_fallback("attention_decode", dev=dev)
     out.copy_(reference.attention_decode(q, k_cache, v_cache, cache_seqlens, sinks,
                                          sliding_window=sliding_window, sm_scale=sm_scale))
     return out
@@ -97,18 +93,17 @@ def rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, *, num_q_heads: int = 6
     T = qkv.shape[0]
     _checks.tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(T,))
     dev = _checks.same_device(qkv=qkv, positions=positions)
-    if dev.type == "cuda" and _lib.cuda_available() and head_dim == 64 and rope.head_dim == head_dim:
+    if _lib.runs_kernels(dev) and head_dim == 64 and rope.head_dim == head_dim:
         q = torch.empty(T, num_q_heads, head_dim, dtype=torch.bfloat16, device=dev)
         k = torch.empty(T, num_kv_heads, head_dim, dtype=torch.bfloat16, device=dev)
         v = torch.empty(T, num_kv_heads, head_dim, dtype=torch.bfloat16, device=dev)
         inv, conc = _rope_table(rope)
         pos = _int32(positions)
-        with torch.cuda.device(dev):
-            _lib.C().rope_qkv_bf16(qkv.data_ptr(), pos.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), T,
-                                   num_q_heads, num_kv_heads, head_dim, inv, conc, _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            _lib.kernels(dev).rope_qkv_bf16(qkv, pos, q, k, v, T, num_q_heads, num_kv_heads, head_dim, inv, conc,
+                                            _checks.stream_of(dev))
         return q, k, v
-    if dev.type == "cuda":
-        _lib.warn_reference_fallback("rope_qkv")
+    _lib.warn_reference_fallback("rope_qkv", dev=dev)
     q = qkv[:, : num_q_heads * head_dim].view(T, num_q_heads, head_dim)
     k = qkv[:, num_q_heads * head_dim: (num_q_heads + num_kv_heads) * head_dim].view(T, num_kv_heads, head_dim)
     v = qkv[:, (num_q_heads + num_kv_heads) * head_dim:].reshape(T, num_kv_heads, head_dim)
@@ -133,15 +128,13 @@ def cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     dev = _checks.same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_ids=seq_ids, positions=positions)
     if k_cache.shape[1] < 1:
         raise ValueError(f"k_cache must have at least one slot, got shape {tuple(k_cache.shape)}")
-    if dev.type == "cuda" and _lib.cuda_available() and d % 8 == 0:
+    if _lib.runs_kernels(dev) and d % 8 == 0:
         sid, pos = _int32(seq_ids), _int32(positions)
-        with torch.cuda.device(dev):
-            _lib.C().cache_append_bf16(k.data_ptr(), v.data_ptr(), sid.data_ptr(), pos.data_ptr(), k_cache.data_ptr(),
-                                       v_cache.data_ptr(), T, nkv, d, k_cache.shape[0], k_cache.shape[1],
-                                       _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            _lib.kernels(dev).cache_append_bf16(k, v, sid, pos, k_cache, v_cache, T, nkv, d, k_cache.shape[0],
+                                                k_cache.shape[1], _checks.stream_of(dev))
         return
-    if dev.type == "cuda":
-        _lib.warn_reference_fallback("cache_append")
+    _lib.warn_reference_fallback("cache_append", dev=dev)
     slots = reference.cache_slots(positions.long(), k_cache.shape[1])
     sid = seq_ids.long()
     ok = (sid >= 0) & (sid < k_cache.shape[0])
@@ -170,17 +163,15 @@ def rope_and_cache_append(qkv: torch.Tensor, seq_ids: torch.Tensor, positions: t
     dev = _checks.same_device(qkv=qkv, seq_ids=seq_ids, positions=positions, k_cache=k_cache, v_cache=v_cache,
                               q_out=q_out)
     q_out = _checks.out_tensor("q_out", q_out, shape=(T, num_q_heads, head_dim), dtype=torch.bfloat16, device=dev)
-    if dev.type == "cuda" and _lib.cuda_available() and head_dim == 64 and rope.head_dim == head_dim:
+    if _lib.runs_kernels(dev) and head_dim == 64 and rope.head_dim == head_dim:
         inv, conc = _rope_table(rope)
         sid, pos = _int32(seq_ids), _int32(positions)
-        with torch.cuda.device(dev):
-            _lib.C().rope_cache_append_bf16(qkv.data_ptr(), sid.data_ptr(), pos.data_ptr(), q_out.data_ptr(),
-                                            k_cache.data_ptr(), v_cache.data_ptr(), T, num_q_heads, num_kv_heads,
-                                            head_dim, k_cache.shape[0], k_cache.shape[1], inv, conc,
-                                            _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            _lib.kernels(dev).rope_cache_append_bf16(qkv, sid, pos, q_out, k_cache, v_cache, T, num_q_heads,
+                                                     num_kv_heads, head_dim, k_cache.shape[0], k_cache.shape[1], inv,
+                                                     conc, _checks.stream_of(dev))
         return q_out
-    if dev.type == "cuda":
-        _lib.warn_reference_fallback("rope_and_cache_append")
+    _lib.warn_reference_fallback("rope_and_cache_append", dev=dev)
     q, k, v = rope_qkv(qkv, positions, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                        rope=rope)
     cache_append(k, v, k_cache, v_cache, seq_ids, positions)

@@ -54,7 +54,7 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
     dev = _checks.same_device(q=q, k=k, v=v, sinks=sinks, cu_seqlens_q=cu_seqlens_q, k_cache=k_cache,
                               v_cache=v_cache, cache_seqlens=cache_seqlens, out=out)
     out = _checks.out_tensor("out", out, shape=(Tq, nq, d), dtype=torch.bfloat16, device=dev)
-    if dev.type == "cuda" and _lib.cuda_available() and _kernel_supports(nq, nkv, d):
+    if _lib.runs_kernels(dev) and _kernel_supports(nq, nkv, d):
         # The kernel reads cache_seqlens on the device (no host sync, CUDA-graph capturable), so
         # the reference path's "cache too small" check is not repeated here: the caller must give
         # a cache holding every needed position (full layers: S >= longest sequence; sliding
@@ -62,8 +62,7 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
         _attention_prefill_cuda(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens,
                                 sliding_window, sm_scale, out, dev, _impl_override())
         return out
-    if dev.type == "cuda":
-        _lib.warn_reference_fallback("attention_prefill")
+    _lib.warn_reference_fallback("attention_prefill", dev=dev)
     out.copy_(_prefill_reference(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens,
                                  sliding_window, sm_scale))
     return out
@@ -85,18 +84,18 @@ def _kernel_supports(nq: int, nkv: int, d: int) -> bool:
 
 def _attention_prefill_cuda(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens, sliding_window,
                             sm_scale, out, dev, impl: int = 0):
-    """impl: 0 the build's choice, 1 the mma.sync kernel, 2 the wgmma kernel (tests run both)."""
+    """The kernel on CUDA tensors (or CPU tensors on the hostsim backend): impl 0 the build's
+    choice, 1 the mma.sync kernel, 2 the wgmma kernel (tests run both)."""
     Tq, nq, d = q.shape
     nkv = k.shape[1]
     B = cu_seqlens_q.shape[0] - 1
     window = 0 if sliding_window is None else min(int(sliding_window), 1 << 30)
     has_cache = k_cache is not None
-    with torch.cuda.device(dev):
-        _lib.C().attention_prefill_bf16(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), sinks.data_ptr(), cu_seqlens_q.data_ptr(), B, Tq, nq, nkv, d,
-            k_cache.data_ptr() if has_cache else 0, v_cache.data_ptr() if has_cache else 0,
-            cache_seqlens.data_ptr() if has_cache else 0, k_cache.shape[1] if has_cache else 0,
-            window, float(sm_scale), out.data_ptr(), _checks.stream_of(dev), impl)
+    with _lib.device_guard(dev):
+        _lib.kernels(dev).attention_prefill_bf16(
+            q, k, v, sinks, cu_seqlens_q, B, Tq, nq, nkv, d, k_cache if has_cache else None,
+            v_cache if has_cache else None, cache_seqlens if has_cache else None,
+            k_cache.shape[1] if has_cache else 0, window, float(sm_scale), out, _checks.stream_of(dev), impl)
 
 
 def _prefill_reference(q, k, v, sinks, cu_seqlens_q, k_cache, v_cache, cache_seqlens, sliding_window, sm_scale):

@@ -17,7 +17,7 @@ def _aligned(*tensors: torch.Tensor | None) -> bool:
 
 
 def _kernel(dev: torch.device) -> bool:
-    return dev.type == "cuda" and _lib.cuda_available() and _lib.family_built("dense")
+    return _lib.runs_kernels(dev) and _lib.family_built("dense", dev)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
@@ -41,20 +41,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5, residu
                                           device=dev)
     if _kernel(dev) and H > 0 and H % 8 == 0 and _aligned(x, weight, residual, out,
                                                            residual_out if residual is not None else None):
-        with torch.cuda.device(dev):
-            _lib.C().rms_norm_bf16(x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
-                                   weight.dtype == torch.float32, out.data_ptr(),
-                                   0 if residual is None else residual_out.data_ptr(), T, H, float(eps),
-                                   _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            _lib.kernels(dev).rms_norm_bf16(x, residual, weight, weight.dtype == torch.float32, out,
+                                            None if residual is None else residual_out, T, H, float(eps),
+                                            _checks.stream_of(dev))
         return out if residual is None else (out, residual_out)
-    if dev.type == "cuda":
+    if _lib.expects_kernels(dev):
         if _kernel(dev):
             reason = "H is not a positive multiple of 8 or a tensor is not 16-byte aligned"
-        elif _lib.cuda_available():
+        elif _lib.runs_kernels(dev):
             reason = "this build has no 'dense' kernels (rebuild)"
         else:
             reason = None
-        _lib.warn_reference_fallback("rms_norm", reason)
+        _lib.warn_reference_fallback("rms_norm", reason, dev)
     if residual is None:
         out.copy_(reference.rms_norm(x, weight, eps))
         return out
@@ -83,9 +82,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if T == 0:
         return out
     if _kernel(dev) and T <= LINEAR_MAX_TOKENS and N > 0 and K > 0 and K % 8 == 0 and _aligned(x, weight):
-        with torch.cuda.device(dev):
-            _lib.C().linear_bf16(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                 out.data_ptr(), out_dtype == torch.float32, T, N, K, _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            _lib.kernels(dev).linear_bf16(x, weight, bias, out, out_dtype == torch.float32, T, N, K,
+                                          _checks.stream_of(dev))
         return out
     if dev.type == "cuda":
         # cuBLAS (bf16 result, then converted: for float32 out this is one extra bf16 rounding)
@@ -105,7 +104,8 @@ def qkv_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """The decode step's attention input in one kernel: qkv = x W^T + b (rounded to bf16), q
     rotated (returned, or written into q_out), the rotated k and the v of token t written into
     k_cache/v_cache[seq_ids[t], positions[t] % S]. Same bits as linear() then
-    rope_and_cache_append(), which is also the path for T > LINEAR_MAX_TOKENS and for CPU tensors.
+    rope_and_cache_append(), which is also the path for T > LINEAR_MAX_TOKENS and for CPU tensors on
+    the reference backend.
 
     x bf16 [T, K]; weight bf16 [(nq + 2 nkv) d, K]; bias bf16 [(nq + 2 nkv) d] or None;
     seq_ids, positions int32 [T]; k_cache, v_cache bf16 [B, S, nkv, d] -> q bf16 [T, nq, d].
@@ -134,11 +134,10 @@ def qkv_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             and _aligned(x, weight, q_out, k_cache, v_cache)):
         inv, conc = _rope_table(rope)
         sid, pos = _int32(seq_ids), _int32(positions)
-        with torch.cuda.device(dev):
-            _lib.C().linear_qkv_rope_append_bf16(
-                x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), sid.data_ptr(),
-                pos.data_ptr(), q_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), T, K, num_q_heads,
-                num_kv_heads, head_dim, k_cache.shape[0], k_cache.shape[1], inv, conc, _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            _lib.kernels(dev).linear_qkv_rope_append_bf16(
+                x, weight, bias, sid, pos, q_out, k_cache, v_cache, T, K, num_q_heads, num_kv_heads, head_dim,
+                k_cache.shape[0], k_cache.shape[1], inv, conc, _checks.stream_of(dev))
         return q_out
     qkv = linear(x, weight, bias)
     return rope_and_cache_append(qkv, seq_ids, positions, k_cache, v_cache, q_out=q_out, num_q_heads=num_q_heads,
@@ -158,10 +157,10 @@ def greedy_argmax(logits: torch.Tensor, *, out: torch.Tensor | None = None) -> t
     if B == 0:
         return out
     if _kernel(dev) and B <= 65535 and V < 2**31 - 8192:
-        C = _lib.C()
-        ws = torch.empty(max(8, C.argmax_f32_workspace_size(B, V)), dtype=torch.uint8, device=dev)
-        with torch.cuda.device(dev):
-            C.argmax_f32(logits.data_ptr(), B, V, out.data_ptr(), ws.data_ptr(), ws.numel(), _checks.stream_of(dev))
+        K = _lib.kernels(dev)
+        ws = torch.empty(max(8, K.argmax_f32_workspace_size(B, V)), dtype=torch.uint8, device=dev)
+        with _lib.device_guard(dev):
+            K.argmax_f32(logits, B, V, out, ws, ws.numel(), _checks.stream_of(dev))
         return out
     torch.argmax(logits, dim=1, out=out)
     return out

@@ -64,35 +64,41 @@ def check_expert_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
                          f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
 
 
-def _prefill_module():
-    """ops._moe_prefill if it imports and its kernels can run here, else None (imported lazily:
-    the prefill regime is built separately and may be absent)."""
+def _prefill_module(dev: torch.device | None = None):
+    """ops._moe_prefill if it imports and its kernels can run on `dev` (default: CUDA), else None
+    (imported lazily: the prefill regime is built separately and may be absent)."""
     try:
         from . import _moe_prefill
     except Exception:  # noqa: BLE001 - absent or broken module: the decode kernels take any T
         return None
     try:
-        return _moe_prefill if _moe_prefill.available() else None
+        return _moe_prefill if _moe_prefill.available(dev) else None
     except Exception:  # noqa: BLE001
         return None
 
 
 def wants_prefill(T: int, k: int, E: int) -> bool:
-    """The regime choice on CUDA: the prefill kernels (when present) above PREFILL_MIN_ROUTED_ROWS
-    routed rows and within their expert limit, the decode kernels otherwise."""
+    """The regime choice on the kernels (CUDA, or CPU under the hostsim backend): the prefill
+    kernels (when present) above PREFILL_MIN_ROUTED_ROWS routed rows and within their expert
+    limit, the decode kernels otherwise."""
     return T * k > PREFILL_MIN_ROUTED_ROWS and E <= _PREFILL_MAX_EXPERTS
 
 
-def _decode_available() -> bool:
-    C = _lib.C()
-    return C is not None and hasattr(C, "moe_mxfp4_decode")
+def _decode_available(dev: torch.device | None = None) -> bool:
+    """The decode kernels are in the module that runs `dev`'s tensors (default: CUDA)."""
+    dev = torch.device("cuda") if dev is None else dev
+    if dev.type == "cuda":
+        C = _lib.C()
+        return C is not None and hasattr(C, "moe_mxfp4_decode")
+    return _lib.runs_kernels(dev) and hasattr(_lib.kernels(dev), "moe_mxfp4_decode")
 
 
-def _cuda_unsupported(x, w1_blocks, w2_blocks, out, E) -> str | None:
-    """Why CUDA tensors cannot take the kernels (then the reference runs, with a warning), or None."""
-    if not _lib.cuda_available():
-        return _lib.kernels_error() or "kernels unavailable"
-    if not _decode_available():
+def _kernels_unsupported(x, w1_blocks, w2_blocks, out, E, dev: torch.device) -> str | None:
+    """Why tensors of `dev` cannot take the kernels (then the reference runs, with a warning when
+    they were meant to: CUDA, or CPU under the hostsim backend), or None."""
+    if not _lib.runs_kernels(dev):
+        return _lib.kernels_error(dev) or "kernels unavailable"
+    if not _decode_available(dev):
         return "this build has no moe_decode kernels"
     if E > MOE_DECODE_MAX_EXPERTS:
         return f"E={E} > {MOE_DECODE_MAX_EXPERTS} experts is not supported by the kernels"
@@ -105,22 +111,26 @@ def _cuda_unsupported(x, w1_blocks, w2_blocks, out, E) -> str | None:
 _warned: set[str] = set()
 
 
-def _warn_unsupported(why: str) -> None:
-    if why not in _warned:
-        _warned.add(why)
-        warnings.warn(f"gptoss_kernels.moe_mxfp4: running the PyTorch reference on CUDA tensors because {why}",
+def _warn_unsupported(why: str, dev: torch.device | None = None) -> None:
+    where = _lib._tensors_phrase(dev)
+    if (why, where) not in _warned:
+        _warned.add((why, where))
+        warnings.warn(f"gptoss_kernels.moe_mxfp4: running the PyTorch reference on {where} because {why}",
                       RuntimeWarning, stacklevel=3)
 
 
-def decode_workspace_bytes(T: int, k: int, H: int, I: int) -> int:  # noqa: E741
-    """Bytes of device workspace the decode kernels need (act bf16 + y fp32 for one token chunk)."""
-    return int(_lib.C().moe_mxfp4_decode_workspace_size(T, k, H, I))
+def decode_workspace_bytes(T: int, k: int, H: int, I: int, dev: torch.device | None = None) -> int:  # noqa: E741
+    """Bytes of device workspace the decode kernels need (act bf16 + y fp32 for one token chunk);
+    asked of the module that runs `dev`'s tensors (default: the CUDA one)."""
+    K = _lib.C() if dev is None else _lib.kernels(dev)
+    return int(K.moe_mxfp4_decode_workspace_size(T, k, H, I))
 
 
 def run_decode(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
                swiglu_alpha, swiglu_limit, out, *, workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """The decode-regime kernels (csrc/kernels/moe_decode.cu) on checked CUDA tensors; `workspace`
-    (uint8, >= decode_workspace_bytes) comes from torch's caching allocator when not given.
+    """The decode-regime kernels (csrc/kernels/moe_decode.cu) on checked CUDA tensors (or CPU
+    tensors under the hostsim backend); `workspace` (uint8, >= decode_workspace_bytes) comes from
+    torch's caching allocator when not given.
     Ids outside [0, E) are never read through: those tokens' rows come out NaN (no host sync)."""
     T, H = x.shape
     k = topk_ids.shape[1]
@@ -133,16 +143,16 @@ def run_decode(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_bloc
             raise ValueError(f"{name} must be 16-byte aligned for the CUDA kernels (data_ptr % 16 = {t.data_ptr() % 16})")
     if out.data_ptr() % 8:
         raise ValueError("out must be 8-byte aligned for the CUDA kernels")
-    need = decode_workspace_bytes(T, k, H, I)
+    dev = x.device
+    need = decode_workspace_bytes(T, k, H, I, dev)
     if workspace is None:
         workspace = torch.empty(max(need, 1), dtype=torch.uint8, device=x.device)
     elif workspace.dtype != torch.uint8 or workspace.device != x.device or workspace.numel() < need:
         raise ValueError(f"workspace must be uint8 on {x.device} with >= {need} bytes")
-    with torch.cuda.device(x.device):
-        _lib.C().moe_mxfp4_decode(x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), w1_blocks.data_ptr(),
-                                  w1_scales.data_ptr(), w1_bias.data_ptr(), w2_blocks.data_ptr(), w2_scales.data_ptr(),
-                                  w2_bias.data_ptr(), float(swiglu_alpha), float(swiglu_limit), out.data_ptr(),
-                                  T, H, I, E, k, workspace.data_ptr(), workspace.numel(), _checks.stream_of(x.device))
+    with _lib.device_guard(dev):
+        _lib.kernels(dev).moe_mxfp4_decode(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks,
+                                           w2_scales, w2_bias, float(swiglu_alpha), float(swiglu_limit), out, T, H, I,
+                                           E, k, workspace, workspace.numel(), _checks.stream_of(dev))
     return out
 
 
@@ -186,14 +196,15 @@ def moe_mxfp4(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     """
     dev, T, H, I, E, k = check_moe_args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias,
                                         w2_blocks, w2_scales, w2_bias, out)
-    why = _cuda_unsupported(x, w1_blocks, w2_blocks, out, E) if dev.type == "cuda" else None
-    if dev.type == "cuda" and why is None:
-        capturing = torch.cuda.is_current_stream_capturing()
+    expects = _lib.expects_kernels(dev)
+    why = _kernels_unsupported(x, w1_blocks, w2_blocks, out, E, dev) if expects else None
+    if expects and why is None:
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if validate_ids and not capturing:
             check_expert_ids(topk_ids, E)
         out = _checks.out_tensor("out", out, shape=(T, H), dtype=torch.bfloat16, device=dev)
         if wants_prefill(T, k, E):
-            pre = _prefill_module()
+            pre = _prefill_module(dev)
             if pre is not None:
                 # the prefill kernels require ids in [0, E): check them unless inside a graph capture
                 if validate_ids is None and not capturing:
@@ -202,11 +213,11 @@ def moe_mxfp4(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
                                w2_bias, swiglu_alpha, swiglu_limit, out)
         return run_decode(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
                           swiglu_alpha, swiglu_limit, out)
-    if dev.type == "cuda":
-        if why is not None and _lib.cuda_available():
-            _warn_unsupported(why)
+    if expects:
+        if why is not None and _lib.runs_kernels(dev):
+            _warn_unsupported(why, dev)
         else:
-            _lib.warn_reference_fallback("moe_mxfp4")
+            _lib.warn_reference_fallback("moe_mxfp4", dev=dev)
     if validate_ids is not False:
         check_expert_ids(topk_ids, E)
     res = reference.moe(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
@@ -240,9 +251,9 @@ def moe_mxfp4_add_rms_norm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     _checks.same_device(x=x, residual=residual, norm_weight=norm_weight, norm_out=norm_out, residual_out=residual_out)
     norm_out = _checks.out_tensor("norm_out", norm_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
     residual_out = _checks.out_tensor("residual_out", residual_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
-    fused = (dev.type == "cuda" and _cuda_unsupported(x, w1_blocks, w2_blocks, None, E) is None
-             and hasattr(_lib.C(), "moe_mxfp4_decode_add_rms_norm") and H // 8 <= 1024
-             and not (wants_prefill(T, k, E) and _prefill_module() is not None)
+    fused = (_lib.expects_kernels(dev) and _kernels_unsupported(x, w1_blocks, w2_blocks, None, E, dev) is None
+             and hasattr(_lib.kernels(dev), "moe_mxfp4_decode_add_rms_norm") and H // 8 <= 1024
+             and not (wants_prefill(T, k, E) and _prefill_module(dev) is not None)
              and all(t.data_ptr() % 16 == 0 for t in (residual, residual_out, norm_weight, norm_out)))
     if not fused:
         m = moe_mxfp4(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
@@ -250,15 +261,14 @@ def moe_mxfp4_add_rms_norm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
         return rms_norm(m, norm_weight, eps=eps, residual=residual, out=norm_out, residual_out=residual_out)
     if T == 0:
         return norm_out, residual_out
-    if validate_ids and not torch.cuda.is_current_stream_capturing():
+    if validate_ids and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         check_expert_ids(topk_ids, E)
-    need = decode_workspace_bytes(T, k, H, I)
+    need = decode_workspace_bytes(T, k, H, I, dev)
     workspace = torch.empty(max(need, 1), dtype=torch.uint8, device=dev)
-    with torch.cuda.device(dev):
-        _lib.C().moe_mxfp4_decode_add_rms_norm(
-            x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), w1_blocks.data_ptr(), w1_scales.data_ptr(),
-            w1_bias.data_ptr(), w2_blocks.data_ptr(), w2_scales.data_ptr(), w2_bias.data_ptr(), float(swiglu_alpha),
-            float(swiglu_limit), residual.data_ptr(), residual_out.data_ptr(), norm_weight.data_ptr(),
-            norm_weight.dtype == torch.float32, float(eps), norm_out.data_ptr(), T, H, I, E, k, workspace.data_ptr(),
-            workspace.numel(), _checks.stream_of(dev))
+    with _lib.device_guard(dev):
+        _lib.kernels(dev).moe_mxfp4_decode_add_rms_norm(
+            x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+            float(swiglu_alpha), float(swiglu_limit), residual, residual_out, norm_weight,
+            norm_weight.dtype == torch.float32, float(eps), norm_out, T, H, I, E, k, workspace, workspace.numel(),
+            _checks.stream_of(dev))
     return norm_out, residual_out

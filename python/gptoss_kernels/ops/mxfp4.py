@@ -20,14 +20,13 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, *, out: torch.T
     dev = _checks.same_device(blocks=blocks, scales=scales, out=out)
     out_shape = (*blocks.shape[:-2], blocks.shape[-2] * 32)
     out = _checks.out_tensor("out", out, shape=out_shape, dtype=torch.bfloat16, device=dev)
-    if dev.type == "cuda" and _lib.cuda_available():
+    if _lib.runs_kernels(dev):
         rows = scales.numel() // scales.shape[-1] if scales.numel() else 0
-        with torch.cuda.device(dev):
-            _lib.C().mxfp4_dequantize_bf16(blocks.data_ptr(), scales.data_ptr(), out.data_ptr(), rows,
-                                           blocks.shape[-2] * 32, _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            _lib.kernels(dev).mxfp4_dequantize_bf16(blocks, scales, out, rows, blocks.shape[-2] * 32,
+                                                    _checks.stream_of(dev))
         return out
-    if dev.type == "cuda":
-        _lib.warn_reference_fallback("mxfp4_dequantize")
+    _lib.warn_reference_fallback("mxfp4_dequantize", dev=dev)
     out.copy_(reference.mxfp4_dequantize(blocks, scales, torch.bfloat16))
     return out
 

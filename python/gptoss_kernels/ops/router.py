@@ -42,11 +42,12 @@ def _check_router_args(x, weight, bias, k):
 _warned_shapes: set[str] = set()
 
 
-def _warn_unsupported(op: str, why: str) -> None:
-    if op not in _warned_shapes:
-        _warned_shapes.add(op)
-        warnings.warn(f"gptoss_kernels.{op}: running the PyTorch reference on CUDA tensors because {why}",
-                      RuntimeWarning, stacklevel=3)
+def _warn_unsupported(op: str, why: str, dev: torch.device | None = None) -> None:
+    key = op if dev is None or dev.type == "cuda" else f"{op}@{dev.type}"
+    if key not in _warned_shapes:
+        _warned_shapes.add(key)
+        warnings.warn(f"gptoss_kernels.{op}: running the PyTorch reference on {_lib._tensors_phrase(dev)} because "
+                      f"{why}", RuntimeWarning, stacklevel=3)
 
 
 def _router_cuda_unsupported(x, weight, k) -> str | None:
@@ -103,27 +104,23 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: in
     if metadata_out is not None and not return_metadata:
         raise ValueError("metadata_out is given but return_metadata is False")
 
-    why = None
-    if dev.type == "cuda":
-        why = _lib.kernels_error() if not _lib.cuda_available() else _router_cuda_unsupported(x, weight, k)
-    if dev.type == "cuda" and why is None:
+    kernel = _lib.runs_kernels(dev)
+    why = _router_cuda_unsupported(x, weight, k) if kernel else None
+    if kernel and why is None:
         if ids is None:
             ids = torch.empty((T, k), dtype=torch.int32, device=dev)
             wts = torch.empty((T, k), dtype=torch.float32, device=dev)
-        C = _lib.C()
+        K = _lib.kernels(dev)
         mode = _PATHS[path]
-        nbytes = C.router_topk_workspace_size(T, H, E, k, mode)
+        nbytes = K.router_topk_workspace_size(T, H, E, k, mode)
         ws = torch.empty(nbytes, dtype=torch.uint8, device=dev) if nbytes else None
-        with torch.cuda.device(dev):
-            C.router_topk_bf16(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), ids.data_ptr(),
-                               wts.data_ptr(), T, H, E, k, mode, ws.data_ptr() if ws is not None else 0,
-                               nbytes, _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            K.router_topk_bf16(x, weight, bias, ids, wts, T, H, E, k, mode, ws, nbytes, _checks.stream_of(dev))
     else:
-        if dev.type == "cuda":
-            if _lib.cuda_available():
-                _warn_unsupported("router_topk", why)
-            else:
-                _lib.warn_reference_fallback("router_topk")
+        if kernel:
+            _warn_unsupported("router_topk", why, dev)
+        else:
+            _lib.warn_reference_fallback("router_topk", dev=dev)
         rid, rw = reference.router_topk(x, weight, bias, k)
         if ids is None:
             ids, wts = rid, rw
@@ -160,7 +157,7 @@ def add_rms_norm_router_topk(delta: torch.Tensor, residual: torch.Tensor, norm_w
     norm_out = _checks.out_tensor("norm_out", norm_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
     residual_out = _checks.out_tensor("residual_out", residual_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
     ids, wts = _out_pair(out, T, k, dev)
-    C = _lib.C() if dev.type == "cuda" and _lib.cuda_available() else None
+    C = _lib.kernels(dev) if _lib.runs_kernels(dev) else None
     fused = (C is not None and hasattr(C, "add_rms_norm_router_topk_bf16")
              and T <= C.add_rms_norm_router_topk_max_tokens and E <= 128 and k <= _MAX_K and H % 8 == 0
              and H // 8 <= 1024
@@ -173,11 +170,10 @@ def add_rms_norm_router_topk(delta: torch.Tensor, residual: torch.Tensor, norm_w
         ids = torch.empty((T, k), dtype=torch.int32, device=dev)
         wts = torch.empty((T, k), dtype=torch.float32, device=dev)
     if T:
-        with torch.cuda.device(dev):
-            C.add_rms_norm_router_topk_bf16(delta.data_ptr(), residual.data_ptr(), residual_out.data_ptr(),
-                                            norm_weight.data_ptr(), norm_weight.dtype == torch.float32, float(eps),
-                                            norm_out.data_ptr(), weight.data_ptr(), bias.data_ptr(), ids.data_ptr(),
-                                            wts.data_ptr(), T, H, E, k, _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            C.add_rms_norm_router_topk_bf16(delta, residual, residual_out, norm_weight,
+                                            norm_weight.dtype == torch.float32, float(eps), norm_out, weight, bias,
+                                            ids, wts, T, H, E, k, _checks.stream_of(dev))
     return norm_out, residual_out, ids, wts
 
 
@@ -185,7 +181,8 @@ def route(topk_ids: torch.Tensor, num_experts: int, *, out: RouteMetadata | None
     """Group routed rows by expert: topk_ids int32 [T, k] -> RouteMetadata (see its doc).
 
     Ids must be in [0, num_experts): on CPU tensors a ValueError says otherwise; on CUDA (no host
-    sync) rows with such ids are left out of counts and the tail permutation[offsets[E]:] is -1.
+    sync) rows with such ids are left out of counts and the tail permutation[offsets[E]:] is -1
+    (so too on CPU tensors under the hostsim backend, which runs the same kernels).
     out: optional RouteMetadata of int32 tensors [E], [E+1], [T*k] to write into.
     """
     _checks.tensor("topk_ids", topk_ids, dtype=torch.int32, ndim=2)
@@ -199,25 +196,23 @@ def route(topk_ids: torch.Tensor, num_experts: int, *, out: RouteMetadata | None
             _checks.out_tensor("out.counts", out[0], shape=(E,), dtype=torch.int32, device=dev),
             _checks.out_tensor("out.offsets", out[1], shape=(E + 1,), dtype=torch.int32, device=dev),
             _checks.out_tensor("out.permutation", out[2], shape=(n,), dtype=torch.int32, device=dev))
-    if dev.type == "cuda" and _lib.cuda_available() and E <= _MAX_E:
+    kernel = _lib.runs_kernels(dev)
+    if kernel and E <= _MAX_E:
         if out is None:
             out = RouteMetadata(torch.empty(E, dtype=torch.int32, device=dev),
                                 torch.empty(E + 1, dtype=torch.int32, device=dev),
                                 torch.empty(n, dtype=torch.int32, device=dev))
-        C = _lib.C()
-        nbytes = C.route_workspace_size(n, E)
+        K = _lib.kernels(dev)
+        nbytes = K.route_workspace_size(n, E)
         ws = torch.empty(nbytes, dtype=torch.uint8, device=dev) if nbytes else None
-        with torch.cuda.device(dev):
-            C.route(topk_ids.data_ptr(), n, E, out.counts.data_ptr(), out.offsets.data_ptr(),
-                    out.permutation.data_ptr(), ws.data_ptr() if ws is not None else 0, nbytes,
-                    _checks.stream_of(dev))
+        with _lib.device_guard(dev):
+            K.route(topk_ids, n, E, out.counts, out.offsets, out.permutation, ws, nbytes, _checks.stream_of(dev))
         return out
-    if dev.type == "cuda":
-        if _lib.cuda_available():
-            _warn_unsupported("route", f"num_experts={E} > {_MAX_E} is not supported by the kernel")
-        else:
-            _lib.warn_reference_fallback("route")
-    elif n and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= E):
+    if kernel:
+        _warn_unsupported("route", f"num_experts={E} > {_MAX_E} is not supported by the kernel", dev)
+    elif _lib.expects_kernels(dev):
+        _lib.warn_reference_fallback("route", dev=dev)
+    if dev.type != "cuda" and n and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= E):
         raise ValueError(f"topk_ids must be in [0, num_experts={E}), got values in "
                          f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
     res = RouteMetadata(*reference.route_metadata(topk_ids, E))
