@@ -16,6 +16,9 @@
 #include <cstdint>
 
 #include "common.cuh"
+#if defined(__CUDACC__)
+#include "ptx.cuh"  // the device side's PTX wrappers
+#endif
 
 namespace gptoss {
 namespace flash {
@@ -69,9 +72,7 @@ GPTOSS_HD bool locate_q_tile(const int32_t* cu_seqlens, int batch, int tile, int
 
 GPTOSS_HD float fast_exp2(float x) {
 #if defined(__CUDA_ARCH__)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
+  return gptoss::ex2_approx_ftz(x);
 #else
   return exp2f(x);
 #endif

@@ -24,6 +24,9 @@
 #include <cstring>
 
 #include "common.cuh"
+#if defined(__CUDACC__)
+#include "ptx.cuh"  // the device side's PTX wrappers
+#endif
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -64,9 +67,7 @@ GPTOSS_HD float bf16_bits_to_float(uint32_t bits16) {
 #if defined(__CUDACC__)
 // bf16x2 multiply (mul.rn.bf16x2 on sm_90; subnormal inputs and results are kept).
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
+  return gptoss::mul_rn_bf16x2(a, b);
 }
 #endif
 

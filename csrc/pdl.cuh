@@ -26,13 +26,17 @@ namespace gptoss {
 namespace pdl {
 
 __device__ __forceinline__ void wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(GPTOSS_HOSTSIM)
+  ::gptoss_hostsim::griddep_wait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
 
 __device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(GPTOSS_HOSTSIM)
+  ::gptoss_hostsim::griddep_launch_dependents();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
@@ -40,7 +44,9 @@ __device__ __forceinline__ void launch_dependents() {
 // Hint: bring [p, p + bytes) into L2 (bytes a multiple of 16, p 16-byte aligned). No effect on
 // results, so it may run before wait() on data that no earlier kernel writes.
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(GPTOSS_HOSTSIM)
+  ::gptoss_hostsim::prefetch_l2(p, bytes);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 #endif
 }
@@ -68,6 +74,15 @@ inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cuda
   return cfg;
 }
 
+// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx (the same launch; the
+// host-simulation build has no <<< >>>). Returns the launch's error.
+template <typename... Params, typename... Args>
+cudaError_t launch_plain(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                         Args... args) {
+  cudaLaunchConfig_t cfg = launch_config(grid, block, smem, stream);
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 // Launch kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl and PDL
 // is enabled. Returns the launch's error.
 template <typename... Params, typename... Args>
@@ -90,13 +105,14 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     // driver without PDL): then PDL stays off for the process. Any other error (no device, a bad
     // configuration) is returned as it is and changes nothing.
     (void)cudaGetLastError();
-    kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
-    const cudaError_t plain = cudaGetLastError();
+    const cudaError_t plain = launch_plain(kernel, grid, block, smem, stream, args...);
+    (void)cudaGetLastError();
     if (plain == cudaSuccess) disabled() = true;
     return plain;
   }
-  kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
-  return cudaGetLastError();
+  const cudaError_t err = launch_plain(kernel, grid, block, smem, stream, args...);
+  (void)cudaGetLastError();  // returned to the caller; not left for an unrelated launch check
+  return err;
 }
 
 // launch() for a grid of thread-block clusters of cluster_x blocks along x (a runtime cluster

@@ -1,7 +1,9 @@
 """Test configuration.
 
-- ``@pytest.mark.gpu``: needs a CUDA GPU and this build's kernels; skipped otherwise with the
-  reason shown in the summary (run `pytest -rs`).
+- ``@pytest.mark.gpu``: runs this package's kernels: on a CUDA GPU when one is usable, else on the
+  host-simulation build (tests/kernel_device.py: the same kernel source on the CPU, every checker
+  on; a checker report fails the test). ``@pytest.mark.cuda_only`` on top: needs the GPU itself
+  (CUDA graphs, streams, timings, the device allocator); skipped on the host build with the reason.
 - The vocab file for harmony: if TIKTOKEN_ENCODINGS_BASE is unset and a folder
   ``../shared/vocab`` (relative to the repo) holds o200k_base.tiktoken, it is used.
 """
@@ -15,6 +17,9 @@ import pytest
 import torch
 
 import gptoss_kernels
+from gptoss_kernels import _lib
+
+from . import kernel_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,10 +38,38 @@ def pytest_collection_modifyitems(config, items):
     reason = gpu_skip_reason()
     if reason is None:
         return
-    skip = pytest.mark.skip(reason=reason)
+    hostsim = kernel_device.ON_HOSTSIM
+    skip = pytest.mark.skip(reason=reason if not hostsim else
+                            f"needs the GPU itself (CUDA graphs/streams/timings/allocator); {reason}")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and (not hostsim or "cuda_only" in item.keywords):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_backend(request):
+    """GPU tests without a GPU: CPU tensors run the kernels' host build (and its checkers)."""
+    if kernel_device.ON_HOSTSIM and request.node.get_closest_marker("gpu") is not None:
+        with _lib.use_backend("hostsim"):
+            yield
+    else:
+        yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not kernel_device.ON_HOSTSIM:
+        return
+    st = _lib.kernels(torch.device("cpu"))._module.stats() if _lib.hostsim_built() else None
+    if not st or not st["launches"]:
+        return
+    kernels = st["kernels"]
+    terminalreporter.write_sep("-", "kernels run on the host build (gptoss_kernels._hostsim)")
+    terminalreporter.write_line(
+        f"{len(kernels)} kernels (template instances), {st['launches']} launches, {st['blocks']} blocks, "
+        f"{st['threads']} threads emulated; checkers: global bounds, shared races/uninit/bounds, barriers, "
+        f"warp collectives, cp.async/wgmma async, PDL order; a report fails its test")
+    for name, n in sorted(kernels.items()):
+        terminalreporter.write_line(f"  {n:6d}  {name}")
 
 
 @pytest.fixture(autouse=True)
@@ -49,4 +82,4 @@ def pytest_report_header(config):
     info = gptoss_kernels.build_info()
     return [f"gptoss_kernels: kernels_built={info['kernels_built']} archs={info['cuda_archs']} "
             f"cuda_available={gptoss_kernels.cuda_available()} torch={torch.__version__}",
-            f"GPU tests: {'run' if gpu_skip_reason() is None else 'skipped: ' + gpu_skip_reason()}"]
+            f"GPU tests: {'run on the GPU' if gpu_skip_reason() is None else ('run on the host build of the kernels (hostsim)' if kernel_device.ON_HOSTSIM else 'skipped: ' + gpu_skip_reason())}"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .kernel_device import DEV, sync
+
 import gptoss_kernels as gk
 from gptoss_kernels import reference as R
 
@@ -196,10 +198,10 @@ def test_binding_without_gpu_raises_clear_error():
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 1), (5760, 90), (3, 2880 // 32), (0, 4), (2, 3, 7)])
 def test_dequantize_kernel_matches_reference(shape):
-    blocks = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, device="cuda")
-    scales = torch.randint(0, 255, shape, dtype=torch.uint8, device="cuda")
-    out = torch.full((*shape[:-1], shape[-1] * 32), float("nan"), dtype=torch.bfloat16, device="cuda")
+    blocks = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, device=DEV)
+    scales = torch.randint(0, 255, shape, dtype=torch.uint8, device=DEV)
+    out = torch.full((*shape[:-1], shape[-1] * 32), float("nan"), dtype=torch.bfloat16, device=DEV)
     gk.mxfp4_dequantize(blocks, scales, out=out)
-    torch.cuda.synchronize()
+    sync()
     ref = R.mxfp4_dequantize(blocks.cpu(), scales.cpu(), torch.bfloat16)
     assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))  # bit-exact, poison overwritten

@@ -40,7 +40,9 @@
 #include <atomic>
 #include <cstdint>
 
+#include "pdl.cuh"
 #include "ptx.cuh"
+#include "gemm_wgmma.cuh"
 #include "common.cuh"
 #include "flash_prefill.cuh"
 #include "gptoss/attention_prefill.h"
@@ -92,21 +94,19 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
 }
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  // src-size 0 zero-fills the 16 bytes without reading src.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
+  gptoss::cp_async_cg16(dst, src, valid ? 16 : 0);  // src-size 0 zero-fills the 16 bytes without reading src
 }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { gptoss::cp_async_wait<0>(); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
+  uint32_t r[4];
+  gptoss::ldmatrix_x4_b16(r, addr);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
 }
 __device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
+  uint32_t r[4];
+  gptoss::ldmatrix_x4_trans_b16(r, addr);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -122,35 +122,27 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes,
   return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(lbo_bytes >> 4) << 16) |
          (static_cast<uint64_t>(sbo_bytes >> 4) << 32) | (uint64_t(1) << 62);
 }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { gptoss::wgmma::fence(); }
+__device__ __forceinline__ void wgmma_commit() { gptoss::wgmma::commit(); }
+__device__ __forceinline__ void wgmma_wait0() { gptoss::wgmma::wait<0>(); }
+__device__ __forceinline__ void fence_proxy_async() { gptoss::fence_proxy_async_shared_cta(); }
 
 // d(64x64 per warpgroup; this warp's 16 rows in mma.sync C layout, n8 chunk j = d[j]) +=
 // A(64x16, K-major, smem) * B(16x64 given as [n][k], K-major, smem).
 __device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "l"(desc_a), "l"(desc_b));
+  gptoss::wgmma::mma_m64n64k16_ss(d, desc_a, desc_b);
 }
 // d += A(64x16 from registers, mma.sync A layout per warp) * B(16x64 given as [k][n], N-major
 // smem: transposed operand).
 __device__ __forceinline__ void wgmma_rs_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  gptoss::wgmma::mma_m64n64k16_rs_tnspb(d, a, desc_b);
 }
 
 // kUseWgmma: the same algorithm with the two products on wgmma (warpgroup w/4 owns rows
 // 64*(w/4) .. +63, i.e. each warp still owns its 16 rows in the same accumulator layout).
 template <bool kUseWgmma>
 __global__ void __launch_bounds__(kThreads, 2) attention_prefill_kernel(const Params p) {
-  extern __shared__ __align__(128) uint8_t smem_raw[];
+  GPTOSS_DYNAMIC_SMEM(uint8_t, smem_raw, 128);
   // 1024-byte alignment for the 128B-swizzle atoms (wgmma descriptors; the launch adds 1 KB slack)
   const uint32_t s_raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   uint8_t* const smem = smem_raw + ((1024u - (s_raw & 1023u)) & 1023u);
@@ -448,8 +440,8 @@ GPTOSS_API gptoss_status gptoss_attention_prefill_bf16_impl(
                     "attention_prefill: cudaFuncSetAttribute");
     opted_in[wgmma].fetch_or(bit, std::memory_order_relaxed);
   }
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(prm);
-  GPTOSS_RETURN_LAUNCH_STATUS(wgmma ? "attention_prefill_kernel<wgmma> launch" : "attention_prefill_kernel<mma> launch");
+  return gptoss::cuda_status(gptoss::pdl::launch_plain(kernel, grid, dim3(kThreads), kSmemBytes, stream, prm),
+                             wgmma ? "attention_prefill_kernel<wgmma> launch" : "attention_prefill_kernel<mma> launch");
 }
 
 GPTOSS_API gptoss_status gptoss_attention_prefill_bf16(

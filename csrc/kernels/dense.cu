@@ -123,11 +123,7 @@ constexpr int kUnroll = 4;         // 32-wide k steps per load batch: 8 x 16-byt
 
 // W is streamed once: bypass L1 (it would only evict x).
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+  return gptoss::ld_global_nc_na_v4(p);
 }
 
 // The fused QKV projection + RoPE + KV-cache append (kRope): where the rotated q, k and the v

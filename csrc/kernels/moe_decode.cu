@@ -71,11 +71,7 @@ struct Shared {
 };
 
 __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {  // read-once weights: bypass L1
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+  return gptoss::ld_global_nc_na_v4(p);
 }
 
 // The GEMV input (x for mlp1, act for mlp2) may be written by the kernel just before (PDL: that
@@ -85,10 +81,7 @@ __device__ __forceinline__ uint4 load_in(const uint4* p) { return __ldcg(p); }
 
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  gptoss::mma_bf16_16816_reorderable(d, a0, a1, a2, a3, b0, b1);
 }
 
 // The distinct ids in [0, E) of ids[0..n), ascending, into sh.experts[0..sh.n_experts).

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <vector>
 
+#include "pdl.cuh"
 #include "ptx.cuh"
 #include "activation.cuh"
 #include "common.cuh"
@@ -168,19 +169,15 @@ __host__ __device__ constexpr int smem_bytes(int G, int E) { return FIXED_SMEM +
 __device__ __forceinline__ uint32_t swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0));
+  gptoss::cp_async_cg16(dst, src, pred ? 16 : 0);
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+  gptoss::ldmatrix_x4_b16(r, addr);
 }
 
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
-  return d;
+  return gptoss::mul_rn_bf16x2(a, b);
 }
 
 // 16 packed bytes (32 E2M1 codes) x 2^(s-127) -> 32 bf16 (4 x 16 bytes), exact (gemm_grouped.cuh).
@@ -204,7 +201,7 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 template <int EPI>
 __global__ __launch_bounds__(mma::THREADS, 1) void grouped_gemm_mma_kernel(const GemmParams p) {
   using namespace mma;
-  extern __shared__ __align__(128) uint8_t smem[];
+  GPTOSS_DYNAMIC_SMEM(uint8_t, smem, 128);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 2, warp_n = warp & 3;  // 2 x 4 warps, warp tile 64 x 32
   const int K = p.K, N = p.N, G = K / 32;
@@ -478,7 +475,7 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
   using namespace wg;
   using C = Cfg<BN>;
   namespace W = gptoss::wgmma;
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  GPTOSS_DYNAMIC_SMEM(uint8_t, smem_raw, 1024);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wgi = warp >> 2;  // warpgroup: tile rows 64 * wgi .. +63
   const int N = p.N, G = p.K / 32;
@@ -654,8 +651,9 @@ struct Problem {
 };
 
 // Kernel, threads, dynamic shared memory and tile of one GEMM variant.
+using GemmKernel = void (*)(const GemmParams);
 struct GemmLaunch {
-  const void* fn;
+  GemmKernel fn;
   int threads, smem, bm, bn;
 };
 
@@ -663,16 +661,16 @@ template <int EPI>
 GemmLaunch gemm_launch(int variant, int G, int E) {
   switch (variant) {
     case GPTOSS_MOE_PREFILL_WGMMA:
-      return {reinterpret_cast<const void*>(&grouped_gemm_wgmma_kernel<EPI, 192>), wg::THREADS,
+      return {&grouped_gemm_wgmma_kernel<EPI, 192>, wg::THREADS,
               wg::Cfg<192>::smem_bytes(G, E), wg::BM, 192};
     case GPTOSS_MOE_PREFILL_WGMMA_N128:
-      return {reinterpret_cast<const void*>(&grouped_gemm_wgmma_kernel<EPI, 128>), wg::THREADS,
+      return {&grouped_gemm_wgmma_kernel<EPI, 128>, wg::THREADS,
               wg::Cfg<128>::smem_bytes(G, E), wg::BM, 128};
     case GPTOSS_MOE_PREFILL_WGMMA_N256:
-      return {reinterpret_cast<const void*>(&grouped_gemm_wgmma_kernel<EPI, 256>), wg::THREADS,
+      return {&grouped_gemm_wgmma_kernel<EPI, 256>, wg::THREADS,
               wg::Cfg<256>::smem_bytes(G, E), wg::BM, 256};
     default:
-      return {reinterpret_cast<const void*>(&grouped_gemm_mma_kernel<EPI>), mma::THREADS, mma::smem_bytes(G, E),
+      return {&grouped_gemm_mma_kernel<EPI>, mma::THREADS, mma::smem_bytes(G, E),
               mma::BM, mma::BN};
   }
 }
@@ -681,7 +679,7 @@ GemmLaunch gemm_launch(int variant, int G, int E) {
 // the kernel's dynamic shared-memory limit. Filled on first use (an eager call), so a later call
 // being captured into a CUDA graph makes no attribute or occupancy calls.
 struct LaunchFacts {
-  const void* fn;
+  GemmKernel fn;
   int dev, smem, sms, per_sm;
 };
 
@@ -721,8 +719,7 @@ gptoss_status launch_gemm(const GemmParams& gp, int epi, int64_t rows, int varia
   const int64_t max_mtiles = rows / L.bm + std::min<int64_t>(gp.E, rows);
   const int64_t max_work = max_mtiles * ceil_div(gp.N, L.bn);
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_work, int64_t{sms} * per_sm)));
-  void* args[] = {const_cast<GemmParams*>(&gp)};
-  GPTOSS_CUDA_TRY(cudaLaunchKernel(L.fn, dim3(grid), dim3(L.threads), args, static_cast<size_t>(L.smem), stream),
+  GPTOSS_CUDA_TRY(gptoss::pdl::launch_plain(L.fn, dim3(grid), dim3(L.threads), static_cast<size_t>(L.smem), stream, gp),
                   "moe_prefill grouped GEMM launch");
   return GPTOSS_OK;
 }
@@ -745,16 +742,13 @@ gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t st
     case 1: {
       const int nc = num_chunks(rows);
       int32_t* chunk = pr.part<int32_t>(GPTOSS_MOE_WS_CHUNK_BASE);
-      route_count_kernel<<<nc, kChunk, 0, stream>>>(pr.topk_ids, static_cast<int>(rows), E, chunk);
-      GPTOSS_CUDA_TRY(cudaGetLastError(), "moe_prefill route_count launch");
+      GPTOSS_CUDA_TRY(gptoss::pdl::launch_plain(route_count_kernel, dim3(nc), dim3(kChunk), 0, stream, pr.topk_ids, static_cast<int>(rows), E, chunk), "moe_prefill route_count launch");
       static_assert(mma::BM == wg::BM, "one m-tile size for both variants");
-      route_scan_kernel<<<1, kMaxExperts, 0, stream>>>(chunk, nc, E, mma::BM, pr.part<int32_t>(GPTOSS_MOE_WS_COUNTS),
+      GPTOSS_CUDA_TRY(gptoss::pdl::launch_plain(route_scan_kernel, dim3(1), dim3(kMaxExperts), 0, stream, chunk, nc, E, mma::BM, pr.part<int32_t>(GPTOSS_MOE_WS_COUNTS),
                                                        pr.part<int32_t>(GPTOSS_MOE_WS_OFFSETS),
-                                                       pr.part<int32_t>(GPTOSS_MOE_WS_TILE_OFFSETS));
-      GPTOSS_CUDA_TRY(cudaGetLastError(), "moe_prefill route_scan launch");
-      route_scatter_kernel<<<nc, kChunk, 0, stream>>>(pr.topk_ids, static_cast<int>(rows), E, chunk,
-                                                      pr.part<int32_t>(GPTOSS_MOE_WS_PERM));
-      GPTOSS_RETURN_LAUNCH_STATUS("moe_prefill route_scatter launch");
+                                                       pr.part<int32_t>(GPTOSS_MOE_WS_TILE_OFFSETS)), "moe_prefill route_scan launch");
+      return gptoss::cuda_status(gptoss::pdl::launch_plain(route_scatter_kernel, dim3(nc), dim3(kChunk), 0, stream, pr.topk_ids, static_cast<int>(rows), E, chunk,
+                                                      pr.part<int32_t>(GPTOSS_MOE_WS_PERM)), "moe_prefill route_scatter launch");
     }
     case 2:
       gp.A = static_cast<const __nv_bfloat16*>(pr.x);
@@ -778,10 +772,9 @@ gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t st
       const int64_t vecs = pr.T * (pr.H / 8);
       const int threads = 256;
       const int grid = static_cast<int>(std::min<int64_t>((vecs + threads - 1) / threads, 65535 * 8));
-      combine_kernel<<<grid, threads, 0, stream>>>(pr.part<const __nv_bfloat16>(GPTOSS_MOE_WS_Y),
+      return gptoss::cuda_status(gptoss::pdl::launch_plain(combine_kernel, dim3(grid), dim3(threads), 0, stream, pr.part<const __nv_bfloat16>(GPTOSS_MOE_WS_Y),
                                                    static_cast<__nv_bfloat16*>(pr.out), pr.T, static_cast<int>(pr.H),
-                                                   static_cast<int>(pr.k));
-      GPTOSS_RETURN_LAUNCH_STATUS("moe_prefill combine launch");
+                                                   static_cast<int>(pr.k)), "moe_prefill combine launch");
     }
     default:
       return gptoss::set_error(GPTOSS_ERROR_INVALID_ARGUMENT, "moe_prefill: step must be 1..4");

@@ -6,6 +6,7 @@
 #include "common.cuh"
 #include "gptoss/mxfp4.h"
 #include "mxfp4.cuh"
+#include "pdl.cuh"
 
 namespace {
 
@@ -49,7 +50,6 @@ GPTOSS_API gptoss_status gptoss_mxfp4_dequantize_bf16(const uint8_t* blocks, con
   const int threads = 256;
   const int64_t want = (n_blocks + threads - 1) / threads;
   const int grid = static_cast<int>(want < 65535 * 8 ? want : 65535 * 8);
-  mxfp4_dequantize_bf16_kernel<<<grid, threads, 0, stream>>>(
-      reinterpret_cast<const uint4*>(blocks), scales, reinterpret_cast<uint4*>(out), n_blocks);
-  GPTOSS_RETURN_LAUNCH_STATUS("mxfp4_dequantize_bf16 launch");
+  return gptoss::cuda_status(gptoss::pdl::launch_plain(mxfp4_dequantize_bf16_kernel, dim3(grid), dim3(threads), 0, stream, 
+      reinterpret_cast<const uint4*>(blocks), scales, reinterpret_cast<uint4*>(out), n_blocks), "mxfp4_dequantize_bf16 launch");
 }

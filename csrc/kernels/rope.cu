@@ -220,8 +220,7 @@ GPTOSS_API gptoss_status gptoss_cache_append_bf16(const void* k, const void* v, 
   const int threads = 256;
   const int64_t want = (total + threads - 1) / threads;
   const int grid = static_cast<int>(want < 65535 * 8 ? want : 65535 * 8);
-  cache_append_kernel<<<grid, threads, 0, stream>>>(
+  return gptoss::cuda_status(gptoss::pdl::launch_plain(cache_append_kernel, dim3(grid), dim3(threads), 0, stream, 
       static_cast<const uint4*>(k), static_cast<const uint4*>(v), seq_ids, positions, static_cast<uint4*>(k_cache),
-      static_cast<uint4*>(v_cache), T, row_chunks, batch, cache_size);
-  GPTOSS_RETURN_LAUNCH_STATUS("cache_append launch");
+      static_cast<uint4*>(v_cache), T, row_chunks, batch, cache_size), "cache_append launch");
 }

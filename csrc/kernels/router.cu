@@ -53,14 +53,11 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 
 // 16-byte async copy global -> shared; zero-fills the destination when !valid (src unread).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+  gptoss::cp_async_cg16(smem_u32(dst), src, valid ? 16 : 0);
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+  gptoss::ldmatrix_x4_b16(r, smem_u32(p));
 }
 
 // Accumulates the block's [64 tokens] x [EB experts] logits over H chunks [c_begin, c_end).
@@ -164,7 +161,7 @@ template <int EB, int KMAX>
 __global__ void __launch_bounds__(kThreads) router_fused_kernel(
     const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T,
     int H, int E, int k, int32_t* __restrict__ ids, float* __restrict__ weights) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  GPTOSS_DYNAMIC_SMEM(unsigned char, smem, 16);
   constexpr int NT = Tile<EB>::NT, LDL = Tile<EB>::ldl, EPL = EB / 32;
   gptoss::pdl::wait();  // x: the norm's output
   gptoss::pdl::launch_dependents();
@@ -260,11 +257,12 @@ __device__ __forceinline__ void add_norm_rows_inv(const AddNormArgs& an, int H, 
 
 // x: the router input (with kAddNorm: an.norm_out, which this kernel writes first: not __restrict__).
 template <int KMAX, bool kAddNorm, typename WT>
-__global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kThreads, 2) router_cluster_kernel(
+// Launched as clusters of kClusterRanks blocks along x (a launch attribute: see launch_cluster).
+__global__ void __launch_bounds__(kThreads, 2) router_cluster_kernel(
     const bf16* x, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T, int H, int E,
     int k, int32_t* __restrict__ ids, float* __restrict__ weights, const AddNormArgs an) {
   namespace cg = cooperative_groups;
-  extern __shared__ __align__(16) unsigned char smem[];
+  GPTOSS_DYNAMIC_SMEM(unsigned char, smem, 16);
   constexpr int EB = kClusterEB, NT = Tile<EB>::NT, LDL = Tile<EB>::ldl, EPL = EB / 32;
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
@@ -346,7 +344,7 @@ __global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kThreads
 __global__ void __launch_bounds__(kThreads) router_partial_kernel(
     const bf16* __restrict__ x, const bf16* __restrict__ w, int T, int H, int E,
     float* __restrict__ partial) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  GPTOSS_DYNAMIC_SMEM(unsigned char, smem, 16);
   constexpr int EB = kSplitEB, NT = Tile<EB>::NT;
   const int e0 = blockIdx.x * EB, t0 = blockIdx.y * kTT;
   const int nc = (H + kKC - 1) / kKC;
@@ -473,10 +471,13 @@ gptoss_status launch_cluster(const bf16* x, const bf16* w, const bf16* bias, int
   const gptoss_status st = set_smem_once(kernel, smem, smem_set);
   if (st != GPTOSS_OK) return st;
   const unsigned tiles = static_cast<unsigned>((T + kTT - 1) / kTT);
-  GPTOSS_CUDA_TRY(gptoss::pdl::launch(kernel, dim3(tiles * kClusterRanks), dim3(kThreads), smem, stream, true, x, w,
-                                      bias, T, H, E, k, ids, wts, an),
-                  "router_cluster_kernel launch");
-  return GPTOSS_OK;
+  const cudaError_t err = gptoss::pdl::launch_clusters(kernel, dim3(tiles * kClusterRanks), dim3(kThreads), smem, stream,
+                                                       kClusterRanks, true, x, w, bias, T, H, E, k, ids, wts, an);
+  if (err == cudaSuccess || err == cudaErrorStreamCaptureInvalidated || err == cudaErrorStreamCaptureUnsupported)
+    return gptoss::cuda_status(err, "router_cluster_kernel launch");
+  // refused (a partitioned GPU: MIG, MPS SM limits, green contexts): the caller may take another path
+  return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED, std::string("router: the 8-block thread-block cluster launch was "
+                                                                 "refused (") + cudaGetErrorName(err) + ")");
 }
 
 template <int KMAX>
@@ -639,12 +640,15 @@ GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weig
   const bf16* bb = static_cast<const bf16*>(bias);
   const int Ti = static_cast<int>(T), Hi = static_cast<int>(H), Ei = static_cast<int>(E);
   const int resolved = resolve_path(T, E, path);
-  if (resolved == GPTOSS_ROUTER_PATH_CLUSTER)
-    return k <= 4 ? launch_cluster<4, false, bf16>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, AddNormArgs{},
-                                                   stream)
-                  : launch_cluster<8, false, bf16>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, AddNormArgs{},
-                                                   stream);
-  if (resolved == GPTOSS_ROUTER_PATH_FUSED) {
+  if (resolved == GPTOSS_ROUTER_PATH_CLUSTER) {
+    const gptoss_status st =
+        k <= 4 ? launch_cluster<4, false, bf16>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, AddNormArgs{}, stream)
+               : launch_cluster<8, false, bf16>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, AddNormArgs{}, stream);
+    // AUTO picked the cluster path: a refused cluster falls back to the fused path (the same top-k
+    // up to the logits' summation order)
+    if (st != GPTOSS_ERROR_UNSUPPORTED || path == GPTOSS_ROUTER_PATH_CLUSTER) return st;
+  }
+  if (resolved == GPTOSS_ROUTER_PATH_FUSED || resolved == GPTOSS_ROUTER_PATH_CLUSTER) {
     return k <= 4 ? launch_fused_e<4>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream)
                   : launch_fused_e<8>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream);
   }
@@ -726,14 +730,11 @@ GPTOSS_API gptoss_status gptoss_route(const int32_t* topk_ids, int64_t n_rows, i
   const int nb = n == 0 ? 0 : (n + chunk - 1) / chunk;
   int32_t* bc = static_cast<int32_t*>(workspace);
   if (nb > 0) {
-    route_count_kernel<<<nb, kRouteThreads, 0, stream>>>(topk_ids, n, Ei, chunk, bc);
-    GPTOSS_CUDA_TRY(cudaGetLastError(), "route_count_kernel launch");
+    GPTOSS_CUDA_TRY(gptoss::pdl::launch_plain(route_count_kernel, dim3(nb), dim3(kRouteThreads), 0, stream, topk_ids, n, Ei, chunk, bc), "route_count_kernel launch");
   }
-  route_scan_kernel<<<1, kRouteThreads, 0, stream>>>(bc, nb, n, Ei, counts, offsets, permutation);
-  GPTOSS_CUDA_TRY(cudaGetLastError(), "route_scan_kernel launch");
+  GPTOSS_CUDA_TRY(gptoss::pdl::launch_plain(route_scan_kernel, dim3(1), dim3(kRouteThreads), 0, stream, bc, nb, n, Ei, counts, offsets, permutation), "route_scan_kernel launch");
   if (nb > 0) {
-    route_scatter_kernel<<<nb, kRouteThreads, 0, stream>>>(topk_ids, n, Ei, chunk, bc, offsets, permutation);
-    GPTOSS_CUDA_TRY(cudaGetLastError(), "route_scatter_kernel launch");
+    GPTOSS_CUDA_TRY(gptoss::pdl::launch_plain(route_scatter_kernel, dim3(nb), dim3(kRouteThreads), 0, stream, topk_ids, n, Ei, chunk, bc, offsets, permutation), "route_scatter_kernel launch");
   }
   return GPTOSS_OK;
 }

@@ -20,7 +20,13 @@ void check(gptoss_status status) {
 
 }  // namespace gptoss_py
 
-PYBIND11_MODULE(_C, m) {
+// The same sources build gptoss_kernels._C (CUDA) and gptoss_kernels._hostsim (the kernels run on
+// the CPU, csrc/hostsim); GPTOSS_MODULE_NAME says which.
+#ifndef GPTOSS_MODULE_NAME
+#define GPTOSS_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(GPTOSS_MODULE_NAME, m) {
   namespace py = pybind11;
   m.doc() = "gptoss-kernels compiled kernels (thin wrappers over the torch-free C ABI)";
   m.attr("abi_version") = gptoss_abi_version();
@@ -40,7 +46,7 @@ PYBIND11_MODULE(_C, m) {
   std::vector<std::string> families;
   for (auto& [name, fn] : gptoss_py::registry()) {
     fn(m);
-    families.emplace_back(name);
+    if (name[0] != '_') families.emplace_back(name);  // "_name": not a kernel family
   }
   m.attr("families") = families;
 }
