@@ -33,6 +33,7 @@ GPTOSS_PY_BIND(_hostsim_runner) {
     return hs::probe_ldmatrix(gptoss_py::ptr<const uint8_t>(image), bytes, gptoss_py::ptr<const uint32_t>(addr), trans,
                               gptoss_py::ptr<uint32_t>(out));
   });
+  probe.def("checker", [](int which, uintptr_t buf, int n) { return hs::probe_checker(which, gptoss_py::ptr<float>(buf), n); });
   probe.def("wgmma", [](uintptr_t image, int bytes, uint64_t desc_a, uint64_t desc_b, int n, int tnsp_b, uintptr_t a_regs,
                         uintptr_t d) {
     return hs::probe_wgmma(gptoss_py::ptr<const uint8_t>(image), bytes, desc_a, desc_b, n, tnsp_b,

@@ -33,4 +33,6 @@ GPTOSS_HS_API int probe_mma(const uint32_t* a, const uint32_t* b, const float* c
 GPTOSS_HS_API int probe_ldmatrix(const uint8_t* image, int bytes, const uint32_t* addr, int trans, uint32_t* out);
 GPTOSS_HS_API int probe_wgmma(const uint8_t* image, int bytes, uint64_t desc_a, uint64_t desc_b, int n, int tnsp_b,
                               const uint32_t* a_regs, float* d);
+// A kernel with known bug number `which` (probes.cpp; 0: none): the checkers' own test.
+GPTOSS_HS_API int probe_checker(int which, float* buf, int n);
 }  // namespace gptoss_hostsim

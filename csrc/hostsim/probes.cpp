@@ -74,9 +74,77 @@ __global__ void probe_wgmma_kernel(const uint8_t* image, int bytes, uint64_t des
   else probe_wgmma_n<256>(a_regs, desc_a, desc_b, tnsp_b, d);
 }
 
+// Known bugs, one per `which`, each of which a checker must report (0: none). buf holds n floats.
+__global__ void probe_checker_kernel(int which, float* buf, int n) {
+  __shared__ float sh[64];
+  GPTOSS_DYNAMIC_SMEM(float, dyn, 16);
+  const int t = threadIdx.x;
+  switch (which) {
+    case 0:  // clean: write, barrier, read another thread's value
+      sh[t % 64] = static_cast<float>(t);
+      __syncthreads();
+      buf[t % n] = sh[(t + 1) % 64];
+      break;
+    case 1:  // a shared-memory race: thread 0 writes, thread 32 (another warp) reads, no barrier
+      if (t == 0) sh[0] = 1.0f;
+      if (t == 32) buf[0] = sh[0];
+      break;
+    case 2:  // a read of shared memory no thread wrote
+      if (t == 0) buf[0] = sh[5];
+      break;
+    case 3:  // a global write one element past the end
+      if (t == 0) buf[n] = 1.0f;
+      break;
+    case 4:  // __syncthreads not reached by every thread
+      if (t >= 16) return;
+      __syncthreads();
+      buf[t] = 1.0f;
+      break;
+    case 5:  // a shuffle whose mask names lanes that exited
+      if (t % 32 >= 16) return;
+      buf[t % n] = __shfl_xor_sync(0xFFFFFFFFu, static_cast<float>(t), 1);
+      break;
+    case 6: {  // reading a cp.async destination before cp.async.wait_group
+      const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(dyn));
+      if (t == 0) {
+        gptoss::cp_async_cg16(a, buf, 16);
+        gptoss::cp_async_commit();
+        buf[1] = dyn[0];
+        gptoss::cp_async_wait<0>();
+      }
+      break;
+    }
+    case 7:  // dynamic shared memory out of bounds (the launch has 64 bytes)
+      if (t == 0) dyn[16] = 1.0f;
+      break;
+    case 8:  // a global read before griddepcontrol.wait of what the previous kernel wrote (PDL launch)
+      buf[t % n] += 1.0f;
+      gptoss::pdl::wait();
+      break;
+    case 9:  // the same, correct: the wait first
+      gptoss::pdl::wait();
+      buf[t % n] += 1.0f;
+      break;
+  }
+}
+
 }  // namespace
 
 namespace gptoss_hostsim {
+GPTOSS_HS_API int probe_checker(int which, float* buf, int n) {
+  if (which == 8 || which == 9) {  // a plain kernel writes buf, then the PDL kernel follows it
+    const int e = gptoss::pdl::launch_plain(probe_checker_kernel, dim3(1), dim3(64), 64, nullptr, 0, buf, n);
+    if (e) return e;
+    cudaLaunchConfig_t cfg = gptoss::pdl::launch_config(dim3(1), dim3(64), 64, nullptr);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, probe_checker_kernel, which, buf, n);
+  }
+  return gptoss::pdl::launch_plain(probe_checker_kernel, dim3(1), dim3(64), 64, nullptr, which, buf, n);
+}
 GPTOSS_HS_API int probe_mma(const uint32_t* a, const uint32_t* b, const float* c, float* d) {
   return gptoss::pdl::launch_plain(probe_mma_kernel, dim3(1), dim3(32), 0, nullptr, a, b, c, d);
 }
