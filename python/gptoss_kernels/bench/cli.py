@@ -14,7 +14,7 @@ from . import e2e as e2e_mod
 from . import ops as O
 from .report import _num, format_document, new_document, write_json
 from .shapes import ModelShape
-from .timing import measure_limits
+from .timing import measure_limits, refuse_hostsim_timing
 
 OPS = ("moe", "router", "attention", "dense", "e2e", "all")
 
@@ -91,6 +91,7 @@ def run(args) -> int:
         argv += ["--device", "cpu"] if args.device == "cpu" else []
         return e2e_mod.main(argv)
     t_start = time.monotonic()
+    refuse_hostsim_timing()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gptoss-kernels bench: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
         return 2

@@ -538,6 +538,9 @@ def main(argv=None) -> int:
     import json
     import sys
 
+    from .timing import refuse_hostsim_timing
+
+    refuse_hostsim_timing()
     p = argparse.ArgumentParser(prog="python -m gptoss_kernels.bench.e2e",
                                 description="Per-op profile of one decode step (bytes only without a GPU).")
     p.add_argument("--profile", action="store_true", help="run the decode-step profile (the only mode here)")

@@ -222,3 +222,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     den = torch.linalg.vector_norm(r).item()
     num = torch.linalg.vector_norm(o - r).item()
     return num / den if den > 0 else num
+
+
+def refuse_hostsim_timing() -> None:
+    """The benchmarks never time the host build of the kernels (gptoss_kernels._hostsim: the
+    kernels emulated thread by thread on the CPU, for testing): with GPTOSS_BACKEND=hostsim, CPU
+    runs time the PyTorch reference, as without it, and say so."""
+    import sys
+
+    from .. import _lib
+
+    if _lib.backend() == "hostsim":
+        print("gptoss-kernels bench: GPTOSS_BACKEND=hostsim is ignored: the host build of the kernels is for "
+              "testing, not timing (CPU runs time the PyTorch reference)", file=sys.stderr)
+        _lib.set_backend("reference")
