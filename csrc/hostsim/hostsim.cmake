@@ -22,11 +22,9 @@ endforeach()
 list(APPEND GPTOSS_HS_KERNEL_TUS "${GPTOSS_HS_DIR}/probes.cpp")
 
 # Device code: instrumented loads/stores, no FMA contraction (the _rn intrinsics stay two
-# roundings), no strict aliasing (bit casts through pointers), -fno-weak: a function-local
-# __shared__ variable of an inline function is one variable in the library (with the linker's
-# --allow-multiple-definition) and every __shared__ variable can live in one section.
-set(GPTOSS_HS_DEVICE_FLAGS -O2 -fsanitize=thread --param=tsan-instrument-func-entry-exit=0 -fno-weak
-    -ffp-contract=off -fno-strict-aliasing -D__CUDACC__ -D__CUDA_ARCH__=900 -Wno-attributes)
+# roundings), no strict aliasing (bit casts through pointers).
+set(GPTOSS_HS_DEVICE_FLAGS -O2 -fsanitize=thread --param=tsan-instrument-func-entry-exit=0
+    -ffp-contract=off -fno-strict-aliasing -D__CUDACC__ -D__CUDA_ARCH__=900)
 set_source_files_properties(${GPTOSS_HS_KERNEL_TUS} PROPERTIES COMPILE_OPTIONS "${GPTOSS_HS_DEVICE_FLAGS}")
 
 add_library(gptoss_kernels_hostsim SHARED ${GPTOSS_HS_KERNEL_TUS} "${GPTOSS_HS_DIR}/runtime.cpp"
@@ -35,7 +33,6 @@ target_include_directories(gptoss_kernels_hostsim BEFORE PRIVATE "${GPTOSS_HS_DI
                            "${CMAKE_CURRENT_SOURCE_DIR}/csrc" "${CMAKE_CURRENT_SOURCE_DIR}/csrc/include" "${GPTOSS_HS_DIR}")
 target_compile_definitions(gptoss_kernels_hostsim PRIVATE GPTOSS_HOSTSIM=1 GPTOSS_BUILDING_LIBRARY=1
                            GPTOSS_CUDA_ARCHS_STR="hostsim")
-target_link_options(gptoss_kernels_hostsim PRIVATE -Wl,--allow-multiple-definition)
 target_link_libraries(gptoss_kernels_hostsim PRIVATE ${CMAKE_DL_LIBS})
 
 pybind11_add_module(_hostsim MODULE ${GPTOSS_BINDING_SOURCES} "${GPTOSS_HS_DIR}/bind_hostsim.cpp")

@@ -36,9 +36,10 @@
 #define __cluster_dims__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __constant__ const
-// Static shared memory: one copy per variable in the section gptoss_hostsim_smem, whose contents
-// belong to the block that runs (the runtime swaps them between the blocks of a cluster).
-#define __shared__ static __attribute__((section("gptoss_hostsim_smem")))
+// Static shared memory: a plain static (one copy per variable); the runtime knows it as the device
+// code's accesses to the library's writable segment, gives each block its own shadow of it, and
+// swaps the bytes between the blocks of a cluster.
+#define __shared__ static
 // Dynamic shared memory (extern __shared__ on the GPU): see GPTOSS_DYNAMIC_SMEM in csrc/ptx.cuh.
 
 // ---- vector types --------------------------------------------------------------------------

@@ -50,8 +50,6 @@
 extern "C" void gptoss_hs_switch(void** save_sp, void* load_sp);
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
-extern "C" char __start_gptoss_hostsim_smem[] __attribute__((weak));
-extern "C" char __stop_gptoss_hostsim_smem[] __attribute__((weak));
 
 namespace gptoss_hostsim {
 namespace {
@@ -60,7 +58,7 @@ constexpr size_t kStackBytes = 512 * 1024;
 constexpr size_t kMaxDynSmem = 227 * 1024;          // sm_90 opt-in limit per block
 constexpr size_t kDefaultDynSmem = 48 * 1024;       // without cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr size_t kDynAlloc = 256 * 1024;            // per-block buffer (accesses past the launch's size are reported)
-constexpr uint32_t kStaticWindowBase = 256 * 1024;  // shared-window address of the static section
+constexpr uint32_t kStaticWindowBase = 256 * 1024;  // shared-window address of the static shared memory
 constexpr uint16_t kNone = 0xFFFF, kMulti = 0xFFFE;
 
 enum State : uint8_t { kRunnable, kWaitBlock, kWaitColl, kWaitCluster, kDone };
@@ -151,8 +149,8 @@ struct Block {
   int nthreads = 0;
   uint8_t* dyn = nullptr;
   Shadow* dyn_sh = nullptr;
-  std::vector<uint8_t> static_img;  // this block's static shared memory while another block runs
-  Shadow* static_sh = nullptr;
+  uint8_t* static_img = nullptr;  // clusters: this block's static shared bytes while another block runs
+  Shadow* static_sh = nullptr;    // [rw_size()], indexed by the offset in the writable segment
   uint32_t epoch = 0;
   std::vector<uint32_t> wepoch;  // per warp: __syncwarp count
   int arrived = 0, live = 0;
@@ -187,13 +185,18 @@ struct Sim {
   std::vector<Block> blocks;  // of the running cluster
   std::vector<Thread> threads;
   int cluster_arrived = 0, cluster_live = 0;
-  int running_block = -1;  // whose static shared memory is in the section
+  int running_block = -1;  // whose static shared bytes are in the library's own memory
   bool aborted = false;
   void* sched_sp = nullptr;
   // resources kept between launches
   std::vector<uint8_t*> stacks;
   std::vector<uint8_t*> dyn_bufs;
-  std::vector<std::unique_ptr<Shadow[]>> dyn_shadows, static_shadows;
+  std::vector<std::unique_ptr<Shadow[]>> dyn_shadows;
+  std::vector<Shadow*> static_shadows;  // calloc'd [rw_size()] per rank: pages appear on first touch
+  std::vector<uint8_t*> static_imgs;    // malloc'd [rw_size()] per rank (clusters only)
+  // clusters: which bytes of the writable segment the cluster's threads touched (64-byte chunks)
+  std::vector<uint64_t> touched_mask;
+  std::vector<uint32_t> touched_list;
   // the library's own image (constant tables may be read)
   std::vector<Region> image;
 };
@@ -202,11 +205,29 @@ Sim& sim() {
   return *s;
 }
 Thread* g_cur = nullptr;
+// > 0 while the runtime itself runs on a device thread's behalf: its own memory accesses (std::
+// templates may be the instrumented copies from the kernel files) are not device accesses.
+int g_rt = 0;
+struct InRuntime {
+  InRuntime() { ++g_rt; }
+  ~InRuntime() { --g_rt; }
+};
 thread_local cudaError_t t_last_error = cudaSuccess;
 
-uintptr_t sect_lo() { return reinterpret_cast<uintptr_t>(__start_gptoss_hostsim_smem); }
-uintptr_t sect_hi() { return reinterpret_cast<uintptr_t>(__stop_gptoss_hostsim_smem); }
-size_t sect_size() { return sect_hi() - sect_lo(); }
+// Static __shared__ variables are plain statics (hostsim.h) in the library's writable segment:
+// device code can touch nothing else there (host statics are the launchers'; the runtime's
+// threadIdx & co. are excluded), so a device thread's access to it is a static shared access.
+uintptr_t g_rw_lo = 0, g_rw_hi = 0;
+uintptr_t sect_lo() { return g_rw_lo; }
+uintptr_t sect_hi() { return g_rw_hi; }
+size_t sect_size() { return g_rw_hi - g_rw_lo; }
+bool is_index_global(uintptr_t a) {
+  auto in = [a](const void* p, size_t n) {
+    return a >= reinterpret_cast<uintptr_t>(p) && a < reinterpret_cast<uintptr_t>(p) + n;
+  };
+  return in(&threadIdx, sizeof threadIdx) || in(&blockIdx, sizeof blockIdx) || in(&blockDim, sizeof blockDim) ||
+         in(&gridDim, sizeof gridDim);
+}
 
 std::string demangle(const char* s) {
   if (s == nullptr) return "?";
@@ -339,19 +360,49 @@ void init_fiber(Thread* t, uint8_t* stack) {
 
 void yield_thread() {
   Thread* t = g_cur;
+  const int saved = g_rt;
+  g_rt = 0;
   gptoss_hs_switch(&t->sp, sim().sched_sp);
+  g_rt = saved;
 }
 
-// The static section holds the running block's static shared memory.
+// Clusters: the library's memory holds the running block's static shared bytes; the others'
+// are in their images. Only bytes the cluster touched are moved.
+template <typename F>
+void for_touched(F&& f) {
+  Sim& S = sim();
+  for (uint32_t c : S.touched_list)
+    for (uint64_t m = S.touched_mask[c]; m; m &= m - 1) f(static_cast<size_t>(c) * 64 + __builtin_ctzll(m));
+}
 void swap_in(int rank) {
   Sim& S = sim();
-  if (S.running_block == rank || sect_size() == 0) {
+  if (S.running_block == rank || S.blocks.size() == 1) {
     S.running_block = rank;
     return;
   }
-  if (S.running_block >= 0) std::memcpy(S.blocks[S.running_block].static_img.data(), __start_gptoss_hostsim_smem, sect_size());
-  std::memcpy(__start_gptoss_hostsim_smem, S.blocks[rank].static_img.data(), sect_size());
+  uint8_t* live = reinterpret_cast<uint8_t*>(g_rw_lo);
+  if (S.running_block >= 0) {
+    uint8_t* img = S.blocks[S.running_block].static_img;
+    for_touched([&](size_t o) { img[o] = live[o]; });
+  }
+  uint8_t* img = S.blocks[rank].static_img;
+  for_touched([&](size_t o) { live[o] = img[o]; });
   S.running_block = rank;
+}
+// A cluster's first touch of static shared bytes [off, off + n): every other block's copy of them
+// starts as poison (their shadows say never written).
+void touch_static(size_t off, size_t n) {
+  Sim& S = sim();
+  if (S.blocks.size() == 1) return;
+  for (size_t o = off; o < off + n && o < sect_size(); ++o) {
+    uint64_t& m = S.touched_mask[o / 64];
+    const uint64_t bit = uint64_t{1} << (o % 64);
+    if (m & bit) continue;
+    if (m == 0) S.touched_list.push_back(static_cast<uint32_t>(o / 64));
+    m |= bit;
+    for (Block& b : S.blocks)
+      if (b.rank != S.running_block) b.static_img[o] = 0xFF;
+  }
 }
 
 // ---- shared-memory shadow ------------------------------------------------------------------
@@ -420,25 +471,27 @@ struct SharedLoc {
 };
 bool locate_shared(uintptr_t a, size_t n, SharedLoc* loc) {
   Sim& S = sim();
-  const uintptr_t slo = sect_lo(), shi = sect_hi();
-  if (a >= slo && a < shi) {
-    Block* b = &S.blocks[S.running_block];
-    *loc = SharedLoc{b, b->static_sh + (a - slo), static_cast<uint32_t>(a - slo), false, a + n > shi};
-    return true;
-  }
   for (Block& b : S.blocks) {
     const uintptr_t d = reinterpret_cast<uintptr_t>(b.dyn);
     if (a >= d && a < d + kDynAlloc) {
       *loc = SharedLoc{&b, b.dyn_sh + (a - d), static_cast<uint32_t>(a - d), true, a + n > d + S.spec.smem};
       return true;
     }
-    if (!b.static_img.empty()) {
-      const uintptr_t s = reinterpret_cast<uintptr_t>(b.static_img.data());
-      if (a >= s && a < s + b.static_img.size()) {
-        *loc = SharedLoc{&b, b.static_sh + (a - s), static_cast<uint32_t>(a - s), false, a + n > s + b.static_img.size()};
+    if (b.static_img != nullptr) {
+      const uintptr_t s = reinterpret_cast<uintptr_t>(b.static_img);
+      if (a >= s && a < s + sect_size()) {
+        *loc = SharedLoc{&b, b.static_sh + (a - s), static_cast<uint32_t>(a - s), false, a + n > s + sect_size()};
+        touch_static(a - s, n);
         return true;
       }
     }
+  }
+  const uintptr_t slo = sect_lo(), shi = sect_hi();
+  if (a >= slo && a < shi && S.running_block >= 0 && !is_index_global(a)) {
+    Block* b = &S.blocks[S.running_block];
+    *loc = SharedLoc{b, b->static_sh + (a - slo), static_cast<uint32_t>(a - slo), false, a + n > shi};
+    touch_static(a - slo, n);
+    return true;
   }
   return false;
 }
@@ -507,7 +560,8 @@ void global_access(Thread* t, uintptr_t a, size_t n, bool write, const void* pc,
 
 inline void access(uintptr_t a, size_t n, bool write, const void* pc) {
   Thread* t = g_cur;
-  if (t == nullptr) return;  // host code of the kernel files (launchers)
+  if (t == nullptr || g_rt) return;  // host code of the kernel files (launchers), or the runtime
+  InRuntime rt_;
   if (a >= reinterpret_cast<uintptr_t>(t->stack_lo) && a < reinterpret_cast<uintptr_t>(t->stack_hi)) return;
   SharedLoc loc;
   if (locate_shared(a, n, &loc)) {
@@ -747,8 +801,9 @@ uint8_t* shared_ptr(Block* b, uint32_t addr, size_t n, Shadow** sh, const char* 
   if (addr >= kStaticWindowBase && addr - kStaticWindowBase + n <= sect_size()) {
     const uint32_t off = addr - kStaticWindowBase;
     *sh = b->static_sh + off;
-    if (S.running_block == b->rank || b->static_img.empty()) return reinterpret_cast<uint8_t*>(sect_lo()) + off;
-    return b->static_img.data() + off;
+    touch_static(off, n);
+    if (S.running_block == b->rank || b->static_img == nullptr) return reinterpret_cast<uint8_t*>(sect_lo()) + off;
+    return b->static_img + off;
   }
   report("shared-oob", nullptr, "%s 0x%x (%zu bytes) is outside the block's shared memory (%zu dynamic bytes)", what,
          addr, n, S.spec.smem);
@@ -972,17 +1027,24 @@ void run_cluster(uint64_t first_block, int mode, uint64_t seed) {
   const unsigned C = S.spec.cluster;
   const int nt = static_cast<int>(S.spec.block.x * S.spec.block.y * S.spec.block.z);
   const size_t ss = sect_size();
+  if (S.touched_mask.size() != (ss + 63) / 64) S.touched_mask.assign((ss + 63) / 64, 0);
+  for (uint32_t c : S.touched_list) S.touched_mask[c] = 0;
+  S.touched_list.clear();
   S.blocks.resize(C);
   S.threads.resize(static_cast<size_t>(C) * nt);
   while (S.stacks.size() < S.threads.size()) S.stacks.push_back(new_stack());
   while (S.dyn_bufs.size() < C) {
     S.dyn_bufs.push_back(static_cast<uint8_t*>(aligned_alloc(1024, kDynAlloc)));
     S.dyn_shadows.emplace_back(new Shadow[kDynAlloc]());
-    S.static_shadows.emplace_back(new Shadow[std::max<size_t>(ss, 1)]());
+    S.static_shadows.push_back(static_cast<Shadow*>(calloc(std::max<size_t>(ss, 1), sizeof(Shadow))));
+    S.static_imgs.push_back(static_cast<uint8_t*>(malloc(std::max<size_t>(ss, 1))));
   }
   if (++g_gen == 0) {  // generations wrapped: forget every entry for real
     for (auto& d : S.dyn_shadows) std::memset(static_cast<void*>(d.get()), 0, sizeof(Shadow) * kDynAlloc);
-    for (auto& d : S.static_shadows) std::memset(static_cast<void*>(d.get()), 0, sizeof(Shadow) * std::max<size_t>(ss, 1));
+    for (Shadow*& d : S.static_shadows) {
+      free(d);
+      d = static_cast<Shadow*>(calloc(std::max<size_t>(ss, 1), sizeof(Shadow)));
+    }
     g_gen = 1;
   }
   S.cluster_arrived = 0;
@@ -998,9 +1060,8 @@ void run_cluster(uint64_t first_block, int mode, uint64_t seed) {
     b.dyn = S.dyn_bufs[r];
     b.dyn_sh = S.dyn_shadows[r].get();
     poison(b.dyn, S.spec.smem);
-    b.static_sh = S.static_shadows[r].get();
-    if (C > 1) b.static_img.assign(ss, 0xFF);
-    else b.static_img.clear();
+    b.static_sh = S.static_shadows[r];
+    b.static_img = C > 1 ? S.static_imgs[r] : nullptr;
     b.epoch = 0;
     b.wepoch.assign((nt + 31) / 32, 0);
     b.arrived = 0;
@@ -1021,11 +1082,7 @@ void run_cluster(uint64_t first_block, int mode, uint64_t seed) {
       init_fiber(&t, S.stacks[t.gid]);
     }
   }
-  S.running_block = -1;
-  if (C == 1) {
-    poison(reinterpret_cast<uint8_t*>(sect_lo()), ss);
-    S.running_block = 0;
-  }
+  S.running_block = C == 1 ? 0 : -1;
   const std::vector<int> border = make_order(static_cast<int>(C), mode, seed ^ first_block);
   const std::vector<int> torder = make_order(nt, mode, seed * 31 + first_block);
   for (;;) {
@@ -1042,7 +1099,10 @@ void run_cluster(uint64_t first_block, int mode, uint64_t seed) {
           g_cur = &t;
           threadIdx = t.tid;
           blockIdx = b.idx;
+          const int saved = g_rt;
+          g_rt = 0;
           gptoss_hs_switch(&S.sched_sp, t.sp);
+          g_rt = saved;
           g_cur = nullptr;
           progress = true;
         }
@@ -1084,6 +1144,10 @@ void init_image() {
           if (info->dlpi_phdr[i].p_type == PT_LOAD) {
             const uintptr_t lo = info->dlpi_addr + info->dlpi_phdr[i].p_vaddr;
             c->out->push_back(Region{lo, lo + info->dlpi_phdr[i].p_memsz});
+            if (info->dlpi_phdr[i].p_flags & PF_W) {
+              g_rw_lo = g_rw_lo ? std::min(g_rw_lo, lo) : lo;
+              g_rw_hi = std::max(g_rw_hi, lo + info->dlpi_phdr[i].p_memsz);
+            }
           }
         return 1;
       },
@@ -1097,6 +1161,7 @@ extern "C" [[noreturn]] void gptoss_hs_fiber_main() {
   Sim& S = sim();
   Thread* t = g_cur;
   S.thunk(S.call);
+  ++g_rt;  // (never decremented: the fiber ends; the scheduler restores its own count)
   thread_exit(g_cur);
   gptoss_hs_switch(&t->sp, S.sched_sp);
   __builtin_unreachable();
@@ -1104,14 +1169,17 @@ extern "C" [[noreturn]] void gptoss_hs_fiber_main() {
 
 
 void syncthreads() {
+  InRuntime rt_;
   Thread* t = g_cur;
   Block* b = t->blk;
   t->state = kWaitBlock;
   if (++b->arrived == b->live) release_block(b);
   yield_thread();
 }
-void syncwarp(unsigned mask) { arrive_collective(kCollSyncwarp, mask); }
+void syncwarp(unsigned mask) {
+  InRuntime rt_; arrive_collective(kCollSyncwarp, mask); }
 unsigned activemask() {
+  InRuntime rt_;
   Thread* t = g_cur;
   unsigned m = 0;
   for (int l = 0; l < lanes_in_warp(t->blk, t->warp); ++l)
@@ -1120,6 +1188,7 @@ unsigned activemask() {
 }
 void threadfence() {}
 uint32_t shfl32(unsigned mask, uint32_t v, int mode, int arg, int width) {
+  InRuntime rt_;
   Thread* t = g_cur;
   if (width <= 0 || width > 32 || (width & (width - 1)))
     report("collective", __builtin_return_address(0), "__shfl_sync width %d is not a power of two <= 32", width);
@@ -1131,17 +1200,20 @@ uint32_t shfl32(unsigned mask, uint32_t v, int mode, int arg, int width) {
   return g_cur->out[0];
 }
 unsigned ballot(unsigned mask, int pred) {
+  InRuntime rt_;
   g_cur->in[0] = pred != 0;
   arrive_collective(kCollBallot, mask);
   return g_cur->out[0];
 }
 unsigned match_any(unsigned mask, uint64_t v) {
+  InRuntime rt_;
   g_cur->in64[0] = v;
   arrive_collective(kCollMatch, mask);
   return g_cur->out[0];
 }
 
 uint64_t atomic_rmw(void* p, int type, int op, uint64_t v, uint64_t cmp) {
+  InRuntime rt_;
   Thread* t = g_cur;
   const size_t n = type == kAtomicU64 ? 8 : 4;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -1194,12 +1266,14 @@ uint64_t atomic_rmw(void* p, int type, int op, uint64_t v, uint64_t cmp) {
 unsigned cluster_block_rank() { return static_cast<unsigned>(g_cur->blk->rank); }
 unsigned cluster_num_blocks() { return sim().spec.cluster; }
 void cluster_sync() {
+  InRuntime rt_;
   Sim& S = sim();
   g_cur->state = kWaitCluster;
   if (++S.cluster_arrived == S.cluster_live) release_cluster();
   yield_thread();
 }
 void* map_shared_rank(const void* p, unsigned rank) {
+  InRuntime rt_;
   Sim& S = sim();
   Thread* t = g_cur;
   if (rank >= S.spec.cluster) {
@@ -1214,12 +1288,13 @@ void* map_shared_rank(const void* p, unsigned rank) {
   }
   Block& target = S.blocks[rank];
   if (loc.dynamic) return target.dyn + loc.off;
-  if (static_cast<int>(rank) == S.running_block || target.static_img.empty())
+  if (static_cast<int>(rank) == S.running_block || target.static_img == nullptr)
     return reinterpret_cast<void*>(sect_lo() + loc.off);
-  return target.static_img.data() + loc.off;
+  return target.static_img + loc.off;
 }
 
 size_t cvta_generic_to_shared(const void* p) {
+  InRuntime rt_;
   SharedLoc loc;
   if (g_cur == nullptr || !locate_shared(reinterpret_cast<uintptr_t>(p), 1, &loc) || loc.b != g_cur->blk) {
     report("shared-oob", __builtin_return_address(0), "__cvta_generic_to_shared of %p, not this block's shared memory", p);
@@ -1230,6 +1305,7 @@ size_t cvta_generic_to_shared(const void* p) {
 void* dynamic_smem() { return g_cur->blk->dyn; }
 
 void cp_async(uint32_t smem_addr, const void* gsrc, int cp_size, int src_size) {
+  InRuntime rt_;
   Thread* t = g_cur;
   const void* pc = __builtin_return_address(0);
   if (cp_size != 4 && cp_size != 8 && cp_size != 16) report("cp.async", pc, "copy size %d (must be 4, 8 or 16)", cp_size);
@@ -1243,11 +1319,13 @@ void cp_async(uint32_t smem_addr, const void* gsrc, int cp_size, int src_size) {
   t->open.push_back(AsyncCopy{t->blk, dst, sh, static_cast<const uint8_t*>(gsrc), cp_size, std::max(0, std::min(src_size, cp_size)), t->pdl_waited});
 }
 void cp_async_commit() {
+  InRuntime rt_;
   Thread* t = g_cur;
   t->groups.push_back(std::move(t->open));
   t->open.clear();
 }
 void cp_async_wait(int n) {
+  InRuntime rt_;
   Thread* t = g_cur;
   while (static_cast<int>(t->groups.size()) > n) {
     complete_copies(t, t->groups.front());
@@ -1255,6 +1333,7 @@ void cp_async_wait(int n) {
   }
 }
 void ldmatrix(uint32_t smem_addr, int count, bool trans, uint32_t* out) {
+  InRuntime rt_;
   Thread* t = g_cur;
   t->in[0] = smem_addr;
   t->in[1] = static_cast<uint32_t>(count);
@@ -1263,6 +1342,7 @@ void ldmatrix(uint32_t smem_addr, int count, bool trans, uint32_t* out) {
   for (int i = 0; i < count; ++i) out[i] = g_cur->out[i];
 }
 void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+  InRuntime rt_;
   Thread* t = g_cur;
   for (int i = 0; i < 4; ++i) t->in[i] = a[i];
   t->in[4] = b[0];
@@ -1270,14 +1350,18 @@ void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
   t->ptr = d;
   arrive_collective(kCollMma, 0xFFFFFFFFu);
 }
-void wgmma_fence() { arrive_collective(kCollWgFence, 0); }
-void wgmma_commit() { arrive_collective(kCollWgCommit, 0); }
+void wgmma_fence() {
+  InRuntime rt_; arrive_collective(kCollWgFence, 0); }
+void wgmma_commit() {
+  InRuntime rt_; arrive_collective(kCollWgCommit, 0); }
 void wgmma_wait(int n) {
+  InRuntime rt_;
   g_cur->in[0] = static_cast<uint32_t>(n);
   arrive_collective(kCollWgWait, 0);
 }
 void wgmma_mma(float* d, int n, uint64_t desc_a, const uint32_t* a_regs, uint64_t desc_b, int scale_d, int tnsp_a,
                int tnsp_b) {
+  InRuntime rt_;
   Thread* t = g_cur;
   t->in[0] = static_cast<uint32_t>(n);
   t->in[1] = static_cast<uint32_t>(scale_d);
