@@ -1,7 +1,8 @@
 """gptoss_kernels.attention_prefill (issue 9): argument checks, the reference (CPU) path against
 reference.attention with explicit concatenated keys, the kernel's index/mask/online-softmax math
 (csrc/flash_prefill.cuh through _C.host) against brute force, the kernel's SASS (mma.sync: HMMA +
-LDSM, no local memory), and GPU tests of the CUDA kernel against the reference.
+LDSM, no local memory), and GPU tests of both kernels against the reference (on the GPU, else on
+the host build of the kernels, tests/kernel_device.py).
 
 GPU tolerance: relative Frobenius error 1e-2. The kernel rounds P (the softmax weights, in [0, 1])
 to bf16 for the P·V tensor-core product (relative 2^-9 per weight, random in sign, so the output
@@ -13,6 +14,7 @@ window off by one, a missed sink or a wrong cache slot give errors > 5e-2.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -23,6 +25,7 @@ from gptoss_kernels import _lib, reference
 from gptoss_kernels.ops import attention_prefill
 
 from . import sass
+from .kernel_device import DEV, ON_GPU, ON_HOSTSIM, shrink, sync
 
 NQ, NKV, D = 64, 8, 64
 TOL = 1e-2
@@ -304,7 +307,8 @@ def test_sass_kernels(variant, opcode):
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU: the CUDA kernel against the reference
+# GPU: the kernels against the reference, on the GPU or on the host build of the kernels
+# (tests/kernel_device.py: same source on the CPU, every checker on)
 
 
 _op_module = importlib.import_module("gptoss_kernels.ops.attention_prefill")
@@ -312,25 +316,55 @@ _op_module = importlib.import_module("gptoss_kernels.ops.attention_prefill")
 # The two kernels: 1 = mma.sync, 2 = wgmma (gptoss/attention_prefill.h); 0 = the public op's choice.
 IMPLS = [1, 2]
 
+# Heads of the GPU cases: gpt-oss's 64 query / 8 KV heads on the GPU, 16 / 2 on the host build
+# (emulation cost: each KV head is one more row of blocks; 2 still exercise the KV-head offsets).
+HEADS = dict(nq=shrink(NQ, 16), nkv=shrink(NKV, 2))
+# The public op (0) besides the two kernels; on the host build its choice is the mma.sync kernel
+# for every shape here (the auto wgmma choice needs >= 2048 rows), so 1 is not run a second time.
+IMPLS_OP = [0] + IMPLS if ON_GPU else [0, 2]
+
+_HOSTSIM_DEFAULT_SEED = 0x9E3779B97F4A7C15  # the runner's default seed (set_order(-1, it) restores it)
+_WGMMA_ORDER_BUG = ("hostsim: try_collective (csrc/hostsim/runtime.cpp) reports a warpgroup collective "
+                    "(wgmma.fence) as mismatched when another warp of the warpgroup still waits in a warp "
+                    "collective (__shfl_xor_sync) instead of waiting for it; only forward thread order avoids it")
+
+
+@contextlib.contextmanager
+def _thread_order(impl, mode=0, seed=0):
+    """The wgmma kernel (impl 2) on the host build runs in forward thread order (workaround for
+    _WGMMA_ORDER_BUG, an emulator bug: see test_hostsim_wgmma_kernel_in_other_thread_orders); the
+    other kernels keep the runner's rotating orders."""
+    if not ON_HOSTSIM or impl != 2:
+        yield
+        return
+    hs = _lib.kernels(torch.device("cpu")).module
+    hs.set_order(mode, seed)
+    try:
+        yield
+    finally:
+        hs.set_order(-1, _HOSTSIM_DEFAULT_SEED)
+
 
 def run_impl(args, impl, out=None):
-    """The op with a chosen kernel (CUDA tensors), into a NaN-poisoned output unless given."""
+    """The op with a chosen kernel, into a NaN-poisoned output unless given."""
     if out is None:
         out = torch.full_like(args["q"], float("nan"))
     if impl == 0:
         return attention_prefill(**args, out=out)
     a = args
-    _op_module._attention_prefill_cuda(a["q"], a["k"], a["v"], a["sinks"], a["cu_seqlens_q"], a.get("k_cache"),
-                                       a.get("v_cache"), a.get("cache_seqlens"), a["sliding_window"], 0.125, out,
-                                       a["q"].device, impl)
+    with _thread_order(impl):
+        _op_module._attention_prefill_cuda(a["q"], a["k"], a["v"], a["sinks"], a["cu_seqlens_q"], a.get("k_cache"),
+                                           a.get("v_cache"), a.get("cache_seqlens"), a["sliding_window"], 0.125, out,
+                                           a["q"].device, impl)
     return out
 
 
-def _run_gpu(lengths, p0s, *, window, cache, impl, sink_range=(-2.0, 2.0), q_block=1024, seed=0):
+def _run_gpu(lengths, p0s, *, window, cache, impl, sink_range=(-2.0, 2.0), q_block=1024, seed=0, heads=HEADS):
     gen = torch.Generator().manual_seed(seed)
-    args, fk, fv = make_case(lengths, p0s, window=window, cache=cache, device="cuda", sink_range=sink_range, gen=gen)
+    args, fk, fv = make_case(lengths, p0s, window=window, cache=cache, device=DEV, sink_range=sink_range, gen=gen,
+                             **heads)
     out = run_impl(args, impl)
-    torch.cuda.synchronize()
+    sync()
     ref = expected(args, fk, fv, lengths, p0s, q_block=q_block)
     assert not out.isnan().any(), "unwritten or NaN outputs"
     err = rel_err(out, ref)
@@ -339,30 +373,52 @@ def _run_gpu(lengths, p0s, *, window, cache, impl, sink_range=(-2.0, 2.0), q_blo
     return args, out
 
 
+# Host build: no 1000 / 8192-row chunks and a 200-position prefix instead of 1000 (emulation
+# cost); T = 1, 5, 127..129 keep the q-tile and KV-tile tails, p0 = 200 > 128 still wraps the ring.
+VS_REF_T = [1, 5, 127, 128, 129] + ([1000, 8192] if ON_GPU else [])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("T", [1, 5, 127, 128, 129, 1000, 8192])
+@pytest.mark.parametrize("T", VS_REF_T)
 @pytest.mark.parametrize("window", [None, 128])
-@pytest.mark.parametrize("p0", [0, 5, 1000])
+@pytest.mark.parametrize("p0", [0, 5, shrink(1000, 200)])
 def test_gpu_vs_reference(T, window, p0, impl):
     cache = None if p0 == 0 else ("ring" if window == 128 else "full")
     _run_gpu([T], [p0], window=window, cache=cache, impl=impl, q_block=512)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", [0] + IMPLS)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lengths,p0s,window,cache", [
+    ([1], [0], None, None),                    # one row, one key
+    ([37], [0], None, None),                   # tails: 37 rows (3 q-tiles, last has 5), keys < 64
+    ([70, 3], [0, 0], 16, None),               # varlen, window edge inside tiles, a KV tile skipped
+    ([20, 9], [100, 61], None, "full"),        # cache prefix (keys < p0 from the cache), 2 KV tiles
+    ([18, 5], [150, 127], 128, "ring"),        # sliding layer: 128-slot ring, wrap, window incl. self
+    ([0, 30], [5, 200], 128, "ring"),          # an empty sequence, p0 > S
+])
+def test_gpu_edge_cases(lengths, p0s, window, cache, impl):
+    _run_gpu(lengths, p0s, window=window, cache=cache, impl=impl, seed=sum(lengths) + sum(p0s), )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS_OP)
 @pytest.mark.parametrize("window", [None, 128])
 def test_gpu_full_cache_with_window_and_zero_prefix(window, impl):
     # a cache given with p0 = 0 for some sequences, a full-size cache on a sliding layer
-    _run_gpu([70, 3, 200], [0, 130, 1000], window=window, cache="full", impl=impl)
+    # (host build: 40 rows after a 300-position prefix instead of 200 after 1000: emulation cost)
+    _run_gpu([70, 3, shrink(200, 40)], [0, 130, shrink(1000, 300)], window=window, cache="full", impl=impl)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("window", [None, 128])
 def test_gpu_ragged_batch(window, impl):
-    lengths = [1, 17, 300, 0, 129, 64, 2]
-    p0s = [0, 5, 1000, 3, 128, 127, 4000]
+    # host build: the 300-row chunk at 1000 -> 40 rows at 200, the prefix 4000 -> 400 (emulation
+    # cost); T = 1, 0 (empty), 129, 64 and p0 = 127 / 128 / > 128 (ring wrap) stay
+    lengths = [1, 17, shrink(300, 40), 0, 129, 64, 2]
+    p0s = [0, 5, shrink(1000, 200), 3, 128, 127, shrink(4000, 400)]
     _run_gpu(lengths, p0s, window=window, cache="ring" if window else "full", impl=impl, seed=3)
 
 
@@ -372,22 +428,40 @@ def test_gpu_ragged_batch(window, impl):
 @pytest.mark.parametrize("window", [None, 128])
 def test_gpu_extreme_sinks(sinks, window, impl):
     # large positive sinks: nearly all mass on the sink (outputs tiny; relative error still holds);
-    # large negative: plain softmax
-    _run_gpu([300, 33], [0, 700], window=window, cache="ring" if window else "full", sink_range=sinks, impl=impl,
-             seed=5)
+    # large negative: plain softmax (host build: 300 rows -> 40, prefix 700 -> 200: emulation cost)
+    _run_gpu([shrink(300, 40), 33], [0, shrink(700, 200)], window=window, cache="ring" if window else "full",
+             sink_range=sinks, impl=impl, seed=5)
+
+
+def _replay_case(window):
+    # host build: 500 rows -> 40, 77 after 300 -> 33 after 150 (emulation cost; odd, ring wraps)
+    lengths, p0s = [shrink(500, 40), shrink(77, 33)], [0, shrink(300, 150)]
+    gen = torch.Generator().manual_seed(11)
+    args, _, _ = make_case(lengths, p0s, window=window, cache="ring" if window else "full", device=DEV, gen=gen,
+                           **HEADS)
+    return args
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", [0] + IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_OP)
 @pytest.mark.parametrize("window", [None, 128])
-def test_gpu_deterministic_and_graph_replay(impl, window):
-    lengths, p0s = [500, 77], [0, 300]
-    gen = torch.Generator().manual_seed(11)
-    args, _, _ = make_case(lengths, p0s, window=window, cache="ring" if window else "full", device="cuda", gen=gen)
+def test_gpu_deterministic(impl, window):
+    # (on the host build consecutive launches run blocks and threads in different orders)
+    args = _replay_case(window)
     eager1 = run_impl(args, impl)
     eager2 = run_impl(args, impl)
-    torch.cuda.synchronize()
+    sync()
+    assert not eager1.isnan().any()
     assert torch.equal(eager1, eager2), "not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_only  # CUDA graph capture and side streams
+@pytest.mark.parametrize("impl", [0] + IMPLS)
+@pytest.mark.parametrize("window", [None, 128])
+def test_gpu_graph_replay(impl, window):
+    args = _replay_case(window)
+    eager1 = run_impl(args, impl)
     static_out = torch.full_like(args["q"], float("nan"))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -399,255 +473,68 @@ def test_gpu_deterministic_and_graph_replay(impl, window):
         run_impl(args, impl, out=static_out)
     static_out.fill_(float("nan"))
     graph.replay()
-    torch.cuda.synchronize()
+    sync()
     assert torch.equal(static_out, eager1), "graph replay differs from eager"
     # new inputs through the same graph
-    args["q"].copy_(torch.randn(args["q"].shape, device="cuda").bfloat16())
+    args["q"].copy_(torch.randn(args["q"].shape, device=DEV).bfloat16())
     graph.replay()
     eager3 = run_impl(args, impl)
-    torch.cuda.synchronize()
+    sync()
     assert torch.equal(static_out, eager3)
 
 
 @pytest.mark.gpu
 def test_gpu_kernels_agree():
     # the two kernels compute the same function (different accumulation order: close, not equal)
-    args, _, _ = make_case([700, 40], [0, 900], window=None, cache="full", device="cuda")
+    # (host build: 700 rows -> 100, prefix 900 -> 200: emulation cost)
+    args, _, _ = make_case([shrink(700, 100), 40], [0, shrink(900, 200)], window=None, cache="full", device=DEV,
+                           **HEADS)
     a, b = run_impl(args, 1), run_impl(args, 2)
-    torch.cuda.synchronize()
+    sync()
+    assert not a.isnan().any() and not b.isnan().any()
     assert rel_err(a, b) < TOL
 
 
 @pytest.mark.gpu
 def test_gpu_leaves_rows_past_cu_alone_and_empty():
-    args, fk, fv = make_case([40], [0], window=None, cache=None, device="cuda")
+    args, fk, fv = make_case([40], [0], window=None, cache=None, device=DEV, **HEADS)
     q, k, v = args["q"], args["k"], args["v"]
     # 8 extra packed rows not covered by cu_seqlens_q
-    pad = lambda t: torch.cat((t, torch.randn(8, *t.shape[1:], device="cuda").bfloat16()))
-    out = torch.full((48, NQ, D), 7.0, dtype=torch.bfloat16, device="cuda")
+    pad = lambda t: torch.cat((t, torch.randn(8, *t.shape[1:], device=DEV).bfloat16()))
+    out = torch.full((48, *q.shape[1:]), 7.0, dtype=torch.bfloat16, device=DEV)
     attention_prefill(pad(q), pad(k), pad(v), args["sinks"], cu_seqlens_q=args["cu_seqlens_q"],
                       sliding_window=None, out=out)
-    torch.cuda.synchronize()
+    sync()
     assert (out[40:] == 7.0).all()
     assert rel_err(out[:40], expected(args, fk, fv, [40], [0])) < TOL
     empty = attention_prefill(q[:0], k[:0], v[:0], args["sinks"], cu_seqlens_q=torch.zeros(2, dtype=torch.int32,
-                                                                                           device="cuda"),
+                                                                                           device=DEV),
                               sliding_window=128)
-    assert empty.shape == (0, NQ, D)
+    assert empty.shape == (0, *q.shape[1:])
 
 
 @pytest.mark.gpu
 def test_gpu_unsupported_shape_falls_back_to_reference():
-    args, fk, fv = make_case([20], [0], window=None, cache=None, nq=8, nkv=2, d=32, device="cuda")
+    args, fk, fv = make_case([20], [0], window=None, cache=None, nq=8, nkv=2, d=32, device=DEV)
+    _lib._warned.difference_update({w for w in _lib._warned if w[0] == "attention_prefill"})  # warn again
     with pytest.warns(RuntimeWarning):
-        _lib._warned.discard("attention_prefill")
         out = attention_prefill(**args)
     assert rel_err(out, expected(args, fk, fv, [20], [0])) < TOL
 
 
-# ------------------------------------------------------------------------------------------------
-# lane-level CPU emulation of attention_prefill_kernel<false> (mma.sync)
-#
-# The fragment semantics are the PTX ISA's (ldmatrix .m8n8.x4 [.trans] .b16: lane l addresses row
-# l % 8 of matrix l // 8 and receives row l // 4, columns 2 (l % 4), +1 of matrix j in register j,
-# transposed with .trans; mma.m16n8k16 .row.col: A regs (g, 2t) (g+8, 2t) (g, 2t+8) (g+8, 2t+8),
-# B regs (k=2t, n=g) (k=2t+8, n=g), C/D (g, 2t) (g+8, 2t), pairs along the column, g = lane // 4,
-# t = lane % 4). The emulator follows the kernel's index math line by line (grid order, q-tile
-# location and KV-tile range through the host build of flash_prefill.cuh, swizzled shared tiles,
-# cache/chunk key sources, masks, online softmax with the sink, the output staging), so a wrong
-# fragment index, swizzle, mask or key source fails on the CPU.
-
-import numpy as np  # noqa: E402
-
-from .ptx_emulation import A_COL as _A_COL, A_ROW as _A_ROW, C_COL as _C_COL, C_ROW as _C_ROW  # noqa: E402
-from .ptx_emulation import G as _G, LANE as _LANE, PAIR as _PAIR, T as _T  # noqa: E402
-from .ptx_emulation import ldsm_x4 as _ldsm_x4, mma16816 as _mma16816  # noqa: E402
-from .ptx_emulation import bf16 as _bf16  # noqa: E402
-_LOG2E = np.float32(1.4426950408889634)
-
-
-def _swz(r, c):
-    """Element offset of 16-byte chunk c of row r in a swizzled [rows][64] bf16 tile (kernel's swz / 2)."""
-    return r * 64 + ((c ^ (r & 7)) << 3)
-
-
-def _emulate_prefill_mma(H, args, sm_scale=0.125):
-    f = lambda t: t.float().numpy()
-    q, k, v, sinks = f(args["q"]), f(args["k"]), f(args["v"]), f(args["sinks"])
-    cu = args["cu_seqlens_q"].tolist()
-    has_cache = args.get("k_cache") is not None
-    kc = f(args["k_cache"]) if has_cache else None
-    vc = f(args["v_cache"]) if has_cache else None
-    p0s = args["cache_seqlens"].tolist() if has_cache else None
-    window = args["sliding_window"] or 0
-    total_q, nq = q.shape[0], q.shape[1]
-    nkv, batch = k.shape[1], len(cu) - 1
-    scale_log2 = np.float32(sm_scale) * _LOG2E
-    out = np.full(q.shape, np.nan, np.float32)
-    tiles = (total_q + 15) // 16 + batch
-    for bx in range(tiles):
-        loc = H.attention_prefill_locate_q_tile(cu, tiles - 1 - bx, 16)
-        if loc is None:
-            continue
-        b, t0 = loc
-        for g in range(nkv):
-            row0 = cu[b]
-            seq_len = cu[b + 1] - row0
-            p0 = p0s[b] if has_cache else 0
-            n_valid = min(16, seq_len - t0)
-            q_first = p0 + t0
-            q_last = q_first + n_valid - 1
-            key_lo = max(0, q_first - window + 1) if window > 0 else 0
-            key_hi = q_last
-            kt_first, kt_last = H.attention_prefill_kv_tile_range(q_first, q_last, window, 64)
-            sQ = np.full(128 * 64, np.nan, np.float32)
-            for r in range(128):
-                pos, h = r >> 3, r & 7
-                for c in range(8):
-                    sQ[_swz(r, c):_swz(r, c) + 8] = q[row0 + t0 + pos, g * 8 + h, 8 * c:8 * c + 8] if pos < n_valid else 0
-            sink_log2 = sinks[g * 8 + _G] * _LOG2E
-            m0 = np.where(sink_log2 > -1e30, sink_log2, np.float32(-1e30)).astype(np.float32)
-            m = np.stack([np.stack([m0, m0], 1)] * 8)            # [warp][lane][row A|B]
-            l = np.zeros((8, 32, 2), np.float32)
-            o = np.zeros((8, 8, 32, 4), np.float32)              # [warp][n-tile][lane][4]
-            for kt in range(kt_first, kt_last + 1):
-                sK = np.full(64 * 64, np.nan, np.float32)
-                sV = np.full(64 * 64, np.nan, np.float32)
-                for j in range(64):
-                    kp = kt * 64 + j
-                    valid = key_lo <= kp <= key_hi
-                    for c in range(8):
-                        sl = slice(_swz(j, c), _swz(j, c) + 8)
-                        if not valid:
-                            sK[sl] = sV[sl] = 0
-                        elif kp < p0:
-                            sK[sl] = kc[b, kp % kc.shape[1], g, 8 * c:8 * c + 8]
-                            sV[sl] = vc[b, kp % kc.shape[1], g, 8 * c:8 * c + 8]
-                        else:
-                            sK[sl] = k[row0 + kp - p0, g, 8 * c:8 * c + 8]
-                            sV[sl] = v[row0 + kp - p0, g, 8 * c:8 * c + 8]
-                kbase = kt * 64
-                masked = H.attention_prefill_tile_needs_mask(kbase, 64, q_first, q_last, window)
-                for warp in range(8):
-                    s = np.zeros((8, 32, 4), np.float32)
-                    for kk in range(4):
-                        qf = _ldsm_x4(sQ, _swz(warp * 16 + (_LANE & 7) + ((_LANE >> 3) & 1) * 8, 2 * kk + (_LANE >> 4)))
-                        for jj in range(4):
-                            mat = _LANE >> 3
-                            key = (2 * jj + (mat >> 1)) * 8 + (_LANE & 7)
-                            kb = _ldsm_x4(sK, _swz(key, 2 * kk + (mat & 1)))
-                            s[2 * jj] = _mma16816(qf, kb[:, 0:2], s[2 * jj])
-                            s[2 * jj + 1] = _mma16816(qf, kb[:, 2:4], s[2 * jj + 1])
-                    qpos_a = q_first + 2 * warp
-                    x = s * scale_log2
-                    if masked:
-                        for j in range(8):
-                            for e in range(4):
-                                key = kbase + 8 * j + 2 * (_LANE & 3) + (e & 1)
-                                qp = qpos_a + (e >> 1)
-                                vis = (key >= 0) & (key <= qp) & ((window <= 0) | (key > qp - window))
-                                x[j, :, e] = np.where(vis, x[j, :, e], -np.inf)
-                    for rr in range(2):
-                        mx = x[:, :, 2 * rr:2 * rr + 2].max(axis=(0, 2))
-                        mx = np.maximum(mx, mx[_LANE ^ 1])
-                        mx = np.maximum(mx, mx[_LANE ^ 2])
-                        m_new = np.maximum(m[warp, :, rr], mx)
-                        fac = np.exp2(m[warp, :, rr] - m_new)
-                        m[warp, :, rr] = m_new
-                        pe = np.exp2(x[:, :, 2 * rr:2 * rr + 2] - m_new[None, :, None])
-                        x[:, :, 2 * rr:2 * rr + 2] = pe
-                        l[warp, :, rr] = l[warp, :, rr] * fac + pe.sum(axis=(0, 2))
-                        o[warp, :, :, 2 * rr:2 * rr + 2] *= fac[None, :, None]
-                    for kk in range(4):
-                        a = _bf16(np.stack([x[2 * kk][:, 0:2], x[2 * kk][:, 2:4], x[2 * kk + 1][:, 0:2],
-                                            x[2 * kk + 1][:, 2:4]], 1))
-                        for dd in range(4):
-                            mat = _LANE >> 3
-                            key = 16 * kk + (mat & 1) * 8 + (_LANE & 7)
-                            vb = _ldsm_x4(sV, _swz(key, 2 * dd + (mat >> 1)), trans=True)
-                            o[warp, 2 * dd] = _mma16816(a, vb[:, 0:2], o[warp, 2 * dd])
-                            o[warp, 2 * dd + 1] = _mma16816(a, vb[:, 2:4], o[warp, 2 * dd + 1])
-            stage = sQ  # the output is staged through the Q region
-            for warp in range(8):
-                lt = l[warp] + l[warp][_LANE ^ 1]
-                lt = lt + lt[_LANE ^ 2]
-                inv = 1.0 / (lt + np.exp2(sink_log2[:, None] - m[warp]))
-                ra = warp * 16 + (_LANE >> 2)
-                for d in range(8):
-                    for e in range(2):
-                        stage[_swz(ra, d) + 2 * (_LANE & 3) + e] = _bf16(o[warp, d][:, e] * inv[:, 0])
-                        stage[_swz(ra + 8, d) + 2 * (_LANE & 3) + e] = _bf16(o[warp, d][:, 2 + e] * inv[:, 1])
-                for i in range(4):
-                    idx = _LANE + 32 * i
-                    for ln in range(32):
-                        r, c = warp * 16 + (idx[ln] >> 3), idx[ln] & 7
-                        pos, h = r >> 3, r & 7
-                        if pos < n_valid:
-                            out[row0 + t0 + pos, g * 8 + h, 8 * c:8 * c + 8] = stage[_swz(r, c):_swz(r, c) + 8]
-    return torch.from_numpy(out)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("lengths,p0s,window,cache", [
-    ([1], [0], None, None),                    # one row, one key
-    ([37], [0], None, None),                   # tails: 37 rows (3 q-tiles, last has 5), keys < 64
-    ([70, 3], [0, 0], 16, None),               # varlen, window edge inside tiles, a KV tile skipped
-    ([20, 9], [100, 61], None, "full"),        # cache prefix (keys < p0 from the cache), 2 KV tiles
-    ([18, 5], [150, 127], 128, "ring"),        # sliding layer: 128-slot ring, wrap, window incl. self
-    ([0, 30], [5, 200], 128, "ring"),          # an empty sequence, p0 > S
-])
-def test_emulated_mma_prefill_matches_reference(lengths, p0s, window, cache):
-    """CPU evidence for attention_prefill_kernel<false>'s index math against the reference (the
-    wgmma kernel shares everything but the two products; its descriptors address the same
-    swizzled tiles: chunk (2 kk + k / 8) ^ (row & 7) for Q/K, key rows 1024 B per 8 for V)."""
-    H = _host()
-    gen = torch.Generator().manual_seed(sum(lengths) + sum(p0s))
-    args, fk, fv = make_case(lengths, p0s, window=window, cache=cache, nq=8, nkv=1, gen=gen)
-    got = _emulate_prefill_mma(H, args)
-    ref = expected(args, fk, fv, lengths, p0s)
-    assert not got.isnan().any(), "unwritten or NaN outputs"
-    err = rel_err(got, ref)
-    assert err < TOL, err
-
-
-def _sw128_read(smem_bytes: np.ndarray, start: int, rows: int, cols: int, sbo: int, k_major: bool) -> np.ndarray:
-    """The operand a wgmma descriptor with 128-byte swizzle names (bf16; PTX canonical layouts):
-    K-major [rows (M/N)][16 k]: element (r, k) at start + (r // 8) sbo + (r % 8) 128 + 2 k;
-    MN-major [16 k][cols (N) <= 64]: element (k, n) at start + (k // 8) sbo + (k % 8) 128 + 2 n
-    (one 64-element swizzle atom along N, so the other offset is unused; the kernel sets both to
-    1024). The swizzle XORs address bits 4..6 with bits 7..9 (atoms 1024-byte aligned)."""
-    if k_major:
-        r, k = np.meshgrid(np.arange(rows), np.arange(16), indexing="ij")
-        addr = start + (r // 8) * sbo + (r % 8) * 128 + 2 * k
-    else:
-        k, n = np.meshgrid(np.arange(16), np.arange(cols), indexing="ij")
-        addr = start + (k // 8) * sbo + (k % 8) * 128 + 2 * n
-    phys = addr ^ (((addr >> 7) & 7) << 4)
-    return smem_bytes[phys // 2]
-
-
-def test_emulated_wgmma_descriptors_name_the_swizzled_tiles():
-    """attention_prefill_kernel<true>'s descriptor arguments (Q: sQ + 64 rows x 128 B per warpgroup
-    + 32 B per k-step, SBO 1024; K: sK + 32 B per k-step, SBO 1024; V: sV + 2048 B per 16 keys,
-    transposed, SBO 1024) read, through the 128B-swizzle canonical layouts, exactly the Q rows,
-    K rows and V rows that the cp.async loads put in the tiles with swz(r, c)."""
-    rng = np.random.default_rng(3)
-    Q = rng.standard_normal((128, 64)).astype(np.float32)
-    K = rng.standard_normal((64, 64)).astype(np.float32)
-    V = rng.standard_normal((64, 64)).astype(np.float32)
-    q_off, k_off, v_off = 0, 128 * 128, 128 * 128 + 64 * 128   # byte offsets, 1024-aligned
-    smem = np.zeros((128 + 128) * 64, np.float32)                 # element view of the bytes
-    for base, M in ((q_off, Q), (k_off, K), (v_off, V)):
-        for r in range(M.shape[0]):
-            for c in range(8):
-                e = base // 2 + _swz(r, c)
-                smem[e:e + 8] = M[r, 8 * c:8 * c + 8]
-    for wg in range(2):
-        for kk in range(4):
-            a = _sw128_read(smem, q_off + wg * 64 * 128 + 32 * kk, 64, 16, 1024, True)
-            np.testing.assert_array_equal(a, Q[64 * wg:64 * wg + 64, 16 * kk:16 * kk + 16])
-    for kk in range(4):
-        b = _sw128_read(smem, k_off + 32 * kk, 64, 16, 1024, True)          # B[n = key][k = dim]
-        np.testing.assert_array_equal(b, K[:, 16 * kk:16 * kk + 16])
-        bt = _sw128_read(smem, v_off + 2048 * kk, 0, 64, 1024, False)       # B[k = key][n = dim]
-        np.testing.assert_array_equal(bt, V[16 * kk:16 * kk + 16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOSTSIM, reason="the host build's thread orders")
+@pytest.mark.xfail(raises=_lib.HostsimCheckError, strict=True, reason=_WGMMA_ORDER_BUG)
+@pytest.mark.parametrize("mode", [1, 2], ids=["reverse", "random"])
+def test_hostsim_wgmma_kernel_in_other_thread_orders(mode):
+    """The wgmma kernel in reverse and random thread order (the other GPU tests pin it to forward
+    order): passes once the emulator is fixed; then drop _thread_order's pin and this mark."""
+    lengths, p0s = [20, 9], [100, 61]
+    args, fk, fv = make_case(lengths, p0s, window=None, cache="full", **HEADS)
+    out = torch.full_like(args["q"], float("nan"))
+    a = args
+    with _thread_order(2, mode=mode, seed=1234):
+        _op_module._attention_prefill_cuda(a["q"], a["k"], a["v"], a["sinks"], a["cu_seqlens_q"], a["k_cache"],
+                                           a["v_cache"], a["cache_seqlens"], None, 0.125, out, a["q"].device, 2)
+    assert not out.isnan().any()
+    assert rel_err(out, expected(args, fk, fv, lengths, p0s)) < TOL

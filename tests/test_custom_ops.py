@@ -1,6 +1,7 @@
 """torch custom ops (namespace gptoss): opcheck on CPU tensors (schema, fake/meta kernels,
 autograd registration), torch.compile(fullgraph=True) through them, equality with the Python ops,
-and (GPU) compiled and graph-captured ops equal to eager."""
+and (GPU, else the host build of the kernels) compiled ops equal to eager; (GPU only) graph-captured
+ops equal to eager."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 import gptoss_kernels as gk
 import gptoss_kernels.custom_ops as co
 from gptoss_kernels import reference as R
+
+from .kernel_device import DEV, sync
 
 bf16 = torch.bfloat16
 
@@ -100,11 +103,24 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.gpu
-def test_compiled_and_graph_captured_equal_eager_on_gpu():
-    x, ids, w, *weights = moe_inputs(T=4, H=256, I=256, E=8, k=4, device="cuda")
+def test_compiled_equals_eager_on_kernels():
+    x, ids, w, *weights = moe_inputs(T=4, H=256, I=256, E=8, k=4, device=DEV)
     eager = gk.moe_mxfp4(x, ids, w, *weights)
     compiled = torch.compile(lambda a: torch.ops.gptoss.moe_mxfp4(a, ids, w, *weights), fullgraph=True)
-    assert torch.equal(compiled(x), eager)
+    got = compiled(x)
+    out = torch.full_like(x, float("nan"))
+    torch.ops.gptoss.moe_mxfp4_out(x, ids, w, *weights, out)
+    sync()
+    assert not eager.isnan().any()
+    assert torch.equal(got, eager)
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_only  # CUDA graph capture
+def test_graph_captured_equals_eager_on_gpu():
+    x, ids, w, *weights = moe_inputs(T=4, H=256, I=256, E=8, k=4, device=DEV)
+    eager = gk.moe_mxfp4(x, ids, w, *weights)
     out = torch.empty_like(x)
     torch.ops.gptoss.moe_mxfp4_out(x, ids, w, *weights, out)  # warm-up outside capture
     g = torch.cuda.CUDAGraph()
@@ -112,5 +128,5 @@ def test_compiled_and_graph_captured_equal_eager_on_gpu():
         torch.ops.gptoss.moe_mxfp4_out(x, ids, w, *weights, out)
     out.fill_(float("nan"))
     g.replay()
-    torch.cuda.synchronize()
+    sync()
     assert torch.equal(out, eager)

@@ -1,7 +1,10 @@
 """ops.rms_norm (fused residual add) and ops.linear (bf16 GEMV for T <= 64): argument checks, the
 CPU path against the reference, the kernels' host math (_C.host.dense_*), the C ABI's argument
 checks (no GPU needed: they return before any launch), SASS/resource checks, and (marked gpu) the
-CUDA kernels against the reference.
+kernels against the reference: on a GPU, or else on the host build of the same kernel source
+(tests/kernel_device.py: every thread emulated, with the bounds/race/PDL checkers), where the
+largest shapes are shrunk to edge-case shapes that take the same code paths (each GEMV variant
+NT x WARPS x fused RoPE, row/k/token tails).
 
 First GPU run: test_gpu_rms_norm_* and test_gpu_linear_shapes first (correctness), then the graph
 tests; bench: `python -m gptoss_kernels.bench.dense` (see that module).
@@ -25,6 +28,7 @@ import torch
 from gptoss_kernels import _lib, ops, reference
 
 from . import sass
+from .kernel_device import DEV, ON_GPU, shrink, sync
 
 BF = torch.bfloat16
 
@@ -202,97 +206,6 @@ def test_host_gemv_layout_is_a_permutation_of_k():
     for lane in range(32):
         for c in range(4):
             assert cr[lane, c] == lane // 4 + 8 * (c // 2) and ct[lane, c] == 2 * (lane % 4) + c % 2
-
-
-def _ptx_mma_16816(acc, a_regs, b_regs):
-    """mma.sync m16n8k16 row.col on a warp, from the PTX ISA fragment layouts (groupID g = lane/4,
-    threadID_in_group q = lane%4; a register is a pair (lower-half element, upper-half element)):
-    A reg0 (row g, cols 2q, 2q+1), reg1 (row g+8, same cols), reg2 (row g, cols 2q+8, 2q+9),
-    reg3 (row g+8, cols 2q+8, 2q+9); B reg0 (rows 2q, 2q+1, col g), reg1 (rows 2q+8, 2q+9, col g);
-    C/D c0, c1 (row g, cols 2q, 2q+1), c2, c3 (row g+8). acc [4, 32] updated in place."""
-    A, B = np.zeros((16, 16)), np.zeros((16, 8))
-    for lane in range(32):
-        g, q = lane // 4, lane % 4
-        for r, (row, col) in enumerate(((g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8))):
-            A[row, col], A[row, col + 1] = a_regs[r][lane]
-        for r, k0 in enumerate((2 * q, 2 * q + 8)):
-            B[k0, g], B[k0 + 1, g] = b_regs[r][lane]
-    D = A @ B
-    for lane in range(32):
-        g, q = lane // 4, lane % 4
-        for c in range(4):
-            acc[c, lane] += D[g + 8 * (c // 2), 2 * q + c % 2]
-
-
-def _emulate_linear_gemv(x, w, bias, NT, WARPS, unroll=4):
-    """linear_gemv_kernel<NT, WARPS> (csrc/kernels/dense.cu) step by step in float64: its index
-    arithmetic (rows clamped to N-1, split of the 32-wide k steps over warps, unrolled batches with
-    their guards, k and token tails, 16-byte chunks as 4 words of 2 elements) with the mma taken
-    from the PTX layouts above, then the shared-memory reduction and the guarded stores."""
-    T, K = x.shape
-    N = w.shape[0]
-    out = np.full((T, N), np.nan)
-    steps = (K + 31) // 32
-    zero = [(0.0, 0.0)] * 4
-
-    def words(row, k0):   # a 16-byte chunk: 4 words (elements 2i, 2i+1)
-        return [(row[k0 + 2 * i], row[k0 + 2 * i + 1]) for i in range(4)]
-
-    for blk in range((N + 15) // 16):
-        n0 = blk * 16
-        red = np.zeros((WARPS, NT * 4, 32))
-        for warp in range(WARPS):
-            s_begin, s_end = steps * warp // WARPS, steps * (warp + 1) // WARPS
-            acc = np.zeros((NT, 4, 32))
-            for s in range(s_begin, s_end, unroll):
-                for u in range(unroll):
-                    if s + u >= s_end:
-                        continue
-                    k = (s + u) * 32
-                    a, b = [], []
-                    for lane in range(32):
-                        kq = 8 * (lane % 4)
-                        r0, r1 = min(n0 + lane // 4, N - 1), min(n0 + lane // 4 + 8, N - 1)
-                        ok = k + kq < K
-                        a.append(words(w[r0], k + kq) if ok else zero)
-                        b.append(words(w[r1], k + kq) if ok else zero)
-                    for j in range(NT):
-                        xv = []
-                        for lane in range(32):
-                            kq, tok = 8 * (lane % 4), lane // 4
-                            ok = j * 8 + tok < T and k + kq < K
-                            xv.append(words(x[j * 8 + tok], k + kq) if ok else zero)
-                        _ptx_mma_16816(acc[j], [[v[0] for v in a], [v[0] for v in b], [v[1] for v in a],
-                                                [v[1] for v in b]], [[v[0] for v in xv], [v[1] for v in xv]])
-                        _ptx_mma_16816(acc[j], [[v[2] for v in a], [v[2] for v in b], [v[3] for v in a],
-                                                [v[3] for v in b]], [[v[2] for v in xv], [v[3] for v in xv]])
-            red[warp] = acc.reshape(NT * 4, 32)
-        for e in range(NT * 4 * 32):
-            lane, jc = e & 31, e >> 5
-            j, c = jc >> 2, jc & 3
-            row = n0 + lane // 4 + 8 * (c >> 1)
-            t = j * 8 + 2 * (lane % 4) + (c & 1)
-            if row >= N or t >= T:
-                continue
-            v = red[:, jc, lane].sum()
-            if bias is not None:
-                v += bias[row]
-            assert np.isnan(out[t, row]), "output written twice"
-            out[t, row] = v
-    return out
-
-
-@pytest.mark.parametrize("T,N,K,NT,WARPS", [(1, 37, 40, 1, 8), (3, 20, 328, 1, 4), (9, 17, 8, 2, 8),
-                                            (16, 33, 72, 2, 4), (20, 16, 264, 4, 8), (33, 9, 96, 8, 4)])
-def test_gemv_kernel_emulated_with_ptx_mma(T, N, K, NT, WARPS):
-    """The whole GEMV kernel emulated on the CPU (N, K and token tails; more warps than k steps
-    for some warps; several unrolled batches): every output written once and equal to x W^T + b."""
-    rng = np.random.default_rng(T * 1000 + N)
-    x = rng.integers(-4, 5, size=(T, K)).astype(np.float64)
-    w = rng.integers(-4, 5, size=(N, K)).astype(np.float64)
-    bias = rng.integers(-4, 5, size=N).astype(np.float64)
-    got = _emulate_linear_gemv(x, w, bias, NT, WARPS)
-    np.testing.assert_array_equal(got, x @ w.T + bias)
 
 
 def test_greedy_argmax_cpu_and_checks():
@@ -485,10 +398,8 @@ def test_rms_norm_uses_16_byte_accesses(dense_kernels):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU
+# GPU (on the host build of the kernels when there is no GPU: tests/kernel_device.py)
 # ---------------------------------------------------------------------------------------------
-
-DEV = "cuda"
 
 
 def _nan(shape, dtype=BF):
@@ -526,6 +437,10 @@ def _check_rms(T, H, mode, wdtype, eps=1e-5):
 @pytest.mark.parametrize("H", [64, 2880])
 @pytest.mark.parametrize("wdtype", [BF, torch.float32])
 def test_gpu_rms_norm(H, T, mode, wdtype):
+    if H == 2880 and T == 300:
+        # host build: 300 rows of H = 2880 are 108k emulated threads (~3 s a case); 48 rows take the
+        # same path (one block per row); T = 300 stays at H = 64
+        T = shrink(300, 48)
     _check_rms(T, H, mode, wdtype)
 
 
@@ -588,19 +503,34 @@ def _check_linear(T, N, K, with_bias, out_dtype):
 @pytest.mark.parametrize("out_dtype", [BF, torch.float32])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("K", [2880, 4096])
-@pytest.mark.parametrize("N", [8, 2880, 5120, 201088])
+# host build: the model's row counts (2880 x 2880 alone is ~5 s emulated, 201088 x 4096 minutes); 8
+# (one block, half of it clamped rows) and 48 (three blocks) take the same 8-warp path at the real
+# K; the 4-warp path (>= 1024 row tiles) is test_gpu_linear_four_warp_tiles
+@pytest.mark.parametrize("N", [8, 2880, 5120, 201088] if ON_GPU else [8, 48])
 @pytest.mark.parametrize("T", [1, 2, 4, 16, 64, 65])
 def test_gpu_linear_shapes(T, N, K, with_bias, out_dtype):
     _check_linear(T, N, K, with_bias, out_dtype)
 
 
 @pytest.mark.gpu
+# host build: (17, 2881, 2880) and (64, 1000, 4104) as (17, 161, 2880) and (64, 40, 4104): the same
+# row tails (N mod 16 = 1 and 8) and k tails in under a tenth of the emulated threads
 @pytest.mark.parametrize("T,N,K", [(1, 37, 40), (3, 37, 2888), (9, 100, 72), (33, 17, 8), (8, 1, 16),
-                                   (17, 2881, 2880), (64, 1000, 4104)])
+                                   (17, shrink(2881, 161), 2880), (64, shrink(1000, 40), 4104)])
 @pytest.mark.parametrize("out_dtype", [BF, torch.float32])
 def test_gpu_linear_tails(T, N, K, out_dtype):
     """N not a multiple of 16 (row tails), K not a multiple of 32 (k tails), T tile tails."""
     _check_linear(T, N, K, True, out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,K,out_dtype", [(1, 40, BF), (9, 40, torch.float32), (20, 40, BF),
+                                           (33, 8, torch.float32)])
+def test_gpu_linear_four_warp_tiles(T, K, out_dtype):
+    """>= 1024 row tiles take the 4-warp blocks (the unembedding's): N = 16369 = 1023 * 16 + 1 (a
+    one-row last tile), each token tile count NT = 1, 2, 4, 8 with token tails, K = 40 (a k tail;
+    two k steps over four warps, so two warps have none) and K = 8 (one step)."""
+    _check_linear(T, 16369, K, True, out_dtype)
 
 
 @pytest.mark.gpu
@@ -614,7 +544,8 @@ def test_gpu_linear_misaligned_and_large_t_paths():
 
 @pytest.mark.gpu
 def test_gpu_deterministic():
-    w = _weight(5120, 2880)
+    # host build: 48 rows instead of 5120 (5120 x 2880 is ~8 s emulated per call)
+    w = _weight(shrink(5120, 48), 2880)
     x = torch.randn(4, 2880, dtype=BF, device=DEV)
     a = ops.linear(x, w, out_dtype=torch.float32)
     assert torch.equal(a, ops.linear(x, w, out_dtype=torch.float32))
@@ -624,6 +555,7 @@ def test_gpu_deterministic():
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_only  # CUDA graph capture and a side stream
 def test_gpu_cuda_graph_replay_equals_eager():
     T, H, N = 4, 2880, 5120
     w = _weight(N, H)
@@ -655,7 +587,7 @@ def test_gpu_cuda_graph_replay_equals_eager():
         y.fill_(float("nan"))
         logits.fill_(float("nan"))
         g.replay()
-        torch.cuda.synchronize()
+        sync()
         gy, gr, gl = y.clone(), r.clone(), logits.clone()
         ey, eh = ops.rms_norm(x0, wn, residual=r0.clone())
         el = ops.linear(ey, w, b, out_dtype=torch.float32)
@@ -663,7 +595,10 @@ def test_gpu_cuda_graph_replay_equals_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,V", [(1, 201088), (4, 201088), (64, 201088), (3, 1), (2, 8193), (5, 100)])
+# host build: 64 rows of 201088 logits are ~13M emulated loads (~12 s); 16385 keeps the two passes
+# (three slices, the last one element long)
+@pytest.mark.parametrize("B,V", [(1, 201088), (4, 201088), (64, shrink(201088, 16385)), (3, 1), (2, 8193),
+                                 (5, 100)])
 def test_gpu_greedy_argmax(B, V):
     x = torch.randn(B, V, device=DEV)
     out = torch.full((B,), -1, dtype=torch.int64, device=DEV)
@@ -678,6 +613,7 @@ def test_gpu_greedy_argmax_ties_nan_inf():
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_only  # CUDA graph capture and a side stream
 def test_gpu_greedy_argmax_cuda_graph():
     x = torch.randn(4, 201088, device=DEV)
     out = torch.empty(4, dtype=torch.int64, device=DEV)
@@ -693,14 +629,23 @@ def test_gpu_greedy_argmax_cuda_graph():
         x.copy_(torch.randn(4, 201088, device=DEV))
         out.fill_(-1)
         g.replay()
-        torch.cuda.synchronize()
+        sync()
         assert torch.equal(out, torch.argmax(x, dim=1))
 
 
+def _qkv_params():
+    Ts, biases = [1, 3, 8, 9, 17, 64], [True, False]
+    if ON_GPU:
+        return [(T, nq, nkv, K, bias) for bias in biases for nq, nkv, K in [(64, 8, 2880), (8, 2, 72)] for T in Ts]
+    # host build: the model's 64 + 2 x 8 heads at K = 2880 are 82k emulated threads (~20 s a case, fused
+    # and unfused); 8 + 2 x 2 heads at K = 72 (a k tail) for every T, and 2 + 2 x 1 heads at K = 2880
+    # (several unrolled k batches per warp) for T = 1, 9, 17 (one, two, four token tiles)
+    return ([(T, 8, 2, 72, bias) for bias in biases for T in Ts]
+            + [(T, 2, 1, 2880, bias) for bias in biases for T in (1, 9, 17)])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 3, 8, 9, 17, 64])
-@pytest.mark.parametrize("nq,nkv,K", [(64, 8, 2880), (8, 2, 72)])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T,nq,nkv,K,bias", _qkv_params())
 def test_gpu_qkv_rope_append_equals_linear_then_rope(T, nq, nkv, K, bias):
     """The fused kernel against the two-kernel path it replaces: q, the whole k and v caches
     (written slots and untouched ones) bit for bit; an out-of-range seq_id writes q only."""
@@ -725,8 +670,9 @@ def test_gpu_qkv_rope_append_equals_linear_then_rope(T, nq, nkv, K, bias):
 
 
 @pytest.mark.gpu
-def test_gpu_qkv_rope_append_graph_and_large_t_path():
-    """Captured in a CUDA graph it gives the eager bits; T = 65 takes the unfused path."""
+@pytest.mark.cuda_only  # CUDA graph capture
+def test_gpu_qkv_rope_append_cuda_graph():
+    """Captured in a CUDA graph it gives the eager bits."""
     nq, nkv, K, B, S = 64, 8, 2880, 2, 256
     x, w, b, seq, pos, kc, vc = _qkv_case(4, nq, nkv, K, B, S, DEV, seed=5)
     seq = torch.tensor([0, 1, 0, 1], dtype=torch.int32, device=DEV)
@@ -742,22 +688,30 @@ def test_gpu_qkv_rope_append_graph_and_large_t_path():
         ops.qkv_rope_append(x, w, b, seq, pos, kc_g, vc_g, q_out=q_out)
     q_out.fill_(float("nan"))
     g.replay()
-    torch.cuda.synchronize()
+    sync()
     for got, exp in zip((q_out, kc_g, vc_g), want):
         assert torch.equal(got.view(torch.int16), exp.view(torch.int16))
+
+
+@pytest.mark.gpu
+def test_gpu_qkv_rope_append_large_t_path_and_no_cache():
+    """T = 65 takes the unfused path; with no sequences (batch 0) the fused kernel writes q only."""
+    # host build: 8 + 2 x 2 heads at K = 72 instead of 64 + 2 x 8 at K = 2880 (~17 s emulated for
+    # the fused and the unfused T = 3 calls)
+    nq, nkv, K = (64, 8, 2880) if ON_GPU else (8, 2, 72)
     x, w, b, seq, pos, kc, vc = _qkv_case(65, nq, nkv, K, 1, 4096, DEV, seed=6)
     seq.zero_()
     pos = torch.arange(65, dtype=torch.int32, device=DEV)
     want = _qkv_unfused(x, w, b, seq, pos, kc, vc, nq, nkv)
-    q = ops.qkv_rope_append(x, w, b, seq, pos, kc, vc)
+    q = ops.qkv_rope_append(x, w, b, seq, pos, kc, vc, num_q_heads=nq, num_kv_heads=nkv)
     for got, exp in zip((q, kc, vc), want):
         assert torch.equal(got.view(torch.int16), exp.view(torch.int16))
     # no sequences (batch 0): q only
     x, w, b, seq, pos, kc, vc = _qkv_case(3, nq, nkv, K, 1, 8, DEV, seed=7)
     empty = torch.zeros(0, 8, nkv, 64, dtype=BF, device=DEV)
     want_q = _qkv_unfused(x, w, b, seq, pos, kc, vc, nq, nkv)[0]
-    assert torch.equal(ops.qkv_rope_append(x, w, b, seq, pos, empty, empty.clone()).view(torch.int16),
-                       want_q.view(torch.int16))
+    assert torch.equal(ops.qkv_rope_append(x, w, b, seq, pos, empty, empty.clone(), num_q_heads=nq,
+                                           num_kv_heads=nkv).view(torch.int16), want_q.view(torch.int16))
 
 
 def test_pdl_switch_round_trips():

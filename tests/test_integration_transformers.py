@@ -1,5 +1,5 @@
 """The worked engine integration: transformers' GptOss patched onto gptoss-kernels' ops gives
-transformers' own logits (CPU: the ops run their reference; GPU: the kernels)."""
+transformers' own logits (CPU: the ops run their reference; GPU, or the host build of the kernels: the kernels)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from transformers import GptOssForCausalLM  # noqa: E402
 
 from gptoss_kernels.integrations.transformers import KernelMoE, patch_gpt_oss  # noqa: E402
 
+from .kernel_device import DEV  # noqa: E402
 from .test_reference_vs_transformers import mxfp4_experts, randomize, rel_err, tiny_config  # noqa: E402
 
 
@@ -55,4 +56,4 @@ def test_patched_generate_uses_the_cache_correctly_cpu():
 
 @pytest.mark.gpu
 def test_patched_logits_match_transformers_gpu():
-    _check("cuda")
+    _check(DEV)

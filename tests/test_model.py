@@ -13,9 +13,10 @@ import warnings
 import pytest
 import torch
 
-from gptoss_kernels import GptOss, GptOssConfig, reference
+from gptoss_kernels import GptOss, GptOssConfig, _lib, reference
 
 from . import checkpoints as ck
+from .kernel_device import DEV, ON_GPU, shrink
 
 transformers = pytest.importorskip("transformers")
 
@@ -247,7 +248,8 @@ def test_cache_reuse_between_calls(models):
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU (run in the device check; skipped here)
+# GPU (marked gpu): the kernels on DEV, a CUDA GPU or else the host build of the kernels (hostsim,
+# tests/kernel_device.py); the reference runs on CPU tensors under the "reference" backend
 # ----------------------------------------------------------------------------------------------
 
 def _near_argmax(chosen: list[int], ref_logits: torch.Tensor, slack: float) -> bool:
@@ -261,53 +263,86 @@ def _near_argmax(chosen: list[int], ref_logits: torch.Tensor, slack: float) -> b
 def _kernel_shape_config() -> GptOssConfig:
     # Attention shapes the kernels cover (head_dim 64, 8 q heads per KV head), the real H and I,
     # few experts and a small vocabulary so that the CPU reference stays quick.
-    return GptOssConfig(num_hidden_layers=2, num_experts=8, experts_per_token=4, vocab_size=1024,
-                        num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128)
+    if ON_GPU:
+        return GptOssConfig(num_hidden_layers=2, num_experts=8, experts_per_token=4, vocab_size=1024,
+                            num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128)
+    # host build (every thread emulated; H = I = 2880 with 64 heads costs minutes per step): the same
+    # kernel-covered attention shape (head_dim 64, 8 q heads per KV head) with one KV head, H = I = 128,
+    # vocabulary 128 and window 16, so that the prompt (_PROMPT) still exceeds the window
+    return GptOssConfig(num_hidden_layers=2, num_experts=8, experts_per_token=4, vocab_size=128, hidden_size=128,
+                        intermediate_size=128, num_attention_heads=8, num_key_value_heads=1, head_dim=64,
+                        sliding_window=16)
+
+
+# prompt length (> the window: the sliding layer's ring wraps in prefill and in decode), tokens
+# generated alone and in the batch of two prompts, the batch's second prompt length; host build:
+# 20 > 16, 3 and 2 tokens (each emulated decode step runs the persistent MoE/GEMV grids, ~0.5-1 s)
+_PROMPT, _NEW, _BATCH_NEW, _SHORT = shrink(200, 20), shrink(16, 3), shrink(8, 2), shrink(150, 13)
+
+
+def _kernel_model_and_reference():
+    cfg = _kernel_shape_config()
+    dev_model = GptOss.from_config(cfg, device=DEV, seed=0)
+    return cfg, dev_model, dev_model.to("cpu")
 
 
 @pytest.mark.gpu
-def test_cuda_forward_and_generate_match_cpu():
-    """CUDA (kernels, CUDA-graph decode) against the CPU reference on the same random weights.
-    Prompt 200 > window 128 (sliding layer wraps its ring during decode too).
+def test_kernels_forward_and_generate_match_reference():
+    """The kernels (CUDA, or the host build) against the CPU reference on the same random weights.
+    Prompt longer than the window (the sliding layer wraps its ring during decode too).
     Tolerances: bf16 kernels vs the fp32-math reference on bf16 activations: 2e-2 relative norm
     on the logits (DEVELOPERS.md: 1e-2 per op, two layers compound); generated tokens must be
     near-argmax of the reference logits (slack 5% of the logit std)."""
-    cfg = _kernel_shape_config()
-    gpu = GptOss.from_config(cfg, device="cuda", seed=0)
-    cpu = gpu.to("cpu")
-    prompt = torch.randint(0, cfg.vocab_size, (200,), generator=torch.Generator().manual_seed(0)).tolist()
-    lg = gpu(torch.tensor([prompt], device="cuda"))[0].cpu()
-    lc = cpu(torch.tensor([prompt]))[0]
+    cfg, gpu, cpu = _kernel_model_and_reference()
+    prompt = torch.randint(0, cfg.vocab_size, (_PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
+    lg = gpu(torch.tensor([prompt], device=DEV))[0].cpu()
+    with _lib.use_backend("reference"):
+        lc = cpu(torch.tensor([prompt]))[0]
     assert torch.isfinite(lg).all()
     err = _rel(lg, lc)
-    print(f"cuda vs cpu logits: rel err {err:.3e}")
+    print(f"kernels vs reference logits: rel err {err:.3e}")
     assert err < 2e-2
+    out = gpu.generate(prompt, _NEW)
+    with _lib.use_backend("reference"):
+        ref = cpu(torch.tensor([prompt + out[:-1]]))[0, len(prompt) - 1:]
+    assert _near_argmax(out, ref, 0.05 * float(lc.std()))
+    assert gpu.generate(prompt, _NEW) == out                    # the reused decode state is deterministic
+    n = _BATCH_NEW
+    batch = gpu.generate([prompt, prompt[:_SHORT]], n)
+    assert batch[0] == out[:n] or _near_argmax(batch[0], ref[:n], 0.05 * float(lc.std()))
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_only  # the decode step captured as a CUDA graph and replayed
+def test_cuda_decode_step_is_a_replayed_graph():
+    cfg, gpu, _ = _kernel_model_and_reference()
+    prompt = torch.randint(0, cfg.vocab_size, (_PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        out = gpu.generate(prompt, 16)
+        out = gpu.generate(prompt, _NEW)
     assert gpu._graph is not None, f"decode step was not captured: {[str(x.message) for x in w]}"
-    ref = cpu(torch.tensor([prompt + out[:-1]]))[0, len(prompt) - 1:]
-    assert _near_argmax(out, ref, 0.05 * float(lc.std()))
-    assert gpu.generate(prompt, 16) == out                      # replaying the reused graph is deterministic
-    batch = gpu.generate([prompt, prompt[:150]], 8)
-    assert batch[0] == out[:8] or _near_argmax(batch[0], ref[:8], 0.05 * float(lc.std()))
+    assert gpu.generate(prompt, _NEW) == out                    # replaying the reused graph is deterministic
 
 
 @pytest.mark.gpu
-def test_cuda_tiny_checkpoint_matches_cpu(dirs):
-    """The tiny HF checkpoint on CUDA (shapes the kernels do not cover run the reference on the
-    GPU: checks the loader and the glue on CUDA, eager decode allowed)."""
-    cpu = GptOss.from_pretrained(dirs["hf-mxfp4"], dtype=torch.bfloat16, progress=False)
-    gpu = GptOss.from_pretrained(dirs["hf-mxfp4"], device="cuda", dtype=torch.bfloat16, progress=False)
+def test_kernels_tiny_checkpoint_matches_reference(dirs):
+    """The tiny HF checkpoint on DEV (shapes the kernels do not cover run the reference on the
+    kernels' device: checks the loader and the glue, eager decode allowed)."""
+    cpu = GptOss.from_pretrained(dirs["hf-mxfp4"], device="cpu", dtype=torch.bfloat16, progress=False)
+    gpu = GptOss.from_pretrained(dirs["hf-mxfp4"], device=DEV, dtype=torch.bfloat16, progress=False)
     prompt = list(range(3, 12))
-    lc, lg = cpu(torch.tensor([prompt])), gpu(torch.tensor([prompt], device="cuda"))
+    lg = gpu(torch.tensor([prompt], device=DEV))
+    with _lib.use_backend("reference"):
+        lc = cpu(torch.tensor([prompt]))
     assert torch.isfinite(lg).all() and _rel(lg.cpu(), lc) < 2e-2
     out = gpu.generate(prompt, 4)
-    ref = cpu(torch.tensor([prompt + out[:-1]]))[0, len(prompt) - 1:]
+    with _lib.use_backend("reference"):
+        ref = cpu(torch.tensor([prompt + out[:-1]]))[0, len(prompt) - 1:]
     assert _near_argmax(out, ref, 0.05 * float(lc.std()))
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_only  # the real 120b on the card: torch.cuda memory accounting, graph capture, tok/s timing
 def test_cuda_120b_random_decode(capsys):
     """The real 120b shapes with random weights fit the card (memory_plan agrees with what is
     allocated) and decode with a captured graph; prints tok/s (greedy, batch 1)."""

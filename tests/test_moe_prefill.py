@@ -3,9 +3,11 @@
 CPU: the kernels' host-built arithmetic (grouping algorithm, tile schedule, MXFP4 -> bf16 bit
 conversion) against the reference; workspace layout; SASS of the GEMM kernels (HMMA for the
 mma.sync variant, no local memory).
-GPU (marked gpu): each pipeline step against the reference, in correctness order (grouping, mlp1,
-mlp2, combine), then the whole op over shapes, skewed routing, experts without tokens, poisoned
-outputs, determinism and CUDA-graph replay.
+GPU (marked gpu; without a GPU they run on the host build of the kernels, tests/kernel_device.py,
+at smaller shapes): each pipeline step against the reference, in correctness order (grouping,
+mlp1, mlp2, combine), the grouping kernels alone (route chunks, invalid ids), then the whole op
+over shapes, skewed routing, experts without tokens, more work items than resident blocks,
+poisoned outputs, determinism; CUDA-graph replay and timings on the GPU only (cuda_only).
 
 First GPU run, in this order (each line only after the previous passes):
   pytest -s -x tests/test_moe_prefill.py -k "steps_in_order and mma_sync"   # grouping, mlp1, mlp2, combine
@@ -28,6 +30,7 @@ from gptoss_kernels import reference as R
 from gptoss_kernels.ops import _moe_prefill as P
 
 from . import sass
+from .kernel_device import DEV, ON_GPU, ON_HOSTSIM, shrink, sync
 
 BM, BN = 128, 128  # tile of the mma.sync GEMMs (csrc/kernels/moe_prefill.cu, namespace mma)
 
@@ -37,7 +40,14 @@ def _has_family() -> bool:
     return C is not None and P.FAMILY in getattr(C, "families", ())
 
 
-needs_family = pytest.mark.skipif(not _has_family(), reason="this build's _C has no moe_prefill family (rebuild)")
+def _layout_device() -> torch.device | None:
+    """Whose workspace layout and host-built helpers the CPU tests read: _C's (None), else the host
+    build's (the same source compiled by g++; "cpu"), else neither (the tests skip)."""
+    if _has_family():
+        return None
+    if _lib.family_built(P.FAMILY, "cpu"):
+        return torch.device("cpu")
+    pytest.skip("neither _C nor the host build (gptoss_kernels._hostsim) has the moe_prefill family (rebuild)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,9 +80,8 @@ def make_routing(T: int, E: int, k: int, *, skew: bool = False, used: int | None
 
 @pytest.fixture(scope="module")
 def host():
-    if not _has_family():
-        pytest.skip("this build's _C has no moe_prefill family (rebuild)")
-    return _lib.C().host
+    dev = _layout_device()
+    return _lib.C().host if dev is None else _lib.kernels(dev).host
 
 
 @pytest.mark.parametrize("T,E,k,chunk,kw", [
@@ -119,18 +128,18 @@ def test_host_dequant_bits_exact(host):
     assert torch.equal(torch.signbit(got), torch.signbit(want))
 
 
-@needs_family
 def test_workspace_layout():
+    dev = _layout_device()
     T, k, E, H, I = 1000, 4, 128, 2880, 2880
-    off = P.workspace_layout(T, k, E, H, I)
-    total = P.workspace_bytes(T, k, E, H, I)
+    off = P.workspace_layout(T, k, E, H, I, dev)
+    total = P.workspace_bytes(T, k, E, H, I, dev)
     sizes = {"counts": 4 * E, "offsets": 4 * (E + 1), "tile_offsets": 4 * (E + 1), "perm": 4 * T * k,
              "chunk_base": 4 * E * math.ceil(T * k / 1024), "act": 2 * T * k * I, "y": 2 * T * k * H}
     names = list(P.WS_PARTS)
     for a, b in zip(names, names[1:]):
         assert off[a] % 256 == 0 and off[a] + sizes[a] <= off[b]
     assert off["y"] + sizes["y"] <= total
-    assert P.workspace_bytes(0, 4, E, H, I) < 4096
+    assert P.workspace_bytes(0, 4, E, H, I, dev) < 4096
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """RoPE with YaRN (spec §1.3) and the KV-cache writers: the kernels' host-built math (rope.cuh via
-_C.host) against the reference and a float64 computation, the ops' argument checks, and (GPU)
-rope_qkv, the fused rope_and_cache_append and cache_append against the reference.
+_C.host) against the reference and a float64 computation, the ops' argument checks, and (GPU, else
+the host build of the kernels: tests/kernel_device.py) rope_qkv, the fused rope_and_cache_append and
+cache_append against the reference.
 
 Tolerances: the kernels' angle t * inv_freq_j is the same fp32 product as the reference's (the op
 passes the reference's inverse-frequency table), cos/sin differ by < 1e-6 absolute, the rotation
@@ -18,6 +19,8 @@ import torch
 import gptoss_kernels as gk
 from gptoss_kernels import _lib
 from gptoss_kernels import reference as R
+
+from .kernel_device import DEV, sync
 
 T_QKV = (64 + 2 * 8) * 64
 
@@ -199,6 +202,12 @@ def test_bindings_reject_bad_arguments_before_touching_cuda():
 
 # ---- GPU ----
 
+def _reference():
+    """The ops on CPU tensors run the PyTorch reference inside this block (on the host build the
+    GPU tests run with the hostsim backend, where CPU tensors would run the kernels)."""
+    return _lib.use_backend("reference")
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -210,13 +219,14 @@ GPU_POSITIONS = [0, 1, 2, 127, 128, 4095, 4096, 8193, 65535, 105616, 131071, 131
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 7, 64, 300])
 def test_rope_qkv_kernel_matches_reference(T):
-    qkv = _qkv(T, "cuda")
-    pos = torch.tensor((GPU_POSITIONS * 30)[:T], dtype=torch.int32, device="cuda")
+    qkv = _qkv(T, DEV)
+    pos = torch.tensor((GPU_POSITIONS * 30)[:T], dtype=torch.int32, device=DEV)
     if T > len(GPU_POSITIONS):
-        pos[len(GPU_POSITIONS):] = torch.randint(0, 131073, (T - len(GPU_POSITIONS),), device="cuda", dtype=torch.int32)
+        pos[len(GPU_POSITIONS):] = torch.randint(0, 131073, (T - len(GPU_POSITIONS),), device=DEV, dtype=torch.int32)
     q, k, v = gk.rope_qkv(qkv, pos)
-    torch.cuda.synchronize()
-    rq, rk, rv = gk.rope_qkv(qkv.cpu(), pos.cpu())
+    sync()
+    with _reference():
+        rq, rk, rv = gk.rope_qkv(qkv.cpu(), pos.cpu())
     for got, want in ((q, rq), (k, rk)):
         assert not torch.isnan(got).any()
         assert _rel(got.cpu(), want) < 1e-2
@@ -227,34 +237,37 @@ def test_rope_qkv_kernel_matches_reference(T):
 
 @pytest.mark.gpu
 def test_rope_qkv_kernel_int64_positions_and_other_yarn():
-    qkv = _qkv(33, "cuda")
-    pos = torch.randint(0, 200000, (33,), device="cuda")
+    qkv = _qkv(33, DEV)
+    pos = torch.randint(0, 200000, (33,), device=DEV)
     p = R.YarnParams(theta=10000.0, factor=8.0, original_context=2048)
     q, k, _ = gk.rope_qkv(qkv, pos, rope=p)
-    rq, rk, _ = gk.rope_qkv(qkv.cpu(), pos.cpu(), rope=p)
+    sync()
+    with _reference():
+        rq, rk, _ = gk.rope_qkv(qkv.cpu(), pos.cpu(), rope=p)
     assert _rel(q.cpu(), rq) < 1e-2 and _rel(k.cpu(), rk) < 1e-2
 
 
 def _poisoned_cache(B, S):
-    return (torch.full((B, S, 8, 64), float("nan"), dtype=torch.bfloat16, device="cuda"),
-            torch.full((B, S, 8, 64), float("nan"), dtype=torch.bfloat16, device="cuda"))
+    return (torch.full((B, S, 8, 64), float("nan"), dtype=torch.bfloat16, device=DEV),
+            torch.full((B, S, 8, 64), float("nan"), dtype=torch.bfloat16, device=DEV))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("S", [128, 9000])
 def test_fused_rope_cache_append_matches_reference(S):
     B, T = 4, 37
-    qkv = _qkv(T, "cuda")
-    seq = torch.randint(0, B, (T,), dtype=torch.int32, device="cuda")
+    qkv = _qkv(T, DEV)
+    seq = torch.randint(0, B, (T,), dtype=torch.int32, device=DEV)
     # distinct (seq, slot) pairs so the expected cache is well defined
-    pos = torch.randperm(S, device="cuda")[:T].to(torch.int32) + (S if S == 128 else 0) * 700
+    pos = torch.randperm(S, device=DEV)[:T].to(torch.int32) + (S if S == 128 else 0) * 700
     kc, vc = _poisoned_cache(B, S)
-    q_out = torch.full((T, 64, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    q_out = torch.full((T, 64, 64), float("nan"), dtype=torch.bfloat16, device=DEV)
     q = gk.rope_and_cache_append(qkv, seq, pos, kc, vc, q_out=q_out)
-    torch.cuda.synchronize()
-    rq, rk, rv = gk.rope_qkv(qkv.cpu(), pos.cpu())
+    sync()
     ekc, evc = torch.full((B, S, 8, 64), float("nan"), dtype=torch.bfloat16), torch.full((B, S, 8, 64), float("nan"), dtype=torch.bfloat16)
-    gk.cache_append(rk, rv, ekc, evc, seq.cpu(), pos.cpu())
+    with _reference():
+        rq, rk, rv = gk.rope_qkv(qkv.cpu(), pos.cpu())
+        gk.cache_append(rk, rv, ekc, evc, seq.cpu(), pos.cpu())
     assert q is q_out and _rel(q.cpu(), rq) < 1e-2
     written = ~torch.isnan(ekc[..., 0, 0])
     assert torch.equal(~torch.isnan(kc.cpu()[..., 0, 0]), written)  # exactly the appended slots, nothing else
@@ -265,11 +278,11 @@ def test_fused_rope_cache_append_matches_reference(S):
 @pytest.mark.gpu
 def test_fused_rope_cache_append_skips_out_of_range_seq_ids():
     kc, vc = _poisoned_cache(2, 8)
-    qkv = _qkv(3, "cuda")
-    seq = torch.tensor([0, 5, -1], dtype=torch.int32, device="cuda")
-    pos = torch.tensor([1, 2, 3], dtype=torch.int32, device="cuda")
+    qkv = _qkv(3, DEV)
+    seq = torch.tensor([0, 5, -1], dtype=torch.int32, device=DEV)
+    pos = torch.tensor([1, 2, 3], dtype=torch.int32, device=DEV)
     q = gk.rope_and_cache_append(qkv, seq, pos, kc, vc)
-    torch.cuda.synchronize()
+    sync()
     assert not torch.isnan(q).any()
     assert (~torch.isnan(kc[..., 0, 0])).sum().item() == 1 and not torch.isnan(kc[0, 1]).any()
 
@@ -278,22 +291,23 @@ def test_fused_rope_cache_append_skips_out_of_range_seq_ids():
 @pytest.mark.parametrize("T", [1, 1000])
 def test_cache_append_kernel_bit_exact(T):
     B, S = 3, 640
-    k = torch.randn(T, 8, 64, device="cuda").to(torch.bfloat16)
-    v = torch.randn(T, 8, 64, device="cuda").to(torch.bfloat16)
-    flat = torch.randperm(B * S, device="cuda")[:T]  # distinct (sequence, slot) pairs
+    k = torch.randn(T, 8, 64, device=DEV).to(torch.bfloat16)
+    v = torch.randn(T, 8, 64, device=DEV).to(torch.bfloat16)
+    flat = torch.randperm(B * S, device=DEV)[:T]  # distinct (sequence, slot) pairs
     seq = (flat // S).to(torch.int32)
-    pos = (flat % S + S * torch.randint(0, 3, (T,), device="cuda"))  # int64 positions, wrapped by % S
+    pos = (flat % S + S * torch.randint(0, 3, (T,), device=DEV))  # int64 positions, wrapped by % S
     kc, vc = _poisoned_cache(B, S)
     gk.cache_append(k, v, kc, vc, seq, pos)
     ekc, evc = _poisoned_cache(B, S)
     slots = R.cache_slots(pos.long(), S)
     ekc[seq.long(), slots] = k
     evc[seq.long(), slots] = v
-    torch.cuda.synchronize()
+    sync()
     assert torch.equal(kc.view(torch.int16), ekc.view(torch.int16)) and torch.equal(vc.view(torch.int16), evc.view(torch.int16))
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_only  # CUDA graph capture and replay
 def test_fused_rope_cache_append_cuda_graph_replay():
     B, S, T = 2, 64, 2
     qkv = _qkv(T, "cuda")

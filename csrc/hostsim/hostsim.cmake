@@ -26,6 +26,8 @@ list(APPEND GPTOSS_HS_KERNEL_TUS "${GPTOSS_HS_DIR}/probes.cpp")
 set(GPTOSS_HS_DEVICE_FLAGS -O2 -fsanitize=thread --param=tsan-instrument-func-entry-exit=0
     -ffp-contract=off -fno-strict-aliasing -D__CUDACC__ -D__CUDA_ARCH__=900)
 set_source_files_properties(${GPTOSS_HS_KERNEL_TUS} PROPERTIES COMPILE_OPTIONS "${GPTOSS_HS_DEVICE_FLAGS}")
+# the runtime is on every emulated access's path: optimized whatever the build type
+set_source_files_properties("${GPTOSS_HS_DIR}/runtime.cpp" PROPERTIES COMPILE_OPTIONS "-O2")
 
 add_library(gptoss_kernels_hostsim SHARED ${GPTOSS_HS_KERNEL_TUS} "${GPTOSS_HS_DIR}/runtime.cpp"
             "${GPTOSS_HS_DIR}/switch_x86_64.S")

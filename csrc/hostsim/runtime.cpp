@@ -217,10 +217,12 @@ thread_local cudaError_t t_last_error = cudaSuccess;
 // Static __shared__ variables are plain statics (hostsim.h) in the library's writable segment:
 // device code can touch nothing else there (host statics are the launchers'; the runtime's
 // threadIdx & co. are excluded), so a device thread's access to it is a static shared access.
+// Offsets (shadow index, shared-window address) count from g_rw_lo rounded down to 1024 bytes, so
+// that a window address keeps the alignment of the variable (cp.async, ldmatrix, swizzles).
 uintptr_t g_rw_lo = 0, g_rw_hi = 0;
-uintptr_t sect_lo() { return g_rw_lo; }
+uintptr_t sect_lo() { return g_rw_lo & ~uintptr_t{1023}; }
 uintptr_t sect_hi() { return g_rw_hi; }
-size_t sect_size() { return g_rw_hi - g_rw_lo; }
+size_t sect_size() { return g_rw_hi - sect_lo(); }
 bool is_index_global(uintptr_t a) {
   auto in = [a](const void* p, size_t n) {
     return a >= reinterpret_cast<uintptr_t>(p) && a < reinterpret_cast<uintptr_t>(p) + n;
@@ -380,7 +382,7 @@ void swap_in(int rank) {
     S.running_block = rank;
     return;
   }
-  uint8_t* live = reinterpret_cast<uint8_t*>(g_rw_lo);
+  uint8_t* live = reinterpret_cast<uint8_t*>(sect_lo());
   if (S.running_block >= 0) {
     uint8_t* img = S.blocks[S.running_block].static_img;
     for_touched([&](size_t o) { img[o] = live[o]; });
@@ -487,7 +489,7 @@ bool locate_shared(uintptr_t a, size_t n, SharedLoc* loc) {
     }
   }
   const uintptr_t slo = sect_lo(), shi = sect_hi();
-  if (a >= slo && a < shi && S.running_block >= 0 && !is_index_global(a)) {
+  if (a >= g_rw_lo && a < shi && S.running_block >= 0 && !is_index_global(a)) {
     Block* b = &S.blocks[S.running_block];
     *loc = SharedLoc{b, b->static_sh + (a - slo), static_cast<uint32_t>(a - slo), false, a + n > shi};
     touch_static(a - slo, n);
