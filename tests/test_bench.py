@@ -281,6 +281,7 @@ def test_helpers_summary_and_save(tmp_path, reference_run):
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_only  # the bench's GPU timing (CUDA graphs / events) and its copy and matmul limits
 def test_bench_on_gpu_quick(tmp_path):
     """A short real run: limits measured, rows verified or reported as having no kernel."""
     path = tmp_path / "bench.json"

@@ -83,6 +83,7 @@ def test_demo_without_gpu_says_why(demo):
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_only  # the C program links the CUDA build of the library and runs on the GPU
 def test_demo_runs_on_gpu(demo):
     r = subprocess.run([str(demo)], capture_output=True, text=True, timeout=300)
     print(r.stdout, r.stderr)
