@@ -158,7 +158,7 @@ def add_rms_norm_router_topk(delta: torch.Tensor, residual: torch.Tensor, norm_w
     residual_out = _checks.out_tensor("residual_out", residual_out, shape=(T, H), dtype=torch.bfloat16, device=dev)
     ids, wts = _out_pair(out, T, k, dev)
     C = _lib.kernels(dev) if _lib.runs_kernels(dev) else None
-    fused = (C is not None and hasattr(C, "add_rms_norm_router_topk_bf16")
+    fused = (C is not None and hasattr(C, "add_rms_norm_router_topk_bf16") and (dev.type, dev.index) not in _CLUSTER_REFUSED
              and T <= C.add_rms_norm_router_topk_max_tokens and E <= 128 and k <= _MAX_K and H % 8 == 0
              and H // 8 <= 1024
              and all(t.data_ptr() % 16 == 0 for t in (delta, residual, residual_out, norm_weight, norm_out, weight)))
@@ -170,11 +170,25 @@ def add_rms_norm_router_topk(delta: torch.Tensor, residual: torch.Tensor, norm_w
         ids = torch.empty((T, k), dtype=torch.int32, device=dev)
         wts = torch.empty((T, k), dtype=torch.float32, device=dev)
     if T:
-        with _lib.device_guard(dev):
-            C.add_rms_norm_router_topk_bf16(delta, residual, residual_out, norm_weight,
-                                            norm_weight.dtype == torch.float32, float(eps), norm_out, weight, bias,
-                                            ids, wts, T, H, E, k, _checks.stream_of(dev))
+        try:
+            with _lib.device_guard(dev):
+                C.add_rms_norm_router_topk_bf16(delta, residual, residual_out, norm_weight,
+                                                norm_weight.dtype == torch.float32, float(eps), norm_out, weight, bias,
+                                                ids, wts, T, H, E, k, _checks.stream_of(dev))
+        except ValueError as e:
+            if "cluster launch was refused" not in str(e):
+                raise
+            # a partitioned GPU (MIG, MPS SM limits, green contexts) refuses the 8-block cluster:
+            # the two ops compute the same values; remembered for the device (the next call, maybe
+            # inside a graph capture, does not try again)
+            _CLUSTER_REFUSED.add((dev.type, dev.index))
+            rms_norm(delta, norm_weight, eps=eps, residual=residual, out=norm_out, residual_out=residual_out)
+            router_topk(norm_out, weight, bias, k, out=(ids, wts))
     return norm_out, residual_out, ids, wts
+
+
+# devices whose runtime refused the router's thread-block cluster (add_rms_norm_router_topk)
+_CLUSTER_REFUSED: set = set()
 
 
 def route(topk_ids: torch.Tensor, num_experts: int, *, out: RouteMetadata | None = None) -> RouteMetadata:
