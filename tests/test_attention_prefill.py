@@ -359,10 +359,10 @@ def run_impl(args, impl, out=None):
     return out
 
 
-def _run_gpu(lengths, p0s, *, window, cache, impl, sink_range=(-2.0, 2.0), q_block=1024, seed=0, heads=HEADS):
+def _run_gpu(lengths, p0s, *, window, cache, impl, sink_range=(-2.0, 2.0), q_block=1024, seed=0):
     gen = torch.Generator().manual_seed(seed)
     args, fk, fv = make_case(lengths, p0s, window=window, cache=cache, device=DEV, sink_range=sink_range, gen=gen,
-                             **heads)
+                             **HEADS)
     out = run_impl(args, impl)
     sync()
     ref = expected(args, fk, fv, lengths, p0s, q_block=q_block)
@@ -373,8 +373,9 @@ def _run_gpu(lengths, p0s, *, window, cache, impl, sink_range=(-2.0, 2.0), q_blo
     return args, out
 
 
-# Host build: no 1000 / 8192-row chunks and a 200-position prefix instead of 1000 (emulation
-# cost); T = 1, 5, 127..129 keep the q-tile and KV-tile tails, p0 = 200 > 128 still wraps the ring.
+# Host build (emulation cost): no 1000 / 8192-row chunks (longer chunks: test_gpu_ragged_batch) and
+# a 200-position prefix instead of 1000 (> 128: the sliding layer's ring still wraps); T = 1, 5,
+# 127..129 keep the q-tile and KV-tile tails and the window edge.
 VS_REF_T = [1, 5, 127, 128, 129] + ([1000, 8192] if ON_GPU else [])
 
 
@@ -390,7 +391,7 @@ def test_gpu_vs_reference(T, window, p0, impl):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("lengths,p0s,window,cache", [
+@pytest.mark.parametrize("lengths,p0s,window,cache", [  # (cheap: the same shapes on the host build)
     ([1], [0], None, None),                    # one row, one key
     ([37], [0], None, None),                   # tails: 37 rows (3 q-tiles, last has 5), keys < 64
     ([70, 3], [0, 0], 16, None),               # varlen, window edge inside tiles, a KV tile skipped
@@ -399,7 +400,7 @@ def test_gpu_vs_reference(T, window, p0, impl):
     ([0, 30], [5, 200], 128, "ring"),          # an empty sequence, p0 > S
 ])
 def test_gpu_edge_cases(lengths, p0s, window, cache, impl):
-    _run_gpu(lengths, p0s, window=window, cache=cache, impl=impl, seed=sum(lengths) + sum(p0s), )
+    _run_gpu(lengths, p0s, window=window, cache=cache, impl=impl, seed=sum(lengths) + sum(p0s))
 
 
 @pytest.mark.gpu
@@ -415,10 +416,10 @@ def test_gpu_full_cache_with_window_and_zero_prefix(window, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("window", [None, 128])
 def test_gpu_ragged_batch(window, impl):
-    # host build: the 300-row chunk at 1000 -> 40 rows at 200, the prefix 4000 -> 400 (emulation
+    # host build: the 300-row chunk at 1000 -> 100 rows at 400, the prefix 4000 -> 1000 (emulation
     # cost); T = 1, 0 (empty), 129, 64 and p0 = 127 / 128 / > 128 (ring wrap) stay
-    lengths = [1, 17, shrink(300, 40), 0, 129, 64, 2]
-    p0s = [0, 5, shrink(1000, 200), 3, 128, 127, shrink(4000, 400)]
+    lengths = [1, 17, shrink(300, 100), 0, 129, 64, 2]
+    p0s = [0, 5, shrink(1000, 400), 3, 128, 127, shrink(4000, 1000)]
     _run_gpu(lengths, p0s, window=window, cache="ring" if window else "full", impl=impl, seed=3)
 
 
