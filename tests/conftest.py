@@ -63,11 +63,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not st or not st["launches"]:
         return
     kernels = st["kernels"]
+    planted = {k: v for k, v in st["reports"].items() if "probe_checker_kernel" in k}  # the checkers' own tests
+    real = {k: v for k, v in st["reports"].items() if k not in planted}
+    def family(name: str) -> str:  # "void (anonymous namespace)::k<1, 8>(args)" -> "k"
+        name = name.replace("(anonymous namespace)::", "").removeprefix("void ")
+        return name.split("(")[0].split("<")[0].split("::")[-1]
+
+    families = sorted({family(name) for name in kernels})
     terminalreporter.write_sep("-", "kernels run on the host build (gptoss_kernels._hostsim)")
     terminalreporter.write_line(
-        f"{len(kernels)} kernels (template instances), {st['launches']} launches, {st['blocks']} blocks, "
-        f"{st['threads']} threads emulated; checkers: global bounds, shared races/uninit/bounds, barriers, "
-        f"warp collectives, cp.async/wgmma async, PDL order; a report fails its test")
+        f"{len(families)} kernels in {len(kernels)} variants (template instances), {st['launches']} launches, "
+        f"{st['blocks']} blocks, {st['threads']} threads emulated")
+    terminalreporter.write_line(
+        "checkers: global bounds, shared races/uninit/bounds, barriers, warp collectives, cp.async/wgmma order, "
+        f"PDL order; findings: {sum(real.values())} in the package's kernels"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in real.items())})" if real else "")
+        + f", {sum(planted.values())} in the planted-bug probe kernel (expected); a finding fails its test")
     for name, n in sorted(kernels.items()):
         terminalreporter.write_line(f"  {n:6d}  {name}")
 

@@ -14,7 +14,6 @@ window off by one, a missed sink or a wrong cache slot give errors > 5e-2.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import pytest
@@ -324,25 +323,7 @@ HEADS = dict(nq=shrink(NQ, 16), nkv=shrink(NKV, 2))
 IMPLS_OP = [0] + IMPLS if ON_GPU else [0, 2]
 
 _HOSTSIM_DEFAULT_SEED = 0x9E3779B97F4A7C15  # the runner's default seed (set_order(-1, it) restores it)
-_WGMMA_ORDER_BUG = ("hostsim: try_collective (csrc/hostsim/runtime.cpp) reports a warpgroup collective "
-                    "(wgmma.fence) as mismatched when another warp of the warpgroup still waits in a warp "
-                    "collective (__shfl_xor_sync) instead of waiting for it; only forward thread order avoids it")
-
-
-@contextlib.contextmanager
-def _thread_order(impl, mode=0, seed=0):
-    """The wgmma kernel (impl 2) on the host build runs in forward thread order (workaround for
-    _WGMMA_ORDER_BUG, an emulator bug: see test_hostsim_wgmma_kernel_in_other_thread_orders); the
-    other kernels keep the runner's rotating orders."""
-    if not ON_HOSTSIM or impl != 2:
-        yield
-        return
-    hs = _lib.kernels(torch.device("cpu")).module
-    hs.set_order(mode, seed)
-    try:
-        yield
-    finally:
-        hs.set_order(-1, _HOSTSIM_DEFAULT_SEED)
+_HOSTSIM_DEFAULT_SEED = 0x9E3779B97F4A7C15  # the runner's default seed (set_order(-1, it) restores it)
 
 
 def run_impl(args, impl, out=None):
@@ -352,10 +333,9 @@ def run_impl(args, impl, out=None):
     if impl == 0:
         return attention_prefill(**args, out=out)
     a = args
-    with _thread_order(impl):
-        _op_module._attention_prefill_cuda(a["q"], a["k"], a["v"], a["sinks"], a["cu_seqlens_q"], a.get("k_cache"),
-                                           a.get("v_cache"), a.get("cache_seqlens"), a["sliding_window"], 0.125, out,
-                                           a["q"].device, impl)
+    _op_module._attention_prefill_cuda(a["q"], a["k"], a["v"], a["sinks"], a["cu_seqlens_q"], a.get("k_cache"),
+                                       a.get("v_cache"), a.get("cache_seqlens"), a["sliding_window"], 0.125, out,
+                                       a["q"].device, impl)
     return out
 
 
@@ -525,17 +505,20 @@ def test_gpu_unsupported_shape_falls_back_to_reference():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOSTSIM, reason="the host build's thread orders")
-@pytest.mark.xfail(raises=_lib.HostsimCheckError, strict=True, reason=_WGMMA_ORDER_BUG)
-@pytest.mark.parametrize("mode", [1, 2], ids=["reverse", "random"])
-def test_hostsim_wgmma_kernel_in_other_thread_orders(mode):
-    """The wgmma kernel in reverse and random thread order (the other GPU tests pin it to forward
-    order): passes once the emulator is fixed; then drop _thread_order's pin and this mark."""
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["forward", "reverse", "random"])
+def test_hostsim_wgmma_kernel_in_every_thread_order(mode):
+    """The wgmma kernel with each thread order fixed (the runner otherwise rotates them between
+    launches): warps finish their shuffles between wgmma steps in any order."""
     lengths, p0s = [20, 9], [100, 61]
     args, fk, fv = make_case(lengths, p0s, window=None, cache="full", **HEADS)
     out = torch.full_like(args["q"], float("nan"))
     a = args
-    with _thread_order(2, mode=mode, seed=1234):
+    hs = _lib.kernels(torch.device("cpu")).module
+    hs.set_order(mode, 1234)
+    try:
         _op_module._attention_prefill_cuda(a["q"], a["k"], a["v"], a["sinks"], a["cu_seqlens_q"], a["k_cache"],
                                            a["v_cache"], a["cache_seqlens"], None, 0.125, out, a["q"].device, 2)
+    finally:
+        hs.set_order(-1, _HOSTSIM_DEFAULT_SEED)
     assert not out.isnan().any()
     assert rel_err(out, expected(args, fk, fv, lengths, p0s)) < TOL

@@ -22,6 +22,7 @@ GPTOSS_PY_BIND(_hostsim_runner) {
     d["blocks"] = s.blocks;
     d["threads"] = s.threads;
     d["kernels"] = s.kernels;
+    d["reports"] = s.reports;
     return d;
   }, "launches, blocks and threads run so far, and launches per kernel");
   py::module_ probe = m.def_submodule("probe", "one emulated PTX operation per call (tests/test_hostsim_ptx.py)");

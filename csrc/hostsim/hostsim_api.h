@@ -23,6 +23,7 @@ GPTOSS_HS_API void forget_previous_kernel();
 struct Stats {
   uint64_t launches = 0, blocks = 0, threads = 0;
   std::map<std::string, uint64_t> kernels;  // launches per kernel (demangled name)
+  std::map<std::string, uint64_t> reports;  // checker findings per kernel
 };
 GPTOSS_HS_API Stats stats();
 }  // namespace gptoss_hostsim

@@ -173,6 +173,7 @@ struct Sim {
   std::map<std::string, uint64_t> report_counts;
   std::unordered_set<std::string> report_keys;
   std::map<std::string, uint64_t> kernel_launches;
+  std::map<std::string, uint64_t> kernel_reports;  // every finding, per kernel (since load)
   uint64_t launches = 0, blocks_run = 0, threads_run = 0;
   std::unordered_map<const void*, int> max_dyn_smem;
   std::unordered_set<uintptr_t> prev_writes, cur_writes;  // 64-byte lines
@@ -310,6 +311,7 @@ std::string symbol_of(const void* pc) {
 void report(const char* kind, const void* pc, const char* fmt, ...) {
   Sim& S = sim();
   S.report_counts[kind]++;
+  S.kernel_reports[S.kernel_name]++;
   char key[256];
   snprintf(key, sizeof key, "%s|%p|%s", kind, pc, S.kernel_name.c_str());
   if (!S.report_keys.insert(key).second) return;
@@ -625,6 +627,9 @@ void try_collective(Thread* t) {
       return;
     }
     if (o.state != kWaitColl) return;  // not there yet
+    // another warp of the warpgroup still in a warp collective (shuffles between wgmma steps):
+    // not there yet either
+    if (wg && o.coll < kCollWgFence && o.warp != t->warp) return;
     if (o.coll != t->coll || (!wg && o.cmask != mask)) {
       report("collective", nullptr, "lanes of one warp wait in different collectives (%s mask 0x%08x vs %s mask 0x%08x)",
              coll_name(t->coll), mask, coll_name(o.coll), o.cmask);
@@ -1538,6 +1543,7 @@ Stats stats() {
   st.blocks = S.blocks_run;
   st.threads = S.threads_run;
   st.kernels = S.kernel_launches;
+  st.reports = S.kernel_reports;
   return st;
 }
 }  // namespace gptoss_hostsim

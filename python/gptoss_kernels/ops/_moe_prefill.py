@@ -77,7 +77,11 @@ def _args(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w
 def new_workspace(x: torch.Tensor, topk_ids: torch.Tensor, w1_blocks: torch.Tensor) -> torch.Tensor:
     T, H = x.shape
     n = workspace_bytes(T, topk_ids.shape[1], w1_blocks.shape[0], H, w1_blocks.shape[1] // 2, x.device)
-    return torch.empty(max(n, 1), dtype=torch.uint8, device=x.device)
+    # the C ABI wants 256-byte alignment: CUDA's caching allocator gives it, the CPU allocator
+    # (host build) only 64 bytes: over-allocate and slice
+    raw = torch.empty(max(n, 1) + 255, dtype=torch.uint8, device=x.device)
+    skip = (-raw.data_ptr()) % 256
+    return raw[skip:skip + max(n, 1)]
 
 
 def run(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
