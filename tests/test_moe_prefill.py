@@ -277,25 +277,15 @@ def args(p):
 
 
 def new_workspace(p) -> torch.Tensor:
-    """P.new_workspace, 256-byte aligned as the C ABI requires. torch's CUDA allocator aligns every
-    allocation to 512 bytes; its CPU allocator (the host build's tensors) only to 64, so there the
-    workspace is a 256-aligned view of a larger buffer (the bounds checker sees the view's extent)."""
     ws = P.new_workspace(p["x"], p["topk_ids"], p["w1_blocks"])
-    if ws.data_ptr() % 256 == 0:
-        return ws
-    buf = torch.empty(ws.numel() + 255, dtype=torch.uint8, device=ws.device)
-    off = -buf.data_ptr() % 256
-    return buf[off:off + ws.numel()]
+    assert ws.data_ptr() % 256 == 0  # the C ABI's alignment, on the CPU allocator too
+    return ws
 
 
 def run_kernel(p, variant=P.AUTO, out=None, workspace=None):
     T, H = p["x"].shape
     if out is None:
         out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=p["x"].device)
-    if workspace is None and not ON_GPU:
-        # P.run's own workspace (P.new_workspace) is not 256-byte aligned on the CPU allocator:
-        # the kernels refuse it (ValueError), see new_workspace above. On the GPU: P.run's own.
-        workspace = new_workspace(p)
     return P.run(*args(p), 1.702, 7.0, out, workspace=workspace, variant=variant)
 
 
