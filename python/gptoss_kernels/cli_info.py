@@ -60,6 +60,10 @@ def run(args) -> int:
     else:
         print("  device: none (torch sees no CUDA GPU)")
     print(f"  CUDA kernels in use: {'yes' if info['cuda_available'] else 'no: ' + str(info['kernels_error'])}")
+    hs = b.get("hostsim_built")
+    print(f"  host build of the kernels (CPU, for testing): "
+          + (f"built; CPU tensors run it: {'yes' if b.get('backend') == 'hostsim' else 'no (GPTOSS_BACKEND=hostsim)'}"
+             if hs else "not built"))
     if b.get("pdl") is not None:
         print(f"  programmatic dependent launch (decode-path kernels): {'on' if b['pdl'] else 'off'}")
     print("  ops:")
