@@ -27,7 +27,7 @@ from gptoss_kernels import _lib
 from gptoss_kernels import reference as R
 
 from . import sass
-from .kernel_device import DEV, ON_GPU, ON_HOSTSIM, shrink, sync
+from .kernel_device import DEV, ON_HOSTSIM, shrink, sync
 
 
 def _C():
@@ -307,10 +307,7 @@ def _check(q, kc, vc, lens, sinks, window, tol=1e-2, got=None):
     return worst
 
 
-# host build: no 8193 (emulation cost: ~260 CTAs of 64 keys; test_decode_longest_context keeps a
-# long context there); 1, 2 and 127..129 keep the 16-key tile tails, 1000 several splits and the
-# combine kernel, window 128 with L > 128 the ring wrap
-LENGTHS = [1, 2, 127, 128, 129, 1000] + ([8193] if ON_GPU else [])
+LENGTHS = [1, 2, 127, 128, 129, 1000, 8193]
 
 
 @pytest.mark.gpu
@@ -340,9 +337,7 @@ def test_decode_small_caches(S, lengths, window, variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 128])
 def test_decode_ragged_batch(window, variant):
-    # host build: 8193 -> 700 and 4096 -> 300 (emulation cost: the cache size sets the split count
-    # of every sequence); 1, 2, 5 and 128/129 stay, short sequences next to long ones leave empty splits
-    lengths = [1, 129, shrink(1000, 700), shrink(8193, 300), 5, 128, 2, shrink(4096, 64)]
+    lengths = [1, 129, 1000, 8193, 5, 128, 2, 4096]
     _check(*_make_case(lengths, window), window)
 
 
@@ -351,8 +346,7 @@ def test_decode_ragged_batch(window, variant):
 def test_decode_strong_sinks(window, variant):
     sinks = torch.where(torch.arange(8 * NKV) % 2 == 0, 20.0, -20.0)
     sinks[5] = 0.0
-    # host build: 2000 -> 700 (emulation cost; still several splits and the combine kernel)
-    _check(*_make_case([3, 300, shrink(2000, 700)], window, sinks=sinks), window)
+    _check(*_make_case([3, 300, 2000], window, sinks=sinks), window)
 
 
 @pytest.mark.gpu
@@ -366,9 +360,9 @@ def test_decode_large_preallocated_cache_mostly_empty_splits(variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 64])
 def test_decode_batch_sizes(B, variant):
-    # host build: lengths below 300 (B = 1) and 60 (B = 64: one split per sequence) instead of 3000
-    # (emulation cost and the reference's per-sequence loop); B = 64 keeps the batch offsets
-    lengths = torch.randint(1, shrink(3000, 60 if B == 64 else 300), (B,)).tolist()
+    # host build, B = 64: lengths below 60 (one split per sequence) instead of 3000 (emulation
+    # cost: 64 sequences of up to 3000 keys); the 64 batch offsets stay
+    lengths = torch.randint(1, shrink(3000, 60) if B == 64 else 3000, (B,)).tolist()
     _check(*_make_case(lengths, None), None)
 
 
@@ -412,9 +406,10 @@ def test_decode_huge_window_equals_full(variant):
 
 @pytest.mark.gpu
 def test_decode_longest_context(variant):
-    # host build: 8193 positions instead of 131072 (emulation cost: every key of every KV head is
-    # emulated); still a long softmax over 129 splits merged by the combine kernel
-    _check(*_make_case([shrink(131072, 8193)], None), None)
+    # host build: 32768 positions instead of 131072 (emulation cost: every key of every KV head is
+    # emulated); still a long softmax over 129 splits of 256 keys (4 tiles per warp: the cp.async
+    # stages reused) merged by the combine kernel
+    _check(*_make_case([shrink(131072, 32768)], None), None)
 
 
 @pytest.mark.gpu
