@@ -50,8 +50,14 @@ def pytest_collection_modifyitems(config, items):
 def _kernel_backend(request):
     """GPU tests without a GPU: CPU tensors run the kernels' host build (and its checkers)."""
     if kernel_device.ON_HOSTSIM and request.node.get_closest_marker("gpu") is not None:
-        with _lib.use_backend("hostsim"):
-            yield
+        # the emulator is one thread: torch's own threads (the references) only compete with it
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with _lib.use_backend("hostsim"):
+                yield
+        finally:
+            torch.set_num_threads(threads)
     else:
         yield
 

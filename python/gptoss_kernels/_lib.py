@@ -354,16 +354,22 @@ def build_info() -> dict:
 
 
 def pdl_enabled() -> bool | None:
-    """Whether the decode-path kernels launch with programmatic dependent launch (None: no kernels)."""
-    return bool(_C.pdl_enabled()) if _C is not None and hasattr(_C, "pdl_enabled") else None
+    """Whether the decode-path kernels launch with programmatic dependent launch (None: no kernels).
+    The CUDA library's setting; the host build's when only it is built (set_pdl keeps them equal)."""
+    for mod in (_C, _hostsim() if _C is None else None):
+        if mod is not None and hasattr(mod, "pdl_enabled"):
+            return bool(mod.pdl_enabled())
+    return None
 
 
 def set_pdl(enabled: bool) -> bool | None:
     """Programmatic dependent launch on/off for later kernel launches (CUDA graphs keep what they
-    captured); returns the previous setting. Results are identical either way: for measuring."""
+    captured), in the CUDA library and in the host build (where a PDL launch is checked for
+    accesses before its wait); returns the previous setting. Results are identical either way."""
     before = pdl_enabled()
-    if before is not None:
-        _C.set_pdl(bool(enabled))
+    for mod in (_C, _hostsim()):
+        if mod is not None and hasattr(mod, "set_pdl"):
+            mod.set_pdl(bool(enabled))
     return before
 
 
