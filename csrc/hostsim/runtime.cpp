@@ -273,6 +273,9 @@ const std::vector<Sym>& symbols() {
     }
     close(fd);
     std::sort(v->begin(), v->end(), [](const Sym& a, const Sym& b) { return a.lo < b.lo; });
+    if (v->empty())
+      fprintf(stderr, "gptoss hostsim: %s has no symbol table (stripped?): kernels and report sites are named "
+              "by address\n", self.dli_fname);
     return v;
   }();
   return *syms;
@@ -1420,7 +1423,9 @@ cudaError_t launch(const LaunchSpec& spec, const void* kernel, KernelThunk thunk
   if (spec.cluster < 1 || spec.cluster > 8 || spec.grid.x % spec.cluster) return t_last_error = cudaErrorInvalidValue;
   if (spec.cluster > 1 && S.refuse_clusters) return t_last_error = cudaErrorClusterOutOfResources;
   const Sym* ks = symbol_at(kernel);
-  S.kernel_name = ks ? demangle(ks->name.c_str()) : "kernel";
+  char addr[40];
+  snprintf(addr, sizeof addr, "kernel@%p", kernel);
+  S.kernel_name = ks ? demangle(ks->name.c_str()) : addr;
   S.spec = spec;
   blockDim = spec.block;
   gridDim = spec.grid;
