@@ -441,10 +441,11 @@ def test_gpu_rms_norm(H, T, mode, wdtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("H", [8, 8 * 1024 + 8, 8 * 4096 + 8])  # V=1, V=2 and the two-pass loop path
+@pytest.mark.parametrize("H", [8, 8 * 1024 + 8, 8 * 3000, 8 * 4096 + 8])  # V=1, 2, 4 and the two-pass loop path
 @pytest.mark.parametrize("mode", ["none", "inplace"])
-def test_gpu_rms_norm_widths(H, mode):
-    _check_rms(3, H, mode, BF)
+@pytest.mark.parametrize("wdtype", [BF, torch.float32])
+def test_gpu_rms_norm_widths(H, mode, wdtype):
+    _check_rms(3, H, mode, wdtype)
 
 
 @pytest.mark.gpu
@@ -629,13 +630,20 @@ def test_gpu_greedy_argmax_cuda_graph():
 def _qkv_params():
     Ts, biases = [1, 3, 8, 9, 17, 64], [True, False]
     if ON_GPU:
-        return [(T, nq, nkv, K, bias) for bias in biases for nq, nkv, K in [(64, 8, 2880), (8, 2, 72)] for T in Ts]
+        return ([(T, nq, nkv, K, bias) for bias in biases for nq, nkv, K in [(64, 8, 2880), (8, 2, 72)] for T in Ts]
+                + _qkv_four_warp_params())
     # host build: the model's 64 + 2 x 8 heads at K = 2880 (82k emulated threads, 2-9 s a case fused and
     # unfused, ~45 s for all T) only at decode's T = 1; 8 + 2 x 2 heads at K = 72 (a k tail) for every
     # T, and 2 + 2 x 1 heads at K = 2880 (several unrolled k batches per warp) for T = 9, 17 (two and
     # four token tiles)
     return ([(1, 64, 8, 2880, bias) for bias in biases] + [(T, 8, 2, 72, bias) for bias in biases for T in Ts]
-            + [(T, 2, 1, 2880, bias) for bias in biases for T in (9, 17)])
+            + [(T, 2, 1, 2880, bias) for bias in biases for T in (9, 17)] + _qkv_four_warp_params())
+
+
+def _qkv_four_warp_params():
+    """208 + 2 x 26 heads: 1040 row tiles, the 4-warp instance of the fused kernel (>= 1024 tiles),
+    for each token-tile count (T = 1, 9, 20, 33); K = 32 keeps it cheap."""
+    return [(T, 208, 26, 32, True) for T in (1, 9, 20, 33)]
 
 
 @pytest.mark.gpu

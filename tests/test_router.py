@@ -589,8 +589,11 @@ def test_gpu_add_rms_norm_router_topk_equals_the_two_ops(T, E, wdtype):
 @pytest.mark.parametrize("H,E,k", [(8, 32, 4), (64, 5, 4), (136, 33, 3), (520, 128, 8), (8192, 32, 8), (200, 128, 1)])
 def test_gpu_add_rms_norm_router_topk_shapes(T, H, E, k):
     """H below 8 chunks of 64 (ranks with empty slices; H = 8: one 8-wide chunk), H not a multiple
-    of 64, H = 8192 (32 groups of chunks), E not a multiple of 32, k = 1 and 8."""
+    of 64, H = 8192 (32 groups of chunks), E not a multiple of 32, k = 1 and 8; k = 8 with a float32
+    norm weight (every instance of the kernel)."""
     _add_norm_router_vs_two_ops(T, E, H, k, torch.bfloat16)
+    if k == 8 and H == 520:
+        _add_norm_router_vs_two_ops(T, E, H, k, torch.float32)
 
 
 @pytest.mark.gpu
