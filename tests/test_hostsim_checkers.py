@@ -54,3 +54,32 @@ def test_every_thread_order_is_used():
         hs.set_order(mode, 1234)
         assert _probe(0) == []
     hs.set_order(-1, 0x9E3779B97F4A7C15)
+
+
+def test_dynamic_shared_memory_limits_as_on_an_h100():
+    """> 48 KB of dynamic shared memory fails the launch without the opt-in attribute; with it up
+    to 227 KB runs; more fails (cudaErrorInvalidValue = 1)."""
+    from gptoss_kernels import _hostsim as hs
+
+    def ldmatrix(nbytes):  # the probe sets no attribute
+        image = torch.zeros(nbytes // 2, dtype=torch.int16)
+        addr, out = torch.zeros(32, dtype=torch.int32), torch.zeros(32, 4, dtype=torch.int32)
+        hs.begin_call([_lib.tensor_extent(t) for t in (image, addr, out)])
+        try:
+            return hs.probe.ldmatrix(image.data_ptr(), nbytes, addr.data_ptr(), 0, out.data_ptr())
+        finally:
+            assert hs.end_call() == []
+
+    def wgmma(nbytes):  # the probe opts in to nbytes first
+        image, d = torch.zeros(nbytes // 2, dtype=torch.int16), torch.zeros(128, 32)
+        hs.begin_call([_lib.tensor_extent(t) for t in (image, d)])
+        try:
+            return hs.probe.wgmma(image.data_ptr(), nbytes, 1 << 62, 1 << 62, 64, 0, 0, d.data_ptr())
+        finally:
+            assert hs.end_call() == []
+
+    assert ldmatrix(48 * 1024) == 0
+    assert ldmatrix(48 * 1024 + 16) == 1
+    assert wgmma(100 * 1024) == 0
+    assert wgmma(227 * 1024) == 0
+    assert wgmma(227 * 1024 + 16) == 1
