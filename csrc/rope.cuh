@@ -47,8 +47,11 @@ GPTOSS_HD float yarn_inv_freq(int j, const YarnParams& p) {
   if (!(p.factor > 1.0f)) return 1.0f / freq;
   const double two_pi = 6.283185307179586;
   const double ln_theta = log(static_cast<double>(p.theta));
-  const double low = (p.head_dim / 2.0) * log(p.original_context / (p.beta_fast * two_pi)) / ln_theta;
-  const double high = (p.head_dim / 2.0) * log(p.original_context / (p.beta_slow * two_pi)) / ln_theta;
+  // the correction range clamped to [0, head_dim - 1], as transformers' YaRN and the reference
+  // (no effect for gpt-oss's parameters: 8.09 and 17.40)
+  const double low = fmax((p.head_dim / 2.0) * log(p.original_context / (p.beta_fast * two_pi)) / ln_theta, 0.0);
+  const double high =
+      fmin((p.head_dim / 2.0) * log(p.original_context / (p.beta_slow * two_pi)) / ln_theta, p.head_dim - 1.0);
   float ramp = (static_cast<float>(j) - static_cast<float>(low)) / static_cast<float>(high - low);
   ramp = fminf(fmaxf(ramp, 0.0f), 1.0f);
   const float extrapolation = 1.0f - ramp;

@@ -41,15 +41,18 @@ def _inv_freq_f64(p: R.YarnParams) -> np.ndarray:
     freq = p.theta ** (2 * j / d)
     if p.factor <= 1:
         return 1 / freq
-    low = (d / 2) * math.log(p.original_context / (p.beta_fast * 2 * math.pi)) / math.log(p.theta)
-    high = (d / 2) * math.log(p.original_context / (p.beta_slow * 2 * math.pi)) / math.log(p.theta)
+    # the correction range clamped to [0, d - 1] (transformers' YaRN)
+    low = max((d / 2) * math.log(p.original_context / (p.beta_fast * 2 * math.pi)) / math.log(p.theta), 0)
+    high = min((d / 2) * math.log(p.original_context / (p.beta_slow * 2 * math.pi)) / math.log(p.theta), d - 1)
     ramp = np.clip((j - low) / (high - low), 0, 1)
     m = 1 - ramp
     return m / freq + (1 - m) / (p.factor * freq)
 
 
 PARAMS = [R.YarnParams(), R.YarnParams(factor=1.0), R.YarnParams(theta=10000.0, factor=8.0, original_context=2048),
-          R.YarnParams(head_dim=128)]
+          R.YarnParams(head_dim=128),
+          # a short original context: the correction range's low end is negative, clamped to 0
+          R.YarnParams(theta=10000.0, factor=4.0, original_context=64)]
 
 
 # ---- host math (rope.cuh) ----
