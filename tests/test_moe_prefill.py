@@ -387,7 +387,8 @@ def test_route_step(T, E, k, bad):
     match/popc ranks, per-warp counts scanned in warp order) against the reference metadata,
     exactly. `bad`: ids -1 and E are skipped (not counted, not placed: perm's valid prefix is the
     reference's metadata of the valid rows, the rest of perm stays as it was); the whole op then
-    stays in bounds (the host build's checkers) and the tokens without a bad id are right."""
+    stays in bounds (the host build's checkers), the tokens without a bad id are right and the
+    others' rows are NaN (as the decode kernels')."""
     g = torch.Generator().manual_seed(T + E)
     ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
     if bad:
@@ -428,6 +429,8 @@ def test_route_step(T, E, k, bad):
     good = valid.all(1)
     q = {n_: (t[good.to(t.device)] if n_ in ("x", "topk_ids", "topk_weights") else t) for n_, t in p.items()}
     assert rel_err(out[good.to(DEV)], R.moe(*args(q))) < TOL
+    # the documented behaviour, as the decode kernels: a token holding a bad id gets a NaN row
+    assert (~good).any() and out[(~good).to(DEV)].isnan().all()
 
 
 @functools.lru_cache(maxsize=2)

@@ -595,8 +595,10 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
 // 4. combine: out[t] = sum_j y[t*k + j], slot order, fp32 (deterministic; no atomics)
 // ---------------------------------------------------------------------------------------------
 
-__global__ void combine_kernel(const __nv_bfloat16* __restrict__ y, __nv_bfloat16* __restrict__ out, int64_t T,
-                               int H, int k) {
+// A token holding an id outside [0, E) (its slot's y row was never written) gets a NaN row, as in
+// the decode kernels.
+__global__ void combine_kernel(const __nv_bfloat16* __restrict__ y, const int32_t* __restrict__ ids, int E,
+                               __nv_bfloat16* __restrict__ out, int64_t T, int H, int k) {
   const int vec_per_row = H / 8;
   const int64_t n = T * vec_per_row;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -606,6 +608,13 @@ __global__ void combine_kernel(const __nv_bfloat16* __restrict__ y, __nv_bfloat1
     float acc[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q) acc[q] = 0.f;
+    bool bad = false;
+    for (int j = 0; j < k; ++j) bad |= static_cast<uint32_t>(ids[t * k + j]) >= static_cast<uint32_t>(E);
+    if (bad) {
+      const uint32_t nan2 = 0x7FC07FC0u;
+      *reinterpret_cast<uint4*>(out + t * H + c * 8) = make_uint4(nan2, nan2, nan2, nan2);
+      continue;
+    }
     for (int j = 0; j < k; ++j) {
       const uint4 v = *reinterpret_cast<const uint4*>(y + (t * k + j) * H + c * 8);
       const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -773,7 +782,7 @@ gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t st
       const int threads = 256;
       const int grid = static_cast<int>(std::min<int64_t>((vecs + threads - 1) / threads, 65535 * 8));
       return gptoss::cuda_status(gptoss::pdl::launch_plain(combine_kernel, dim3(grid), dim3(threads), 0, stream, pr.part<const __nv_bfloat16>(GPTOSS_MOE_WS_Y),
-                                                   static_cast<__nv_bfloat16*>(pr.out), pr.T, static_cast<int>(pr.H),
+                                                   pr.topk_ids, static_cast<int>(pr.E), static_cast<__nv_bfloat16*>(pr.out), pr.T, static_cast<int>(pr.H),
                                                    static_cast<int>(pr.k)), "moe_prefill combine launch");
     }
     default:

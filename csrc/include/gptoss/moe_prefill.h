@@ -11,7 +11,8 @@
  *   4. combine : out[t] = sum_{j=0..k-1} y[t*k+j] in slot order, fp32 sum, bf16 out.
  * Deterministic: no float atomics anywhere (the only atomics are integer counts in shared memory).
  *
- * Shapes (device pointers): x bf16 [T,H]; topk_ids int32 [T,k] in [0,E); topk_weights f32 [T,k];
+ * Shapes (device pointers): x bf16 [T,H]; topk_ids int32 [T,k] in [0,E) (an id outside is not read
+ * through: the rows of tokens holding one come out NaN, as in gptoss/moe.h); topk_weights f32 [T,k];
  * w1_blocks uint8 [E,2I,H/32,16], w1_scales uint8 [E,2I,H/32], w1_bias bf16 [E,2I] (gate row 2j,
  * linear row 2j+1); w2_blocks [E,H,I/32,16], w2_scales [E,H,I/32], w2_bias bf16 [E,H]; out bf16 [T,H].
  * Requirements: H, I multiples of 32; 1 <= E <= 256; 1 <= k <= 16; T*k < 2^31; x, out, blocks,

@@ -87,7 +87,7 @@ def new_workspace(x: torch.Tensor, topk_ids: torch.Tensor, w1_blocks: torch.Tens
 def run(x, topk_ids, topk_weights, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
         swiglu_alpha, swiglu_limit, out, *, workspace: torch.Tensor | None = None, variant: int = AUTO):
     """out bf16 [T, H] = moe(x, ...) (see ops.moe.moe_mxfp4). Arguments must already be checked
-    (ops.moe.check_moe_args; ids in [0, E): an id outside leaves its token's output undefined but
+    (ops.moe.check_moe_args; ids in [0, E): an id outside gives its token a NaN row, as the decode kernels, and
     never accesses memory out of bounds); `out` is allocated when None; `workspace` (uint8, >=
     workspace_bytes(T, k, E, H, I)) is allocated from torch's caching allocator when not given.
     Enqueued on torch's current stream; no host synchronization (CUDA-graph capturable once one
