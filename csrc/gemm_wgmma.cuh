@@ -47,15 +47,17 @@ __device__ __forceinline__ void wait() {
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma).
 __device__ __forceinline__ void fence_proxy_async_smem() { fence_proxy_async_shared_cta(); }
 
+// scale_d: 1 accumulates into d; 0 overwrites it (d is not read: the first k-step of a product
+// needs no zeroed registers, so no register write sits between wgmma.fence and the mma).
 // d[N/2] += A(64 x 16, descriptor a) * B(N x 16, descriptor b)^T, bf16 inputs, fp32 accumulators,
 // both operands K-major (no transpose). Accumulator i of a thread (lane l of warp w of the
 // warpgroup) holds row 16 w + l/4 + 8 ((i/2) % 2), column 8 (i/4) + 2 (l%4) + i%2.
-__device__ __forceinline__ void mma_m64k16(float (&d)[64], uint64_t a, uint64_t b) {
+__device__ __forceinline__ void mma_m64k16(float (&d)[64], uint64_t a, uint64_t b, int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
-  ::gptoss_hostsim::wgmma_mma(d, 128, a, nullptr, b, 1, 0, 0);
+  ::gptoss_hostsim::wgmma_mma(d, 128, a, nullptr, b, scale_d, 0, 0);
 #else
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
@@ -70,16 +72,16 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[64], uint64_t a, uint64_t 
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(a), "l"(b));
+      : "l"(a), "l"(b), "r"(scale_d));
 #endif
 }
 
-__device__ __forceinline__ void mma_m64k16(float (&d)[96], uint64_t a, uint64_t b) {
+__device__ __forceinline__ void mma_m64k16(float (&d)[96], uint64_t a, uint64_t b, int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
-  ::gptoss_hostsim::wgmma_mma(d, 192, a, nullptr, b, 1, 0, 0);
+  ::gptoss_hostsim::wgmma_mma(d, 192, a, nullptr, b, scale_d, 0, 0);
 #else
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
@@ -100,16 +102,16 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[96], uint64_t a, uint64_t 
         "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
         "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
         "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
-      : "l"(a), "l"(b));
+      : "l"(a), "l"(b), "r"(scale_d));
 #endif
 }
 
-__device__ __forceinline__ void mma_m64k16(float (&d)[128], uint64_t a, uint64_t b) {
+__device__ __forceinline__ void mma_m64k16(float (&d)[128], uint64_t a, uint64_t b, int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
-  ::gptoss_hostsim::wgmma_mma(d, 256, a, nullptr, b, 1, 0, 0);
+  ::gptoss_hostsim::wgmma_mma(d, 256, a, nullptr, b, scale_d, 0, 0);
 #else
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
@@ -136,34 +138,35 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[128], uint64_t a, uint64_t
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(a), "l"(b));
+      : "l"(a), "l"(b), "r"(scale_d));
 #endif
 }
 
 // m64n64k16 with the accumulators as 8 n8-chunks of the mma.sync C layout (attention prefill):
 // d += A(64x16, K-major smem) * B(n x k given K-major smem)^T.
-__device__ __forceinline__ void mma_m64n64k16_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void mma_m64n64k16_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
-  ::gptoss_hostsim::wgmma_mma(&d[0][0], 64, desc_a, nullptr, desc_b, 1, 0, 0);
+  ::gptoss_hostsim::wgmma_mma(&d[0][0], 64, desc_a, nullptr, desc_b, scale_d, 0, 0);
 #else
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "l"(desc_a), "l"(desc_b));
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 #endif
 }
 // d += A(64x16 from registers, mma.sync A fragment per warp) * B(16x64 given as [k][n], N-major
 // smem: the transposed operand, .tnspB).
-__device__ __forceinline__ void mma_m64n64k16_rs_tnspb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+__device__ __forceinline__ void mma_m64n64k16_rs_tnspb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
+                                                       int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
-  ::gptoss_hostsim::wgmma_mma(&d[0][0], 64, 0, a, desc_b, 1, 0, 1);
+  ::gptoss_hostsim::wgmma_mma(&d[0][0], 64, 0, a, desc_b, scale_d, 0, 1);
 #else
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 #endif
 }
 

@@ -129,8 +129,9 @@ __device__ __forceinline__ void fence_proxy_async() { gptoss::fence_proxy_async_
 
 // d(64x64 per warpgroup; this warp's 16 rows in mma.sync C layout, n8 chunk j = d[j]) +=
 // A(64x16, K-major, smem) * B(16x64 given as [n][k], K-major, smem).
-__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
-  gptoss::wgmma::mma_m64n64k16_ss(d, desc_a, desc_b);
+// scale_d 0: d is overwritten, not read (the first k-step of a product).
+__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d = 1) {
+  gptoss::wgmma::mma_m64n64k16_ss(d, desc_a, desc_b, scale_d);
 }
 // d += A(64x16 from registers, mma.sync A layout per warp) * B(16x64 given as [k][n], N-major
 // smem: transposed operand).
@@ -236,20 +237,22 @@ __global__ void __launch_bounds__(kThreads, 2) attention_prefill_kernel(const Pa
 
     // ---- S = Q K^T (16 rows x 64 keys per warp) ----
     float s[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
     if constexpr (kUseWgmma) {
       // K-major A (Q rows of this warpgroup) and B (K): leading offset unused with 128B swizzle,
-      // stride 1024 bytes between 8-row atoms; a k-step of 16 dims = 32 bytes into each row.
+      // stride 1024 bytes between 8-row atoms; a k-step of 16 dims = 32 bytes into each row. The
+      // first k-step overwrites s (scale-d 0): no zeroing moves between the fence and the mma.
       const uint32_t qa = sQ + (warp >> 2) * 64 * kRowBytes;
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) wgmma_ss(s, smem_desc(qa + 32 * kk, 16, 1024), smem_desc(sK + 32 * kk, 16, 1024));
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_ss(s, smem_desc(qa + 32 * kk, 16, 1024), smem_desc(sK + 32 * kk, 16, 1024), kk > 0 ? 1 : 0);
       wgmma_commit();
       wgmma_wait0();
     } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         // Q A-fragment of this k-step, re-read from shared memory each tile (keeps 16 registers free)

@@ -503,9 +503,8 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
     wg_prologue(cur, p, sA, sBq, sS, KT, tid);
   }
   while (work < total) {
+    // (not zeroed: the first k-step overwrites it, scale-d 0; KT >= 1 as K >= 32)
     float acc[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
     for (int kt = 0; kt < KT; ++kt) {
       const int stage = kt % STAGES, buf = kt & 1;
@@ -541,7 +540,8 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
       // ptxas serialize every HGMMA (C7519, a wait after each) - seen in the SASS, not kept.)
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk)
-        W::mma_m64k16(acc, W::desc_k_major_sw128(a_tile + kk * 32), W::desc_k_major_sw128(b_tile + kk * 32));
+        W::mma_m64k16(acc, W::desc_k_major_sw128(a_tile + kk * 32), W::desc_k_major_sw128(b_tile + kk * 32),
+                      (kt > 0 || kk > 0) ? 1 : 0);
       W::commit();
       W::wait<1>();  // keep this k-tile's group in flight while the next one is dequantized
     }
