@@ -15,7 +15,9 @@
 //
 // GPTOSS_PDL=0 in the environment (read once per process) launches everything the ordinary way;
 // GPTOSS_MOE_DECODE_PDL=0, the older switch, does the same. A runtime that refuses the attribute
-// (the same launch works without it) turns PDL off for the rest of the process.
+// itself (cudaErrorNotSupported or cudaErrorInvalidValue, and the same launch works without it)
+// turns PDL off for the rest of the process; any other error is returned as it is and changes
+// nothing. off_reason() says why PDL is off ("" while on).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -64,6 +66,33 @@ inline std::atomic<bool>& disabled() {
 }
 inline bool enabled() { return !disabled(); }
 
+// Why PDL is off: 0 on, 1 environment, 2 gptoss_set_pdl(0), 3 refused by the runtime (+ its error).
+inline std::atomic<int>& off_cause() {
+  static std::atomic<int> cause{disabled() ? 1 : 0};
+  return cause;
+}
+inline std::atomic<int>& refused_error() {
+  static std::atomic<int> e{0};
+  return e;
+}
+inline const char* off_reason() {
+  if (enabled()) return "";
+  switch (off_cause().load()) {
+    case 1: return "GPTOSS_PDL=0 (or GPTOSS_MOE_DECODE_PDL=0) in the environment";
+    case 3: return refused_error().load() == cudaErrorNotSupported
+                       ? "the CUDA runtime refused the launch attribute (cudaErrorNotSupported)"
+                       : "the CUDA runtime refused the launch attribute (cudaErrorInvalidValue)";
+    default: return "switched off (gptoss_set_pdl(0) / _lib.set_pdl(False))";
+  }
+}
+// The runtime refused the attribute itself (what a plain retry may then fix).
+inline bool refuses_attribute(cudaError_t err) { return err == cudaErrorNotSupported || err == cudaErrorInvalidValue; }
+inline void turn_off_refused(cudaError_t err) {
+  refused_error() = static_cast<int>(err);
+  off_cause() = 3;
+  disabled() = true;
+}
+
 // A cudaLaunchKernelEx configuration without attributes.
 inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
@@ -97,17 +126,14 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     cfg.numAttrs = 1;
     const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
     if (err == cudaSuccess) return err;
-    if (err == cudaErrorStreamCaptureInvalidated || err == cudaErrorStreamCaptureUnsupported) {
-      (void)cudaGetLastError();  // returned to the caller; not left for an unrelated launch check
-      return err;
-    }
+    (void)cudaGetLastError();  // returned to the caller; not left for an unrelated launch check
+    if (!refuses_attribute(err)) return err;  // no device, capture errors, ...: as it is
     // Retry the ordinary way; only if that works was the attribute the problem (a runtime or
-    // driver without PDL): then PDL stays off for the process. Any other error (no device, a bad
-    // configuration) is returned as it is and changes nothing.
-    (void)cudaGetLastError();
+    // driver without PDL): then PDL stays off for the process. A bad configuration fails again
+    // and is returned as it is.
     const cudaError_t plain = launch_plain(kernel, grid, block, smem, stream, args...);
     (void)cudaGetLastError();
-    if (plain == cudaSuccess) disabled() = true;
+    if (plain == cudaSuccess) turn_off_refused(err);
     return plain;
   }
   const cudaError_t err = launch_plain(kernel, grid, block, smem, stream, args...);
@@ -133,11 +159,10 @@ cudaError_t launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, si
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
   if (err == cudaSuccess) return err;
   (void)cudaGetLastError();  // errors are returned, not left for an unrelated launch check
-  if (cfg.numAttrs == 1 || err == cudaErrorStreamCaptureInvalidated || err == cudaErrorStreamCaptureUnsupported)
-    return err;
+  if (cfg.numAttrs == 1 || !refuses_attribute(err)) return err;
   cfg.numAttrs = 1;  // as launch(): retry without PDL; turn PDL off only if that works
   const cudaError_t plain = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
-  if (plain == cudaSuccess) disabled() = true;
+  if (plain == cudaSuccess) turn_off_refused(err);
   else (void)cudaGetLastError();
   return plain;
 }

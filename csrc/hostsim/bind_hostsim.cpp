@@ -14,6 +14,8 @@ GPTOSS_PY_BIND(_hostsim_runner) {
         "thread/block order: -1 rotate (default), 0 forward, 1 reverse, 2 seeded random");
   m.def("set_refuse_clusters", [](bool refuse) { hs::set_refuse_clusters(refuse); }, py::arg("refuse"),
         "refuse thread-block-cluster launches (as a partitioned GPU may)");
+  m.def("set_refuse_pdl", [](int error) { hs::set_refuse_pdl(error); }, py::arg("error"),
+        "launches with the PDL attribute fail with this CUDA error code (0: never)");
   m.def("forget_previous_kernel", []() { hs::forget_previous_kernel(); });
   m.def("stats", []() {
     const hs::Stats s = hs::stats();

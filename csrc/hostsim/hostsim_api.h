@@ -18,6 +18,8 @@ GPTOSS_HS_API std::vector<std::string> end_call();
 GPTOSS_HS_API void set_order(int mode, uint64_t seed);
 // Refuse every thread-block-cluster launch (as a partitioned GPU may), to test fallbacks.
 GPTOSS_HS_API void set_refuse_clusters(bool refuse);
+// Launches with the PDL attribute fail with this CUDA error (0: never), to test the PDL policy.
+GPTOSS_HS_API void set_refuse_pdl(int error);
 // The next PDL launch has no previous kernel (its pre-wait reads are not checked against one).
 GPTOSS_HS_API void forget_previous_kernel();
 struct Stats {

@@ -167,6 +167,7 @@ struct Sim {
   int order_mode = -1;  // -1 rotate; 0 forward; 1 reverse; 2 random
   uint64_t seed = 0x9E3779B97F4A7C15ull;
   bool refuse_clusters = false;
+  int refuse_pdl = 0;  // a launch with the PDL attribute fails with this error (0: never)
   // call state
   std::vector<Region> regions;  // sorted
   std::vector<std::string> reports;
@@ -1422,6 +1423,7 @@ cudaError_t launch(const LaunchSpec& spec, const void* kernel, KernelThunk thunk
   if (spec.smem > allowed) return t_last_error = cudaErrorInvalidValue;
   if (spec.cluster < 1 || spec.cluster > 8 || spec.grid.x % spec.cluster) return t_last_error = cudaErrorInvalidValue;
   if (spec.cluster > 1 && S.refuse_clusters) return t_last_error = cudaErrorClusterOutOfResources;
+  if (spec.pdl && S.refuse_pdl) return t_last_error = static_cast<cudaError_t>(S.refuse_pdl);
   const Sym* ks = symbol_at(kernel);
   char addr[40];
   snprintf(addr, sizeof addr, "kernel@%p", kernel);
@@ -1467,6 +1469,8 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorClusterOutOfResources: return "cudaErrorClusterOutOfResources";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
     case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
@@ -1535,6 +1539,7 @@ void set_order(int mode, uint64_t seed) {
   S.seed = seed;
 }
 void set_refuse_clusters(bool refuse) { sim().refuse_clusters = refuse; }
+void set_refuse_pdl(int error) { sim().refuse_pdl = error; }
 void forget_previous_kernel() {
   Sim& S = sim();
   std::lock_guard<std::mutex> lock(S.mu);

@@ -37,7 +37,11 @@ gptoss_status cuda_status(cudaError_t err, const char* what) {
 
 GPTOSS_API const char* gptoss_last_error_message(void) { return g_last_error.c_str(); }
 GPTOSS_API int gptoss_abi_version(void) { return GPTOSS_ABI_VERSION; }
-GPTOSS_API void gptoss_set_pdl(int enabled) { gptoss::pdl::disabled() = (enabled == 0); }
+GPTOSS_API void gptoss_set_pdl(int enabled) {
+  gptoss::pdl::disabled() = (enabled == 0);
+  gptoss::pdl::off_cause() = enabled == 0 ? 2 : 0;
+}
+GPTOSS_API const char* gptoss_pdl_off_reason(void) { return gptoss::pdl::off_reason(); }
 GPTOSS_API int gptoss_pdl_enabled(void) { return gptoss::pdl::enabled() ? 1 : 0; }
 GPTOSS_API const char* gptoss_version(void) { return "0.1.0"; }
 GPTOSS_API const char* gptoss_cuda_archs(void) { return GPTOSS_CUDA_ARCHS_STR; }

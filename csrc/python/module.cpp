@@ -36,6 +36,7 @@ PYBIND11_MODULE(GPTOSS_MODULE_NAME, m) {
   m.def("set_pdl", [](bool enabled) { gptoss_set_pdl(enabled ? 1 : 0); }, py::arg("enabled"),
         "programmatic dependent launch of the decode-path kernels on/off for later launches");
   m.def("pdl_enabled", []() { return gptoss_pdl_enabled() != 0; });
+  m.def("pdl_off_reason", []() { return std::string(gptoss_pdl_off_reason()); }, "why PDL is off ('' while on)");
   m.def("cuda_device_count", []() {
     int n = 0;
     const gptoss_status st = gptoss_device_count(&n);

@@ -347,6 +347,7 @@ def build_info() -> dict:
         "kernel_families": sorted(f for f in KERNEL_ENTRY_POINTS if family_built(f)),
         "abi_version": _C.abi_version if _C is not None else None,
         "pdl": pdl_enabled(),
+        "pdl_off_reason": pdl_off_reason(),
         "hostsim_built": hostsim_built(),
         "backend": backend(),
     }
@@ -359,6 +360,14 @@ def pdl_enabled() -> bool | None:
     for mod in (_C, _hostsim() if _C is None else None):
         if mod is not None and hasattr(mod, "pdl_enabled"):
             return bool(mod.pdl_enabled())
+    return None
+
+
+def pdl_off_reason() -> str | None:
+    """Why programmatic dependent launch is off ("" while on; None: no kernels)."""
+    for mod in (_C, _hostsim() if _C is None else None):
+        if mod is not None and hasattr(mod, "pdl_off_reason"):
+            return str(mod.pdl_off_reason())
     return None
 
 

@@ -65,7 +65,8 @@ def run(args) -> int:
           + (f"built; CPU tensors run it: {'yes' if b.get('backend') == 'hostsim' else 'no (GPTOSS_BACKEND=hostsim)'}"
              if hs else "not built"))
     if b.get("pdl") is not None:
-        print(f"  programmatic dependent launch (decode-path kernels): {'on' if b['pdl'] else 'off'}")
+        print(f"  programmatic dependent launch (decode-path kernels): "
+              f"{'on' if b['pdl'] else 'off: ' + (b.get('pdl_off_reason') or 'unknown')}")
     print("  ops:")
     for op, how in info["ops"].items():
         print(f"    {op:36s} {how}")

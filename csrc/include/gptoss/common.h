@@ -52,6 +52,9 @@ GPTOSS_API int gptoss_cuda_build_version(void);
  * the launches it captured). gptoss_pdl_enabled() says which is in force. */
 GPTOSS_API void gptoss_set_pdl(int enabled);
 GPTOSS_API int gptoss_pdl_enabled(void);
+/* Why PDL is off ("" while on): the environment, gptoss_set_pdl(0), or the runtime refusing the
+ * launch attribute (then it stays off for the process; any other launch error changes nothing). */
+GPTOSS_API const char* gptoss_pdl_off_reason(void);
 
 /* Number of CUDA devices visible to the library (0 with an error status when no driver/GPU). */
 GPTOSS_API gptoss_status gptoss_device_count(int* count);
