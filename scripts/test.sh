@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: set up (scripts/setup.sh), then every test. GPU tests are skipped with the
-# reason when no GPU is present. Extra arguments go to pytest.
+# The test command: set up (scripts/setup.sh), then every test. Without a GPU the GPU tests run on
+# the host build of the kernels (csrc/hostsim), except those that need the GPU itself (skipped with
+# the reason). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
