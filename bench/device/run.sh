@@ -167,7 +167,7 @@ if [[ "$STEPS_WANTED" != *,bench,* ]]; then
   step "bench $BENCH_ARGS" "not asked for (GPTOSS_CHECK_STEPS)" 0
 elif (( c > 0 )); then
   # shellcheck disable=SC2086 - BENCH_ARGS is a list of words
-  timeout "$c" $PY -m gptoss_kernels.cli bench $BENCH_ARGS --json "$WORK/bench.json" --max-seconds $(( c - 45 )) \
+  timeout "$c" $PY -m gptoss_kernels.cli bench $BENCH_ARGS --json "$WORK/bench.json" --max-seconds $(( c > 45 ? c - 45 : 0 )) \
     > "$OUT/bench.log" 2>&1; r=$?
   [[ -f "$WORK/bench.json" ]] && cp "$WORK/bench.json" "$OUT/bench.json"
   case $r in 0) v=pass ;; 1) v="some cases failed verification or raised" ;; 124|137) v="TIMED OUT after ${c}s (partial JSON kept)" ;; *) v="fail (rc $r)" ;; esac

@@ -18,17 +18,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_args import DeviceError, check_device, non_negative_float, positive_int, probability
+
 __all__ = ["register", "ChatSession", "load_model"]
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (HF MXFP4, HF bf16 or original layout)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help="tokens to generate (per turn for chat; default %(default)s)")
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
+                   help="tokens to generate, >= 1 (per turn for chat; default %(default)s)")
+    p.add_argument("--temperature", type=non_negative_float, default=temperature,
+                   help="sampling temperature >= 0; 0 = greedy (default %(default)s)")
+    p.add_argument("--top-p", type=probability, default=1.0,
+                   help="nucleus sampling threshold in (0, 1] (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="activation/weight dtype (float32: CPU only, for checks)")
     p.add_argument("--no-progress", action="store_true", help="no loading progress bar")
@@ -51,15 +56,18 @@ def register(sub) -> None:
 
 
 def _friendly(cmd):
-    """Report a missing vocabulary or a bad checkpoint as one line (exit status 2), not a traceback."""
+    """Report a --device this machine cannot run (checked first), a missing vocabulary or a bad
+    checkpoint as one line (exit status 2), not a traceback."""
     def run(args):
         from .loader import CheckpointError
         from .model import MemoryPlanError
         from .tokenizer import TokenizerError
 
         try:
+            if getattr(args, "device", None) is not None:
+                check_device(args.device)
             return cmd(args)
-        except (CheckpointError, TokenizerError, MemoryPlanError) as e:
+        except (DeviceError, CheckpointError, TokenizerError, MemoryPlanError) as e:
             print(f"gptoss-kernels {args.command}: {e}", file=sys.stderr)
             return 2
     return run
@@ -87,6 +95,9 @@ def report_memory(model, positions: int) -> None:
 def _cmd_generate(args) -> int:
     from . import tokenizer
 
+    if not args.prompt:
+        print("gptoss-kernels generate: --prompt is empty: give the text to continue", file=sys.stderr)
+        return 2
     ids = tokenizer.encode(args.prompt)   # before loading: a missing vocab fails fast
     model = load_model(args)
     report_memory(model, len(ids) + args.max_new_tokens)

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ..cli_args import DeviceError, check_device, non_negative_float
 from . import dense as D
 from . import e2e as e2e_mod
 from . import ops as O
@@ -69,8 +70,8 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=("decode", "prefill", "both"), default="both", help="attention: which kernels")
     p.add_argument("--json", metavar="PATH", help="write every figure (and the environment) to PATH")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timings")
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="skip the cases left once this much time has passed (they are reported as skipped)")
+    p.add_argument("--max-seconds", type=non_negative_float, default=None,
+                   help="skip the cases left once this many seconds (>= 0) have passed (they are reported as skipped)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when torch sees a GPU, else reference mode on the CPU")
     p.add_argument("--no-flex", action="store_true", help="do not time FlexAttention (it compiles per shape)")
@@ -81,6 +82,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    if args.device == "cuda":   # the kernels need not run there: rows without one say "no-kernel"
+        try:
+            check_device("cuda", need_kernels=False)
+        except DeviceError as e:
+            print(f"gptoss-kernels bench: {e}", file=sys.stderr)
+            return 2
     if args.profile:
         if args.op != "e2e":
             print("gptoss-kernels bench: --profile goes with 'e2e'", file=sys.stderr)
@@ -92,9 +99,6 @@ def run(args) -> int:
         return e2e_mod.main(argv)
     t_start = time.monotonic()
     refuse_hostsim_timing()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gptoss-kernels bench: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
-        return 2
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     mode = "gpu" if gpu else "reference"
