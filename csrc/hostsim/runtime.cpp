@@ -513,7 +513,7 @@ const Region* find_region(uintptr_t a) {
   return a < it->hi || (it->lo == it->hi && a == it->lo) ? &*it : nullptr;
 }
 
-void global_access(Thread* t, uintptr_t a, size_t n, bool write, const void* pc, bool pdl_waited) {
+void global_access(uintptr_t a, size_t n, bool write, const void* pc, bool pdl_waited) {
   Sim& S = sim();
   const Region* r = find_region(a);
   if (r == nullptr || a + n > r->hi) {
@@ -549,7 +549,6 @@ void global_access(Thread* t, uintptr_t a, size_t n, bool write, const void* pc,
            reinterpret_cast<void*>(a), near.c_str());
     return;
   }
-  if (t != nullptr) (void)t;
   if (S.spec.pdl && !pdl_waited) {
     if (write) {
       report("pdl", pc, "writes global memory (%p) before griddepcontrol.wait in a PDL launch", reinterpret_cast<void*>(a));
@@ -582,7 +581,7 @@ inline void access(uintptr_t a, size_t n, bool write, const void* pc) {
     shadow_access(loc.b, loc.sh, loc.off, n, t, write, pc);
     return;
   }
-  global_access(t, a, n, write, pc, t->pdl_waited);
+  global_access(a, n, write, pc, t->pdl_waited);
 }
 
 // ---- barriers and collectives ----------------------------------------------------------------
@@ -969,7 +968,7 @@ void wg_wait(Block* b, int base, int keep) {
 void complete_copies(Thread* t, std::vector<AsyncCopy>& group) {
   for (AsyncCopy& c : group) {
     if (c.src_size > 0) {
-      global_access(t, reinterpret_cast<uintptr_t>(c.src), static_cast<size_t>(c.src_size), false, nullptr, c.pdl_waited);
+      global_access(reinterpret_cast<uintptr_t>(c.src), static_cast<size_t>(c.src_size), false, nullptr, c.pdl_waited);
       std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_size));
     }
     if (c.cp > c.src_size) std::memset(c.dst + c.src_size, 0, static_cast<size_t>(c.cp - c.src_size));
@@ -1242,11 +1241,8 @@ uint64_t atomic_rmw(void* p, int type, int op, uint64_t v, uint64_t cmp) {
         if (!(fresh(loc.sh[i]).flags & kWritten)) report("shared-uninit", pc, "atomic on shared byte 0x%x that no thread has written", loc.off + static_cast<uint32_t>(i));
     } else {
       const Region* r = find_region(a);
-      if (r == nullptr || a + n > r->hi) {
-        global_access(t, a, n, true, pc, t->pdl_waited);
-        return 0;
-      }
-      global_access(t, a, n, true, pc, t->pdl_waited);
+      global_access(a, n, true, pc, t->pdl_waited);
+      if (r == nullptr || a + n > r->hi) return 0;  // reported; not performed
     }
   }
   uint64_t old = 0;
