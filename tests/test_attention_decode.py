@@ -121,6 +121,30 @@ def test_split_plan_is_a_function_of_sizes():
     assert C.attention_decode_num_splits(1, 128, 64, 8, 64, 128) <= 2
 
 
+def test_split_plan_follows_the_length_not_the_capacity():
+    """Each sequence uses the splits its own length needs (chosen on the device from
+    cache_seqlens), never more than the grid holds, and the same at every capacity that holds it."""
+    C = _C()
+    if not hasattr(C, "attention_decode_splits_used"):
+        pytest.skip("this build predates the per-length split plan (rebuild the package)")
+    rng = np.random.default_rng()
+    for B in (1, 3, 64):
+        for S in (128, 2048, 8193, 131072):
+            for W in (0, 128):
+                grid = C.attention_decode_num_splits(B, S, 64, 8, 64, W)
+                lengths = {1, 2, 64, 65, 127, 128, 129, S - 1, S, *rng.integers(1, S + 1, 40).tolist()}
+                for L in (L for L in lengths if W or L <= S):  # full attention: the cache holds L
+                    used = C.attention_decode_splits_used(B, S, 64, 8, 64, W, L)
+                    assert 1 <= used <= grid, (B, S, W, L, used, grid)
+                    # a sequence's plan does not depend on the capacity that holds it
+                    assert used == C.attention_decode_splits_used(B, 131072, 64, 8, 64, W, L)
+                    if L <= 64:
+                        assert used == 1
+    # 1k positions at batch 1: the same few splits whether the cache holds 2k or 131072 positions
+    assert C.attention_decode_splits_used(1, 2048, 64, 8, 64, 0, 1000) == 16
+    assert C.attention_decode_num_splits(1, 131072, 64, 8, 64, 0) == 64
+
+
 # ---- op argument checks (CPU) ----
 
 def _decode_args(B=2, S=16, L=5):
@@ -392,6 +416,41 @@ def test_decode_cluster_merge_equals_combine_kernel(B, S, window, want_splits, v
     sync()
     assert torch.equal(out[False].view(torch.int16), out[True].view(torch.int16))
     _check(q, kc, vc, lens, sinks, window, got=out[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128])
+def test_decode_work_follows_length_not_capacity(window, variant):
+    """L = 1000 in a cache of 2048 and of 131072 positions: the same bits, and (on the host build,
+    which counts every global access) the same CTAs reading the same cache bytes and the same
+    workspace traffic; only the grid's idle CTAs differ, and they touch nothing but cache_seqlens."""
+    L = 1000
+    case = _make_case([L], window, S=2048)
+    q, kc_small, vc_small, lens, sinks = case
+    S_big = 131072
+    kc_big = torch.full((1, S_big, NKV, 64), float("nan"), dtype=torch.bfloat16, device=DEV)
+    vc_big = torch.full_like(kc_big, float("nan"))
+    kc_big[:, :2048], vc_big[:, :2048] = kc_small, vc_small  # L <= 2048: the same slots hold the same keys
+    used = _lib.kernels(DEV).attention_decode_splits_used(1, 2048, 8 * NKV, NKV, 64, window or 0, L)
+    assert used == _lib.kernels(DEV).attention_decode_splits_used(1, S_big, 8 * NKV, NKV, 64, window or 0, L)
+    out, traffic = {}, {}
+    for name, kc, vc in (("small", kc_small, vc_small), ("big", kc_big, vc_big)):
+        out[name] = gk.attention_decode(q, kc, vc, lens, sinks, sliding_window=window,
+                                        out=torch.full_like(q, float("nan")))
+        if ON_HOSTSIM:
+            by_addr = {t["address"]: t for t in _lib.kernels(DEV).module.last_call_traffic()}
+            k, v = by_addr[kc.data_ptr()], by_addr[vc.data_ptr()]
+            traffic[name] = (k["blocks"], k["bytes_read"], v["blocks"], v["bytes_read"],
+                             sum(t["bytes_written"] for t in by_addr.values()))
+    sync()
+    assert torch.equal(out["small"].view(torch.int16), out["big"].view(torch.int16))
+    if ON_HOSTSIM:
+        assert traffic["small"] == traffic["big"], traffic
+        keys = min(L, window or L)
+        k_blocks, k_read = traffic["small"][:2]
+        assert k_blocks == NKV * used  # one CTA per used split and KV head, the others read no key
+        assert k_read == keys * NKV * 64 * 2  # every visible key once, nothing else
+    _check(q, kc_small, vc_small, lens, sinks, window, got=out["small"])
 
 
 @pytest.mark.gpu

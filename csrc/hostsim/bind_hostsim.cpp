@@ -27,6 +27,20 @@ GPTOSS_PY_BIND(_hostsim_runner) {
     d["reports"] = s.reports;
     return d;
   }, "launches, blocks and threads run so far, and launches per kernel");
+  m.def("last_call_traffic", []() {
+    py::list out;
+    for (const hs::Traffic& t : hs::last_call_traffic()) {
+      py::dict d;
+      d["address"] = t.address;
+      d["bytes"] = t.bytes;
+      d["bytes_read"] = t.bytes_read;
+      d["bytes_written"] = t.bytes_written;
+      d["blocks"] = t.blocks;
+      out.append(d);
+    }
+    return out;
+  }, "per argument extent of the last call (begin_call order): bytes read and written by the kernels and "
+     "the number of blocks that touched it");
   py::module_ probe = m.def_submodule("probe", "one emulated PTX operation per call (tests/test_hostsim_ptx.py)");
   probe.def("mma", [](uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d) {
     return hs::probe_mma(gptoss_py::ptr<const uint32_t>(a), gptoss_py::ptr<const uint32_t>(b), gptoss_py::ptr<const float>(c),

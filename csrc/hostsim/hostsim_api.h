@@ -28,6 +28,14 @@ struct Stats {
   std::map<std::string, uint64_t> reports;  // checker findings per kernel
 };
 GPTOSS_HS_API Stats stats();
+// Global-memory traffic of the last call (begin_call .. end_call), one entry per extent in
+// begin_call order: bytes read and written by the kernels, and how many blocks touched it.
+struct Traffic {
+  uintptr_t address = 0;
+  size_t bytes = 0;
+  uint64_t bytes_read = 0, bytes_written = 0, blocks = 0;
+};
+GPTOSS_HS_API std::vector<Traffic> last_call_traffic();
 }  // namespace gptoss_hostsim
 
 // Probe kernels (probes.cpp): one emulated PTX operation, registers in and out through memory.

@@ -159,6 +159,10 @@ struct Block {
 
 struct Region {
   uintptr_t lo, hi;
+  // traffic of the call (begin_call .. end_call); `arg` = the extent's position in begin_call
+  int arg = -1;
+  uint64_t bytes_read = 0, bytes_written = 0;
+  std::unordered_set<uint64_t> blocks;  // (launch, block) keys of the blocks that touched it
 };
 
 struct Sim {
@@ -170,6 +174,7 @@ struct Sim {
   int refuse_pdl = 0;  // a launch with the PDL attribute fails with this error (0: never)
   // call state
   std::vector<Region> regions;  // sorted
+  std::vector<Traffic> last_traffic;  // the regions' traffic at the last end_call, in begin_call order
   std::vector<std::string> reports;
   std::map<std::string, uint64_t> report_counts;
   std::unordered_set<std::string> report_keys;
@@ -505,7 +510,7 @@ bool locate_shared(uintptr_t a, size_t n, SharedLoc* loc) {
 }
 
 // ---- global memory ---------------------------------------------------------------------------
-const Region* find_region(uintptr_t a) {
+Region* find_region(uintptr_t a) {
   Sim& S = sim();
   auto it = std::upper_bound(S.regions.begin(), S.regions.end(), a, [](uintptr_t v, const Region& r) { return v < r.lo; });
   if (it == S.regions.begin()) return nullptr;
@@ -515,7 +520,7 @@ const Region* find_region(uintptr_t a) {
 
 void global_access(uintptr_t a, size_t n, bool write, const void* pc, bool pdl_waited) {
   Sim& S = sim();
-  const Region* r = find_region(a);
+  Region* r = find_region(a);
   if (r == nullptr || a + n > r->hi) {
     if (a >= S.call_lo && a + n <= S.call_hi) {
       if (write) report("param-write", pc, "writes its own kernel parameters");
@@ -563,6 +568,13 @@ void global_access(uintptr_t a, size_t n, bool write, const void* pc, bool pdl_w
   }
   if (write)
     for (uintptr_t l = a >> 6; l <= (a + n - 1) >> 6; ++l) S.cur_writes.insert(l);
+  (write ? r->bytes_written : r->bytes_read) += n;
+  if (g_cur != nullptr) {
+    const uint3 bi = g_cur->blk->idx;
+    const uint64_t key = ((S.launches & 0xffffu) << 48) |
+                         ((uint64_t(bi.z) * S.spec.grid.y + bi.y) * S.spec.grid.x + bi.x);
+    r->blocks.insert(key);
+  }
 }
 
 inline void access(uintptr_t a, size_t n, bool write, const void* pc) {
@@ -1510,12 +1522,21 @@ void begin_call(const std::vector<std::pair<uintptr_t, size_t>>& regions) {
   Sim& S = sim();
   std::lock_guard<std::mutex> lock(S.mu);
   S.regions.clear();
-  for (auto& [p, n] : regions) S.regions.push_back(Region{p, p + n});
+  for (auto& [p, n] : regions) {
+    Region r;
+    r.lo = p;
+    r.hi = p + n;
+    r.arg = static_cast<int>(S.regions.size());
+    S.regions.push_back(r);
+  }
   std::sort(S.regions.begin(), S.regions.end(), [](const Region& a, const Region& b) { return a.lo < b.lo; });
 }
 std::vector<std::string> end_call() {
   Sim& S = sim();
   std::lock_guard<std::mutex> lock(S.mu);
+  S.last_traffic.assign(S.regions.size(), Traffic{});
+  for (const Region& g : S.regions)
+    S.last_traffic[g.arg] = Traffic{g.lo, g.hi - g.lo, g.bytes_read, g.bytes_written, g.blocks.size()};
   S.regions.clear();
   std::vector<std::string> r;
   r.swap(S.reports);
@@ -1540,6 +1561,11 @@ void forget_previous_kernel() {
   Sim& S = sim();
   std::lock_guard<std::mutex> lock(S.mu);
   S.prev_writes.clear();
+}
+std::vector<Traffic> last_call_traffic() {
+  Sim& S = sim();
+  std::lock_guard<std::mutex> lock(S.mu);
+  return S.last_traffic;
 }
 Stats stats() {
   Sim& S = sim();

@@ -62,6 +62,34 @@ constexpr int kMaxClusterSplits = 8;                // the portable thread-block
 // (attention_decode_mma_kernel). Both share the split plan, workspace and combine.
 constexpr int kDefaultVariant = 1;
 
+// The split plan. The grid holds `splits` CTAs per (sequence, KV head), a pure function of the
+// sizes (graph-safe; it sizes the workspace). Each sequence uses only the first plan_for_keys(n)
+// of them, n = its visible keys, computed on the device from cache_seqlens, so a decode step's
+// work follows the actual lengths, not the cache capacity: the extra CTAs exit at once.
+struct SplitPlan {
+  int chunk;   // keys per split (a multiple of kChunkQuantum)
+  int splits;  // splits used (the last may be short)
+};
+
+// Splits wanted for n keys: about kTargetCtas CTAs over `heads` (batch x KV heads), no split
+// under kMinChunk or over kMaxChunk keys. Non-decreasing in n, and plan_for_keys(n).splits <=
+// wanted_splits(n), so a grid of wanted_splits(most keys) holds every shorter sequence's plan.
+GPTOSS_HD int64_t wanted_splits(int64_t n, int64_t heads) {
+  const int64_t want = (kTargetCtas + heads - 1) / heads;
+  int64_t s = (n + kMinChunk - 1) / kMinChunk;
+  if (s > want) s = want;
+  const int64_t at_least = (n + kMaxChunk - 1) / kMaxChunk;
+  if (s < at_least) s = at_least;
+  return s < 1 ? 1 : s;
+}
+
+GPTOSS_HD SplitPlan plan_for_keys(int64_t n, int64_t heads) {
+  const int64_t s = wanted_splits(n, heads);
+  int64_t chunk = ((n + s - 1) / s + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum;
+  if (chunk < kMinChunk) chunk = kMinChunk;
+  return SplitPlan{static_cast<int>(chunk), static_cast<int>(n > 0 ? (n + chunk - 1) / chunk : 1)};
+}
+
 struct DecodeParams {
   const __nv_bfloat16* q;
   const __nv_bfloat16* k_cache;
@@ -74,8 +102,8 @@ struct DecodeParams {
   int S;            // cache slots
   int nkv;
   int window;       // 0 = full
-  int chunk;        // keys per split
-  int splits;
+  int64_t heads;    // batch * nkv: the plan aims at kTargetCtas CTAs over these
+  int splits;       // splits per (sequence, KV head) in the grid: the most any sequence uses
   int cluster;      // 1: the splits of one (sequence, KV head) are a thread-block cluster that merges
                     // its partials through distributed shared memory (no workspace, no combine kernel)
   float qk_scale;   // sm_scale * log2(e)
@@ -144,7 +172,7 @@ __device__ __forceinline__ void store_normalized(const DecodeParams& p, int64_t 
 // CTA's partial (m, l, o) to the workspace. Called after a __syncthreads that follows the stores.
 template <int kGroupsUsed>
 __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const DecodeParams& p, int split, int kvh,
-                                                      int64_t b) {
+                                                      int64_t b, int nsplit) {
   // thread t: head h = t / 16, dims 4 (t % 16) .. +3
   const int h = threadIdx.x >> 4;
   const int d0 = (threadIdx.x & 15) * 4;
@@ -167,7 +195,7 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
   }
 
   const int qh = kvh * kGroup + h;
-  if (p.splits == 1) {
+  if (nsplit == 1) {
     store_normalized(p, b, qh, d0, acc, acc_st);
   } else if (p.cluster) {
     // the cluster's partials merged by rank 0 in split order: the combine kernel's arithmetic
@@ -186,7 +214,7 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
     if (cluster.block_rank() == 0) {
       gptoss::SoftmaxState st = gptoss::softmax_empty();
       float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int s = 0; s < p.splits; ++s) {
+      for (int s = 0; s < nsplit; ++s) {
         const float2 ml = cluster.map_shared_rank(xml, s)[h];
         const float4 v = cluster.map_shared_rank(xo, s)[threadIdx.x];
         float sa, sb;
@@ -206,16 +234,25 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
   }
 }
 
-// This split's keys: positions [*k0, *k0 + *n) of sequence b, the split-th chunk of its visible
-// positions [max(0, L - W, L - S), L) (never more keys than slots: the contract S >= min(L, W)).
-__device__ __forceinline__ void split_keys(const DecodeParams& p, int64_t b, int split, int* k0, int* n) {
+// Sequence b's visible positions [*start, *end) = [max(0, L - W, L - S), L) (never more keys
+// than slots: the contract S >= min(L, W)) and its split plan.
+__device__ __forceinline__ SplitPlan sequence_plan(const DecodeParams& p, int64_t b, int* start, int* end) {
   const int L = p.seqlens[b];
-  const int end = L > 0 ? L : 0;
-  int start = 0;
-  if (p.window > 0) start = max(start, end - p.window);
-  start = max(start, end - p.S);
-  *k0 = start + split * p.chunk;
-  *n = max(0, min(end, *k0 + p.chunk) - *k0);
+  *end = L > 0 ? L : 0;
+  *start = 0;
+  if (p.window > 0) *start = max(*start, *end - p.window);
+  *start = max(*start, *end - p.S);
+  return plan_for_keys(*end - *start, p.heads);
+}
+
+// This split's keys: positions [*k0, *k0 + *n) of sequence b, the split-th chunk of its visible
+// positions; *nsplit = the splits sequence b uses (<= p.splits).
+__device__ __forceinline__ void split_keys(const DecodeParams& p, int64_t b, int split, int* k0, int* n, int* nsplit) {
+  int start, end;
+  const SplitPlan plan = sequence_plan(p, b, &start, &end);
+  *nsplit = plan.splits;
+  *k0 = start + split * plan.chunk;
+  *n = max(0, min(end, *k0 + plan.chunk) - *k0);
 }
 
 __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const DecodeParams p) {
@@ -228,8 +265,10 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 3, c = lane & 7;
 
-  int k0, n;
-  split_keys(p, b, split, &k0, &n);
+  int k0, n, nsplit;
+  split_keys(p, b, split, &k0, &n, &nsplit);
+  // a split this sequence does not use: nothing to do, unless its cluster merges through it
+  if (split >= nsplit && (!p.cluster || nsplit == 1)) return;
   const int k1 = k0 + n;  // keys at positions >= k1 are masked
   const int n_tiles = (n + kTile - 1) / kTile;
 
@@ -357,7 +396,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
   }
   __syncthreads();
 
-  merge_warps_and_store<4>(ms, p, split, kvh, b);
+  merge_warps_and_store<4>(ms, p, split, kvh, b, nsplit);
 }
 
 // ---- tensor-core variant (variant 2) ----------------------------------------------------------
@@ -399,8 +438,10 @@ __global__ void __launch_bounds__(kThreads) attention_decode_mma_kernel(const De
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
 
-  int k0, n;
-  split_keys(p, b, split, &k0, &n);
+  int k0, n, nsplit;
+  split_keys(p, b, split, &k0, &n, &nsplit);
+  // a split this sequence does not use: nothing to do, unless its cluster merges through it
+  if (split >= nsplit && (!p.cluster || nsplit == 1)) return;
   const int k1 = k0 + n;  // keys at positions >= k1 are masked
   const int n_tiles = (n + kTile - 1) / kTile;
 
@@ -532,7 +573,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_mma_kernel(const De
     ms.l[warp][g] = st.l;
   }
   __syncthreads();
-  merge_warps_and_store<1>(ms, p, split, kvh, b);
+  merge_warps_and_store<1>(ms, p, split, kvh, b, nsplit);
 }
 
 // Merge the split partials of one (sequence, KV head) and apply the sink once.
@@ -544,10 +585,13 @@ __global__ void __launch_bounds__(256) attention_decode_combine_kernel(const Dec
   const int64_t b = blockIdx.y;
   const int h = threadIdx.x >> 5;
   const int d0 = (threadIdx.x & 31) * 2;
+  int start, end;
+  const int nsplit = sequence_plan(p, b, &start, &end).splits;
+  if (nsplit == 1) return;  // the split kernel wrote this sequence's output itself
   const int64_t base = (b * p.nkv + kvh) * p.splits;
   gptoss::SoftmaxState st = gptoss::softmax_empty();
   float2 acc = make_float2(0.f, 0.f);
-  for (int s = 0; s < p.splits; ++s) {
+  for (int s = 0; s < nsplit; ++s) {
     const float2 ml = __ldcg(p.ws_ml + (base + s) * kGroup + h);
     const float2 v = __ldcg(reinterpret_cast<const float2*>(p.ws_o + (base + s) * kPartialFloats + h * kHeadDim + d0));
     float sa, sb;
@@ -562,19 +606,13 @@ __global__ void __launch_bounds__(256) attention_decode_combine_kernel(const Dec
       __floats2bfloat162_rn(acc.x * f, acc.y * f);
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t plan_heads(int64_t batch, int nkv) { return batch * nkv > 0 ? batch * nkv : 1; }
 
-// Keys per split and number of splits: a pure function of the sizes (graph-safe). Aim for about
-// kTargetCtas CTAs when batch * nkv is small, keep splits between kMinChunk and kMaxChunk keys.
-void plan_splits(int64_t batch, int64_t S, int nkv, int window, int* chunk_out, int* splits_out) {
-  const int64_t n = (window > 0 && window < S) ? window : S;  // most keys one query can see
-  const int64_t heads = batch * nkv > 0 ? batch * nkv : 1;
-  const int64_t want = ceil_div(kTargetCtas, heads);
-  int64_t chunk = ceil_div(ceil_div(n, want), kChunkQuantum) * kChunkQuantum;
-  if (chunk < kMinChunk) chunk = kMinChunk;
-  if (chunk > kMaxChunk) chunk = kMaxChunk;
-  *chunk_out = static_cast<int>(chunk);
-  *splits_out = static_cast<int>(ceil_div(n > 0 ? n : 1, chunk));
+// The grid's splits per (sequence, KV head): a pure function of the sizes (graph-safe), enough for
+// the most keys one query can see (min(S, W)); each sequence's own plan is chosen on the device.
+int grid_splits(int64_t batch, int64_t S, int nkv, int window) {
+  const int64_t n = (window > 0 && window < S) ? window : S;
+  return static_cast<int>(wanted_splits(n, plan_heads(batch, nkv)));
 }
 
 bool supported(int nq, int nkv, int d) { return d == kHeadDim && nkv > 0 && nq == kGroup * nkv; }
@@ -585,9 +623,19 @@ GPTOSS_API int gptoss_attention_decode_num_splits(int64_t batch, int64_t cache_s
                                                   int num_kv_heads, int head_dim, int sliding_window) {
   (void)num_q_heads;
   (void)head_dim;
-  int chunk = 0, splits = 0;
-  plan_splits(batch, cache_size, num_kv_heads, sliding_window, &chunk, &splits);
-  return splits;
+  return grid_splits(batch, cache_size, num_kv_heads, sliding_window);
+}
+
+GPTOSS_API int gptoss_attention_decode_splits_used(int64_t batch, int64_t cache_size, int num_q_heads,
+                                                   int num_kv_heads, int head_dim, int sliding_window,
+                                                   int64_t seqlen) {
+  (void)num_q_heads;
+  (void)head_dim;
+  const int64_t end = seqlen > 0 ? seqlen : 0;
+  int64_t n = end;
+  if (sliding_window > 0 && n > sliding_window) n = sliding_window;
+  if (n > cache_size) n = cache_size;
+  return plan_for_keys(n, plan_heads(batch, num_kv_heads)).splits;
 }
 
 GPTOSS_API size_t gptoss_attention_decode_workspace_size(int64_t batch, int64_t cache_size, int num_q_heads,
@@ -651,7 +699,8 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16_variant(
   p.S = static_cast<int>(cache_size);
   p.nkv = num_kv_heads;
   p.window = sliding_window;
-  plan_splits(batch, cache_size, num_kv_heads, sliding_window, &p.chunk, &p.splits);
+  p.heads = plan_heads(batch, num_kv_heads);
+  p.splits = grid_splits(batch, cache_size, num_kv_heads, sliding_window);
   p.qk_scale = sm_scale * gptoss::kLog2e;
   const size_t parts = static_cast<size_t>(batch) * num_kv_heads * p.splits;
   p.ws_o = need ? static_cast<float*>(workspace) : nullptr;

@@ -73,6 +73,9 @@ GPTOSS_PY_BIND(attention) {
   m.def("attention_decode_num_splits", &gptoss_attention_decode_num_splits, py::arg("batch"),
         py::arg("cache_size"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
         py::arg("sliding_window"));
+  m.def("attention_decode_splits_used", &gptoss_attention_decode_splits_used, py::arg("batch"),
+        py::arg("cache_size"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+        py::arg("sliding_window"), py::arg("seqlen"));
   m.def("attention_decode_workspace_size", &gptoss_attention_decode_workspace_size, py::arg("batch"),
         py::arg("cache_size"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
         py::arg("sliding_window"));

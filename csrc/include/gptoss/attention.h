@@ -6,12 +6,18 @@
 #include "gptoss/common.h"
 #include "gptoss/rope.h" /* the RoPE + KV-cache writers of the same decode step */
 
-/* Number of key splits per (sequence, KV head) the decode kernel uses, and the workspace it needs
- * for the split partials (0 bytes when it uses one split). Both depend only on the sizes, never
- * on the device-side lengths, so a captured CUDA graph stays valid for any cache_seqlens.
+/* Number of key splits per (sequence, KV head) the decode kernel's grid holds, and the workspace
+ * it needs for the split partials (0 bytes when it holds one split). Both depend only on the sizes,
+ * never on the device-side lengths, so a captured CUDA graph stays valid for any cache_seqlens.
  * sliding_window: 0 = full attention, else W (keys including the current one). */
 GPTOSS_API int gptoss_attention_decode_num_splits(int64_t batch, int64_t cache_size, int num_q_heads,
                                                   int num_kv_heads, int head_dim, int sliding_window);
+/* The splits a sequence of `seqlen` positions actually uses (chosen on the device from
+ * cache_seqlens; <= the grid's splits): the work of a step follows the lengths, not cache_size.
+ * The other CTAs of the grid exit at once. */
+GPTOSS_API int gptoss_attention_decode_splits_used(int64_t batch, int64_t cache_size, int num_q_heads,
+                                                   int num_kv_heads, int head_dim, int sliding_window,
+                                                   int64_t seqlen);
 GPTOSS_API size_t gptoss_attention_decode_workspace_size(int64_t batch, int64_t cache_size, int num_q_heads,
                                                          int num_kv_heads, int head_dim, int sliding_window);
 

@@ -232,15 +232,23 @@ def _sdpa_flash(q, k, v, *, causal: bool):
                                                                 enable_gqa=True)
 
 
+CAPACITY_ROW_SLOTS = 131072  # gpt-oss's context: the cache a user allocates for the longest prompts
+
+
 def decode_cases(ctx: Context, batches, contexts, *, sliding_rows: bool = True) -> list[Case]:
     s = ctx.shape
     nq, nkv, d, W, dev = s.nq, s.nkv, s.head_dim, s.sliding_window, ctx.device
     cases = []
-    combos = [(B, L, None) for L in contexts for B in batches]
+    # full layers: S = context; sliding layers: a ring of 128
+    combos = [(B, L, None, L) for L in contexts for B in batches]
     if sliding_rows:
-        combos += [(B, max(contexts), W) for B in sorted(set(batches))[-1:]]
-    for B, L, win in combos:
-        S = L if win is None else W  # full layers: S = context; sliding layers: a ring of 128
+        combos += [(B, max(contexts), W, W) for B in sorted(set(batches))[-1:]]
+    if contexts and batches:
+        # the shortest context in caches of twice its size and of the model's whole context: the
+        # work of a step follows the lengths, not the capacity (these rows should time alike)
+        B0, L0 = min(batches), min(contexts)
+        combos += [(B0, L0, None, S) for S in sorted({2 * L0, max(2 * L0, CAPACITY_ROW_SLOTS)})]
+    for B, L, win, S in combos:
 
         def make(seed, B=B, L=L, S=S):
             g = _gen(seed, dev)
@@ -274,7 +282,7 @@ def decode_cases(ctx: Context, batches, contexts, *, sliding_rows: bool = True) 
             return lambda: _sdpa_flash(q, kk, vv, causal=False)
 
         kv_read = B * min(L, S) * nkv * d * 2 * 2
-        name = f"B={B} ctx={L}" + ("" if win is None else f" sliding W={win}")
+        name = f"B={B} ctx={L}" + ("" if win is None else f" sliding W={win}") + ("" if S in (L, win) else f" cache={S}")
         cases.append(Case(
             op="attention_decode", name=name, shape={"B": B, "context": L, "cache_slots": S, "window": win,
                                                      "nq": nq, "nkv": nkv, "d": d},
