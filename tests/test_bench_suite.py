@@ -131,6 +131,26 @@ FAKE_SUITE = '''
                                                          warmup_rounds=1)
 
 
+    @pytest.mark.parametrize("which", ["decode B=2 ctx=12", "prefill T=8"])
+    def test_e2e_row(benchmark, which):
+        """The model rows through the real model class (tiny, on the CPU's reference path)."""
+        from gptoss_kernels.bench import e2e
+        from gptoss_kernels.config import GptOssConfig
+        from gptoss_kernels.model import GptOss
+
+        cfg = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=96, hidden_size=64,
+                           intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                           sliding_window=4)
+        model = GptOss.from_config(cfg, device="cpu", seed=0)
+        # decode: the session's rounds; prefill: a tenth of them (at least 2) after 1 warm-up round
+        timer = FakeTimer([1.0] * 3 + [2e-3, 1e-3, 3e-3] if which.startswith("decode") else [1.0, 2e-3, 4e-3])
+        s = session(timer, rounds=3, warmup=3)
+        s.ctx.shape = ModelShape.of(cfg)
+        rows = {r["case"]: r for r in e2e.plan(s.ctx.shape, None, (2,), (12,), (8,))}
+        suite.bench_e2e(benchmark, rows[which], s, model)
+        assert not timer.durations
+
+
     def test_failing_verification_is_not_timed(benchmark):
         case = O.Case(op="fake_op", name="bad", shape={}, family="moe_decode", bytes=1, flops=1, alloc_bytes=1,
                       make=lambda seed: {}, run=lambda a: (lambda: None),
@@ -158,12 +178,12 @@ def _run_fake(pytester, monkeypatch, tmp_path, name, *args, slowdown=1.0):
 
 def test_fake_device_timer_lands_in_extra_info(pytester, monkeypatch, tmp_path):
     result, doc = _run_fake(pytester, monkeypatch, tmp_path, "run.json")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=4, failed=1)
     # a failed verification fails the test, says why, and times nothing
     result.stdout.fnmatch_lines(["*fake_op bad: the verification against the reference failed "
                                  "(rel err 5.00e-01 > tol 0.01): not timed*"])
     benches = {b["name"]: b for b in doc["benchmarks"]}
-    assert set(benches) == {"test_case", "test_per_call"}
+    assert set(benches) == {"test_case", "test_per_call", "test_e2e_row[decode B=2 ctx=12]", "test_e2e_row[prefill T=8]"}
 
     b = benches["test_case"]
     st = b["stats"]
@@ -199,13 +219,28 @@ def test_fake_device_timer_lands_in_extra_info(pytester, monkeypatch, tmp_path):
     measured = b["extra_info"]["measured"]     # what measure() returns: pytest-benchmark's own statistics
     assert measured == {k: b["stats"][k] for k in ("median", "min", "max", "mean", "stddev", "iqr", "rounds")}
 
+    # the model rows: one decode step / one prefill + first token a round, through the model's API
+    b = benches["test_e2e_row[decode B=2 ctx=12]"]
+    assert b["stats"]["data"] == [2e-3, 1e-3, 3e-3] and b["group"] == "e2e"
+    x = b["extra_info"]
+    assert x["case"] == "decode B=2 ctx=12" and x["batch"] == 2 and x["context"] == 12
+    assert x["ms_per_step"] == pytest.approx(2.0, rel=1e-12) and x["tok_s"] == pytest.approx(1000.0, rel=1e-12)
+    assert x["verify"]["passed"] is True and x["timing"]["rounds"] == 3 and x["timing"]["calls_per_round"] == 1
+    assert x["pct_of_bound"] == pytest.approx(100 * 1000.0 / x["bound_tok_s"], rel=1e-12)
+    b = benches["test_e2e_row[prefill T=8]"]
+    assert b["stats"]["data"] == [2e-3, 4e-3]
+    x = b["extra_info"]
+    assert x["ttft_ms"] == pytest.approx(3.0, rel=1e-12) and x["tok_s"] == pytest.approx(8 / 3e-3, rel=1e-12)
+    assert x["timing"]["rounds"] == 2 and x["timing"]["warmup_rounds"] == 1 and x["verify"]["passed"] is True
+    assert x["bytes"] is None and x["gbps"] is None
+
 
 def test_compare_fail_flags_a_regression_against_a_saved_run(pytester, monkeypatch, tmp_path):
     """The documented threshold (bench/device/run.sh, README): median 10% slower than the saved run fails."""
-    result, first = _run_fake(pytester, monkeypatch, tmp_path, "first.json")
+    result, first = _run_fake(pytester, monkeypatch, tmp_path, "first.json", "-k", "not e2e")
     assert first is not None
     saved = tmp_path / "first.json"
-    args = (f"--benchmark-compare={saved}", "--benchmark-compare-fail=median:10%", "-k", "not failing")
+    args = (f"--benchmark-compare={saved}", "--benchmark-compare-fail=median:10%", "-k", "not failing and not e2e")
     result, _ = _run_fake(pytester, monkeypatch, tmp_path, "slower.json", *args, slowdown=1.25)
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*Performance has regressed*",

@@ -457,7 +457,8 @@ def bench_e2e(benchmark, row: dict, s: Session, model) -> dict:
                     vc.normal_()
                 one_pass = model._step_fn(st, "greedy")
                 one_pass()
-                torch.cuda.synchronize(s.device)
+                if s.device.type == "cuda":
+                    torch.cuda.synchronize(s.device)
                 finite = bool(torch.isfinite(b["logits"]).all().item())
                 tok_ok = bool(((b["tok"] >= 0) & (b["tok"] < s.ctx.shape.vocab)).all().item())
                 verify = {"kind": "finite logits and token ids in the vocabulary (no reference at this size; "
