@@ -5,7 +5,8 @@
     helpers.py manifest REPO DEV                   write DEV/manifest.json (prepare.sh)
     helpers.py manifest-get DEV KEY                print one manifest field (run.sh)
     helpers.py summary OUT [--steps FILE]          print summary.md from the files in OUT (run.sh)
-    helpers.py save FILES_DIR [--repo REPO]        copy a run's bench.json/summary.md into bench/results/
+    helpers.py save FILES_DIR [--repo REPO]        copy a run's bench.json/suite.json/summary.md into bench/results/
+    helpers.py last-suite REPO CARD                print the last saved suite run (*.suite.json) on CARD, if any
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ def summary(out: pathlib.Path, steps_file: pathlib.Path | None) -> str:
     if text:
         res = sanitizer_results(text)
         lines += ["## compute-sanitizer", "", *(f"- {r}" for r in res or ["no summary line (timed out or crashed?)"]), ""]
+    suite_doc = _load_json(out / "suite.json")
+    if suite_doc is not None:
+        lines += ["## pytest-benchmark suite (`bench/suite`, device time per call)", "", suite_summary(suite_doc), ""]
     if bench is not None:
         lines += ["## Benchmarks" + ("" if bench.get("complete") else " (incomplete: the step was stopped)"), ""]
         try:
@@ -166,8 +170,42 @@ def summary(out: pathlib.Path, steps_file: pathlib.Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_json(path: pathlib.Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def suite_card(doc: dict) -> str | None:
+    """The card a pytest-benchmark suite run timed (machine_info, written by bench/suite/conftest.py)."""
+    return (((doc.get("machine_info") or {}).get("gptoss") or {}).get("gpu") or {}).get("card")
+
+
+def suite_summary(doc: dict) -> str:
+    """A markdown table of a suite run (pytest-benchmark JSON): median device µs per call and the
+    figures of extra_info."""
+    rows = ["| case | median µs | IQR µs | rounds | GB/s | %BW | TFLOP/s | %FLOP | rel err |", "|" + "---|" * 9]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for b in doc.get("benchmarks", []):
+        st, x = b.get("stats") or {}, b.get("extra_info") or {}
+        name = b.get("name", "?")
+        case = name[name.find("[") + 1:-1] if "[" in name else name
+        med = st.get("median")
+        rows.append(f"| {case} | {f(med * 1e6 if med is not None else None, '.2f')} | "
+                    f"{f(st['iqr'] * 1e6 if st.get('iqr') is not None else None, '.2f')} | {f(st.get('rounds'), 'd')} | "
+                    f"{f(x.get('gbps'), '.0f')} | {f(x.get('pct_bw'), '.0f')} | {f(x.get('tflops'), '.1f')} | "
+                    f"{f(x.get('pct_flops'), '.0f')} | {f(x.get('rel_err'), '.1e')} |")
+    if len(rows) == 2:
+        rows.append("| (no case timed) |" + " |" * 8)
+    return "\n".join(rows)
+
+
 # ---------------------------------------------------------------------------------------------
-# save: bench/results/<date>_<card>_<commit>.{json,md}
+# save: bench/results/<date>_<card>_<commit>.{json,suite.json,md}
 # ---------------------------------------------------------------------------------------------
 
 
@@ -179,20 +217,42 @@ def result_name(bench: dict) -> str:
     return f"{date}_{card}_{commit}"
 
 
+def suite_result_name(doc: dict) -> str:
+    """result_name for a suite run alone (no bench.json): its date, card and commit."""
+    return result_name({"env": {"date": doc.get("datetime"), "card": suite_card(doc),
+                                "git_commit": (doc.get("commit_info") or {}).get("id")}})
+
+
 def save(files_dir: pathlib.Path, repo: pathlib.Path) -> list[pathlib.Path]:
-    bench_json = files_dir / "bench.json"
-    if not bench_json.exists():
-        raise SystemExit(f"{bench_json} not found: the bench step wrote no JSON (see run.log and bench.log)")
-    bench = json.loads(bench_json.read_text())
-    name = result_name(bench)
+    """Copy bench.json (-> NAME.json), the suite's suite.json (-> NAME.suite.json, beside it, so
+    `pytest-benchmark compare bench/results/*.suite.json` shows every saved run) and summary.md."""
+    bench_json, suite_json = files_dir / "bench.json", files_dir / "suite.json"
+    if not bench_json.exists() and not suite_json.exists():
+        raise SystemExit(f"neither {bench_json} nor {suite_json} found: the bench steps wrote no JSON "
+                         "(see run.log and bench.log)")
+    if bench_json.exists():
+        name = result_name(json.loads(bench_json.read_text()))
+    else:
+        name = suite_result_name(json.loads(suite_json.read_text()))
     dest = repo / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
-    saved = [dest / f"{name}.json"]
-    shutil.copyfile(bench_json, saved[0])
-    if (files_dir / "summary.md").exists():
-        saved.append(dest / f"{name}.md")
-        shutil.copyfile(files_dir / "summary.md", saved[1])
+    saved = []
+    for src, suffix in ((bench_json, ".json"), (suite_json, ".suite.json"), (files_dir / "summary.md", ".md")):
+        if src.exists():
+            saved.append(dest / f"{name}{suffix}")
+            shutil.copyfile(src, saved[-1])
     return saved
+
+
+def last_suite_run(repo: pathlib.Path, card: str) -> pathlib.Path | None:
+    """The newest saved suite run (bench/results/*.suite.json) timed on `card` (the name torch
+    gives it), for --benchmark-compare; None if there is none."""
+    found = []
+    for p in (repo / "bench" / "results").glob("*.suite.json"):
+        doc = _load_json(p)
+        if doc is not None and suite_card(doc) == card:
+            found.append((str(doc.get("datetime") or ""), p.name, p))
+    return max(found)[2] if found else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("summary")
     p.add_argument("out", type=pathlib.Path)
     p.add_argument("--steps", type=pathlib.Path)
+    p = sub.add_parser("last-suite")
+    p.add_argument("repo", type=pathlib.Path)
+    p.add_argument("card")
     p = sub.add_parser("save")
     p.add_argument("files_dir", type=pathlib.Path)
     p.add_argument("--repo", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[2])
@@ -225,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         print("" if v is None else (int(v) if isinstance(v, bool) else v))
     elif a.cmd == "summary":
         sys.stdout.write(summary(a.out, a.steps))
+    elif a.cmd == "last-suite":
+        last = last_suite_run(a.repo, a.card)
+        print("" if last is None else last)
     elif a.cmd == "save":
         for p in save(a.files_dir, a.repo):
             print(p)

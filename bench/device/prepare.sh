@@ -56,7 +56,8 @@ else
   missing "nvcc (set CUDACXX or put it on PATH; looked at $NVCC)"
 fi
 if [[ -f "$VOCAB" ]]; then ok "vocab file: $VOCAB"; else missing "vocab file $VOCAB (set GPTOSS_VOCAB)"; fi
-for f in pyproject.toml CMakeLists.txt bench/device/run.sh bench/device/helpers.py bench/device/sanitize_cases.py; do
+for f in pyproject.toml CMakeLists.txt bench/device/run.sh bench/device/helpers.py bench/device/sanitize_cases.py \
+         bench/suite/conftest.py bench/suite/test_kernels.py; do
   if [[ -f "$REPO/$f" ]]; then ok "$f"; else missing "$REPO/$f"; fi
 done
 if git -C "$REPO" check-ignore -q .device/manifest.json 2>/dev/null; then

@@ -7,10 +7,14 @@
 # Steps: install the prepared wheel into a target dir on PYTHONPATH (build from source there if
 # the wheel does not load or the C++/CUDA sources changed since prepare, and say so) -> info ->
 # every GPU test (pytest -m gpu -rs) -> compute-sanitizer memcheck and racecheck on
-# bench/device/sanitize_cases.py -> `gptoss-kernels bench all --json` -> summary.md.
-# Files in OUT (7): summary.md run.log info.json pytest.log sanitizer.log bench.log bench.json
-# Knobs: GPTOSS_CHECK_STEPS (default "pytest,memcheck,racecheck,bench"), GPTOSS_BENCH_ARGS
-# (default "all"; e.g. "e2e"), GPTOSS_CHECK_BUDGET_S (default 470).
+# bench/device/sanitize_cases.py -> `gptoss-kernels bench all --json` -> the pytest-benchmark
+# suite (bench/suite, --gk-quick, --benchmark-json; compared with the last saved run on this card,
+# --benchmark-compare-fail median:10%) -> summary.md.
+# Files in OUT (8): summary.md run.log info.json pytest.log sanitizer.log bench.log bench.json
+# suite.json (the suite's output is in bench.log, after the CLI's).
+# Knobs: GPTOSS_CHECK_STEPS (default "pytest,memcheck,racecheck,bench,suite"), GPTOSS_BENCH_ARGS
+# (default "all"; e.g. "e2e"), GPTOSS_SUITE_ARGS (default "--gk-quick"; e.g. "--gk-quick -k moe"),
+# GPTOSS_SUITE_COMPARE_FAIL (default "median:10%"), GPTOSS_CHECK_BUDGET_S (default 470).
 set -uo pipefail
 
 OUT="${1:?usage: bash bench/device/run.sh OUT_DIR}"
@@ -19,10 +23,12 @@ OUT="$(cd "$OUT" && pwd)"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEV="$REPO/.device"
 BUDGET="${GPTOSS_CHECK_BUDGET_S:-470}"
-STEPS_WANTED=",${GPTOSS_CHECK_STEPS:-pytest,memcheck,racecheck,bench},"   # e.g. GPTOSS_CHECK_STEPS=bench
+STEPS_WANTED=",${GPTOSS_CHECK_STEPS:-pytest,memcheck,racecheck,bench,suite},"   # e.g. GPTOSS_CHECK_STEPS=bench
 BENCH_ARGS="${GPTOSS_BENCH_ARGS:-all}"                                   # e.g. GPTOSS_BENCH_ARGS="e2e --quick"
+SUITE_ARGS="${GPTOSS_SUITE_ARGS:---gk-quick}"                           # pytest arguments of the suite step
+SUITE_FAIL="${GPTOSS_SUITE_COMPARE_FAIL:-median:10%}"                   # a regression against the last run on this card
 PY="${PYTHON:-python3}"
-WORK=/tmp/gptoss-check
+WORK="${GPTOSS_CHECK_WORK:-/tmp/gptoss-check}"                           # scratch (emptied first)
 SITE="$WORK/site"
 STEPS="$WORK/steps.tsv"
 T0=$(date +%s)
@@ -162,7 +168,10 @@ done
 
 # ---- 5. benchmarks ----
 t=$(date +%s)
-c=$(cap 400 20)
+# the suite step after this one gets 2/5 of what is left (at most 110 s), the CLI the rest
+share=0
+if [[ "$STEPS_WANTED" == *,suite,* ]]; then share=$(( ($(left) - 20) * 2 / 5 )); (( share > 110 )) && share=110; (( share < 0 )) && share=0; fi
+c=$(cap 400 $(( 20 + share )))
 if [[ "$STEPS_WANTED" != *,bench,* ]]; then
   step "bench $BENCH_ARGS" "not asked for (GPTOSS_CHECK_STEPS)" 0
 elif (( c > 0 )); then
@@ -176,7 +185,40 @@ else
   step "bench $BENCH_ARGS" "SKIPPED: no time left" 0
 fi
 
-# ---- 6. summary ----
+# ---- 6. the pytest-benchmark suite: the CLI's cases again, device time per call in pytest-benchmark's
+# JSON (suite.json; saved beside bench.json by `helpers.py save`), compared with the last saved run on
+# this card. Time-boxed twice: --gk-max-seconds skips the cases that would start late (the JSON is
+# still written), `timeout` stops the rest. A regression or a failure here does not stop the summary.
+t=$(date +%s)
+c=$(cap 110 10)
+if [[ "$STEPS_WANTED" != *,suite,* ]]; then
+  step "suite" "not asked for (GPTOSS_CHECK_STEPS)" 0
+elif ! $PY -c 'import pytest_benchmark' 2>/dev/null; then
+  step "suite" "SKIPPED: pytest-benchmark is not installed here" 0
+elif (( c > 0 )); then
+  card="" prev=""   # the card as torch names it, as the suite's JSON records it
+  command -v nvidia-smi >/dev/null && card="$($PY -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null)"
+  [[ -n "$card" ]] && prev="$($PY bench/device/helpers.py last-suite "$REPO" "$card" 2>/dev/null)"
+  cmp=()
+  [[ -n "$prev" ]] && cmp=("--benchmark-compare=$prev" "--benchmark-compare-fail=$SUITE_FAIL")
+  echo "===== pytest-benchmark suite: bench/suite $SUITE_ARGS${prev:+ (compared with $prev, $SUITE_FAIL)}" >> "$OUT/bench.log"
+  # shellcheck disable=SC2086 - SUITE_ARGS is a list of words
+  timeout "$c" $PY -m pytest bench/suite -p no:cacheprovider -q -rs $SUITE_ARGS --gk-max-seconds $(( c > 60 ? c - 35 : c / 2 )) \
+    --benchmark-storage="$WORK/benchmarks" --benchmark-json="$WORK/suite.json" "${cmp[@]}" >> "$OUT/bench.log" 2>&1; r=$?
+  [[ -s "$WORK/suite.json" ]] && cp "$WORK/suite.json" "$OUT/suite.json"
+  if sed -n '/===== pytest-benchmark suite/,$p' "$OUT/bench.log" | grep -q "Performance has regressed"; then
+    v="REGRESSION: a median over ${SUITE_FAIL#*:} slower than the last run on this card (bench.log)"
+  else
+    case $r in 0) v=pass; [[ -s "$OUT/suite.json" ]] || v="pass, nothing timed (every case skipped: bench.log)" ;;
+      1) v="some cases failed (verification or error)" ;; 5) v="no tests collected" ;;
+      124|137) v="TIMED OUT after ${c}s (no JSON)" ;; *) v="fail (rc $r)" ;; esac
+  fi
+  step "suite" "$v" $(( $(date +%s) - t )) "${prev:+vs $(basename "$prev")}"
+else
+  step "suite" "SKIPPED: no time left" 0
+fi
+
+# ---- 7. summary ----
 $PY bench/device/helpers.py summary "$OUT" --steps "$STEPS" > "$OUT/summary.md" 2>&1
 echo
 cat "$OUT/summary.md"

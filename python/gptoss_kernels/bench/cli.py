@@ -53,6 +53,35 @@ def grid(name: str, gpu: bool, quick: bool, override=None) -> tuple[int, ...]:
     return _GRID[name][(0 if gpu else 2) + (1 if quick else 0)]
 
 
+def plan_cases(ctx: O.Context, op: str, *, quick: bool = False, tokens=None, contexts=None, batches=None,
+               mode: str = "both") -> list[O.Case]:
+    """The op cases `gptoss-kernels bench OP` runs, in its order (GPU grid when ctx is on a GPU,
+    else reference mode's; the overrides are --tokens, --context, --batch). The pytest-benchmark
+    suite (bench/suite/) takes its cases from here too; "e2e" rows come from `e2e_grids`."""
+    gpu = ctx.gpu
+    want = {op} if op != "all" else {"router", "moe", "attention", "dense", "e2e"}
+    cases: list[O.Case] = []
+    if "router" in want:
+        cases += O.router_cases(ctx, grid("router", gpu, quick, tokens))
+    if "moe" in want:
+        cases += O.moe_cases(ctx, grid("moe", gpu, quick, tokens))
+    if "attention" in want:
+        if mode in ("decode", "both"):
+            cases += O.decode_cases(ctx, grid("decode_batch", gpu, quick, batches),
+                                    grid("decode_context", gpu, quick, contexts))
+        if mode in ("prefill", "both"):
+            cases += O.prefill_cases(ctx, grid("prefill", gpu, quick, tokens))
+    if "dense" in want:
+        cases += D.dense_cases(ctx, grid("dense", gpu, quick, tokens))
+    return cases
+
+
+def e2e_grids(gpu: bool, quick: bool, tokens=None, contexts=None, batches=None) -> tuple[tuple[int, ...], ...]:
+    """(batches, contexts, prefill tokens) of `bench e2e` (its rows: ``e2e.plan``)."""
+    return (grid("e2e_batch", gpu, quick, batches), grid("e2e_context", gpu, quick, contexts),
+            grid("e2e_prefill", gpu, quick, tokens))
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "bench", help="microbenchmarks of the kernels (and the model end to end)",
@@ -131,19 +160,8 @@ def run(args) -> int:
         ctx.target_ms, ctx.baseline_ms = 100.0, 60.0
 
     want = {args.op} if args.op != "all" else {"router", "moe", "attention", "dense", "e2e"}
-    cases: list[O.Case] = []
-    if "router" in want:
-        cases += O.router_cases(ctx, grid("router", gpu, args.quick, tokens))
-    if "moe" in want:
-        cases += O.moe_cases(ctx, grid("moe", gpu, args.quick, tokens))
-    if "attention" in want:
-        if args.mode in ("decode", "both"):
-            cases += O.decode_cases(ctx, grid("decode_batch", gpu, args.quick, batches),
-                                    grid("decode_context", gpu, args.quick, contexts))
-        if args.mode in ("prefill", "both"):
-            cases += O.prefill_cases(ctx, grid("prefill", gpu, args.quick, tokens))
-    if "dense" in want:
-        cases += D.dense_cases(ctx, grid("dense", gpu, args.quick, tokens))
+    cases = plan_cases(ctx, args.op, quick=args.quick, tokens=tokens, contexts=contexts, batches=batches,
+                       mode=args.mode)
 
     for i, case in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] {case.op} {case.name}")
@@ -159,9 +177,7 @@ def run(args) -> int:
 
     if "e2e" in want:
         progress("e2e: the model end to end")
-        rows, notes = e2e_mod.run_e2e(ctx, args.config, grid("e2e_batch", gpu, args.quick, batches),
-                                      grid("e2e_context", gpu, args.quick, contexts),
-                                      grid("e2e_prefill", gpu, args.quick, tokens))
+        rows, notes = e2e_mod.run_e2e(ctx, args.config, *e2e_grids(gpu, args.quick, tokens, contexts, batches))
         doc["e2e"], doc["notes"] = rows, doc["notes"] + notes
     doc["complete"] = True
     doc["elapsed_s"] = time.monotonic() - t_start

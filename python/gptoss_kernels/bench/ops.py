@@ -406,13 +406,8 @@ def run_case(case: Case, ctx: Context) -> dict:
         if not case.external_baselines:
             return row
     try:
-        a0 = case.make(0)
-        sets = [a0]
         if kernel or not ctx.gpu:
-            row["verify"] = case.verify(a0)
-            n = sets_for_cold_l2(max(case.bytes, 1), ctx.device, memory_cap=None)
-            n = max(1, min(n, _fit_sets(case, ctx)))
-            sets += [case.make(i) for i in range(1, n)]
+            sets, row["verify"] = prepare_case(case, ctx)
             t = bench([case.run(a) for a in sets], ctx.device, target_ms=ctx.target_ms, min_runs=ctx.min_runs,
                       warmup=ctx.warmup)
             row["timing"] = t.to_json()
@@ -420,6 +415,8 @@ def run_case(case: Case, ctx: Context) -> dict:
             row["status"] = "ok" if ctx.gpu else "reference"
             if not ctx.gpu:
                 row["reason"] = "reference mode (no GPU): not a kernel measurement"
+        else:
+            sets = [case.make(0)]
         for name, make_fn in case.baselines:
             if not kernel and name not in case.external_baselines:
                 continue
@@ -433,6 +430,20 @@ def run_case(case: Case, ctx: Context) -> dict:
     finally:
         _settle(ctx, f"{case.op} {case.name}")
     return row
+
+
+def prepare_case(case: Case, ctx: Context, *, stop_if_failed: bool = False) -> tuple[list[dict], dict]:
+    """(input sets, verification): input set 0, the op verified once on it against the reference
+    (before any timing), then the further sets a pass rotates through to keep L2 cold (as many as
+    overflow L2 about 3 times and fit in half the free memory). With stop_if_failed, a failed
+    verification returns set 0 alone. Used by run_case and by the pytest-benchmark suite."""
+    a0 = case.make(0)
+    verify = case.verify(a0)
+    if stop_if_failed and not verify.get("passed"):
+        return [a0], verify
+    n = sets_for_cold_l2(max(case.bytes, 1), ctx.device, memory_cap=None)
+    n = max(1, min(n, _fit_sets(case, ctx)))
+    return [a0] + [case.make(i) for i in range(1, n)], verify
 
 
 def _settle(ctx: Context, what: str) -> None:

@@ -59,33 +59,46 @@ def sets_for_cold_l2(bytes_per_set: int, device: torch.device, *, max_sets: int 
     return int(max(1, min(want, fit, max_sets)))
 
 
-def bench(calls: Sequence[Callable[[], object]], device: torch.device, *, target_ms: float = 300.0,
-          min_runs: int = 5, max_runs: int = 2000, warmup: int = 2, use_graph: bool | None = None) -> Timing:
-    """Time `calls` (one closure per rotated input set); returns the time per call.
+@dataclass
+class Pass:
+    """One timed unit of work: a pass over the rotated input sets, as `bench` and the
+    pytest-benchmark suite (bench/suite/) time it."""
+    run: Callable[[], None]   # one pass: a CUDA graph replay, or the calls launched eagerly
+    calls: int                # op calls in one pass (a graph repeats the rotation to >= GRAPH_MIN_CALLS)
+    method: str               # "cuda-graph" or "cuda-events" ("host-clock" off the GPU)
+    note: str | None          # why a graph was not used, when capture failed
+    est_us: float             # time per call from one timed pass (events on CUDA, host clock elsewhere)
 
-    CUDA: each sample is one pass over all calls between two events; samples are repeated until
-    about `target_ms`; the median is reported. With use_graph None, a CUDA graph of the rotation
-    (repeated to at least GRAPH_MIN_CALLS calls) is captured when a call takes under
-    GRAPH_BELOW_US; it falls back to eager launches, with a note, if the calls cannot be captured
-    (e.g. they synchronise with the host).
-    Host: the same with time.perf_counter.
-    """
+
+def prepare_pass(calls: Sequence[Callable[[], object]], device: torch.device, *, warmup: int = 2,
+                 use_graph: bool | None = None) -> Pass:
+    """Warm `calls` up (one closure per rotated input set) and build the pass to time.
+
+    CUDA: with use_graph None, a CUDA graph of the rotation (repeated to at least
+    GRAPH_MIN_CALLS calls) is captured when a call takes under GRAPH_BELOW_US; it falls back to
+    eager launches, with a note, if the calls cannot be captured (e.g. they synchronise with the
+    host). Elsewhere: eager calls, estimated with the host clock."""
+    calls = list(calls)
     n = len(calls)
     if n == 0:
         raise ValueError("bench: no calls")
-    if device.type != "cuda":
-        return _bench_host(calls, target_ms=target_ms, min_runs=min_runs, max_runs=max_runs, warmup=warmup)
 
-    for _ in range(warmup):
+    def eager():
         for c in calls:
             c()
+
+    for _ in range(warmup):
+        eager()
+    if device.type != "cuda":
+        t = time.perf_counter()
+        eager()
+        return Pass(eager, n, "host-clock", None, (time.perf_counter() - t) * 1e6 / n)
     _sync(device)
     # estimate with one eager pass
     t0 = torch.cuda.Event(enable_timing=True)
     t1 = torch.cuda.Event(enable_timing=True)
     t0.record()
-    for c in calls:
-        c()
+    eager()
     t1.record()
     _sync(device)
     est_us = t0.elapsed_time(t1) * 1e3 / n
@@ -97,34 +110,45 @@ def bench(calls: Sequence[Callable[[], object]], device: torch.device, *, target
     if use_graph:
         # one graph replays the rotation several times: at least GRAPH_MIN_CALLS calls per sample
         reps = max(1, math.ceil(GRAPH_MIN_CALLS / n))
-        graph, note = _capture(list(calls) * reps, device)
+        graph, note = _capture(calls * reps, device)
         if graph is not None:
             n *= reps
+    if graph is None:
+        return Pass(eager, n, "cuda-events", note, est_us)
+    # re-estimate: the graph removes launch gaps
+    graph.replay()
+    t0.record()
+    graph.replay()
+    t1.record()
+    _sync(device)
+    return Pass(graph.replay, n, "cuda-graph", note, t0.elapsed_time(t1) * 1e3 / n)
 
-    def one_pass():
-        if graph is not None:
-            graph.replay()
-        else:
-            for c in calls:
-                c()
 
-    if graph is not None:  # re-estimate: the graph removes launch gaps
-        one_pass()
-        t0.record()
-        one_pass()
-        t1.record()
-        _sync(device)
-        est_us = t0.elapsed_time(t1) * 1e3 / n
-    runs = int(min(max_runs, max(min_runs, target_ms * 1e3 / max(est_us * n, 1e-3))))
+def bench(calls: Sequence[Callable[[], object]], device: torch.device, *, target_ms: float = 300.0,
+          min_runs: int = 5, max_runs: int = 2000, warmup: int = 2, use_graph: bool | None = None) -> Timing:
+    """Time `calls` (one closure per rotated input set); returns the time per call.
+
+    CUDA: each sample is one pass over all calls (`prepare_pass`: a CUDA graph for microsecond
+    calls) between two events; samples are repeated until about `target_ms`, back to back; the
+    median is reported.
+    Host: the same with time.perf_counter.
+    """
+    n = len(calls)
+    if n == 0:
+        raise ValueError("bench: no calls")
+    if device.type != "cuda":
+        return _bench_host(calls, target_ms=target_ms, min_runs=min_runs, max_runs=max_runs, warmup=warmup)
+
+    p = prepare_pass(calls, device, warmup=warmup, use_graph=use_graph)
+    runs = int(min(max_runs, max(min_runs, target_ms * 1e3 / max(p.est_us * p.calls, 1e-3))))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
     for a, b in events:
         a.record()
-        one_pass()
+        p.run()
         b.record()
     _sync(device)
-    samples = [a.elapsed_time(b) * 1e3 / n for a, b in events]
-    return Timing(statistics.median(samples), min(samples), max(samples), runs, n,
-                  "cuda-graph" if graph is not None else "cuda-events", note, samples)
+    samples = [a.elapsed_time(b) * 1e3 / p.calls for a, b in events]
+    return Timing(statistics.median(samples), min(samples), max(samples), runs, p.calls, p.method, p.note, samples)
 
 
 def _capture(calls, device):
