@@ -15,12 +15,7 @@ synchronisation; the host reads the sampled ids through a pinned ring ``decode_l
 steps behind the device (stop checks). ``memory_plan`` / ``check_memory``: what fits one card;
 a request that does not raises MemoryPlanError before allocating.
 
-Weights (``GptOss.layers[i]`` dict, names after the original checkpoint):
-  attn_norm [H], qkv_w [(nq+2nkv)d, H], qkv_b, sinks [nq], out_w [H, nq d], out_b [H],
-  mlp_norm [H], gate_w [E, H], gate_b [E],
-  w1_blocks u8 [E, 2I, H/32, 16], w1_scales u8 [E, 2I, H/32], w1_bias [E, 2I] (gate/linear interleaved),
-  w2_blocks u8 [E, H, I/32, 16], w2_scales u8 [E, H, I/32], w2_bias [E, H];
-globals (``GptOss.weights``): embedding [V, H], norm [H], unembedding [V, H].
+Weights (``GptOss.layers[i]`` dicts and ``GptOss.weights``): names, shapes and kinds in weights.py.
 
 KV cache (DEVELOPERS.md): per layer bf16 [B, S, nkv, d], position p in slot p % S; sliding layers
 S = sliding_window (a ring), full layers S = longest prompt + max_new_tokens.
@@ -37,7 +32,6 @@ have stopped or after ``max_new_tokens``.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -46,26 +40,9 @@ import torch.nn.functional as F
 
 from . import _lib, ops, reference
 from .config import GptOssConfig
+from .weights import check_weights, nbytes, random_weights, weight_shapes
 
 __all__ = ["GptOss", "GptOssConfig", "MemoryPlanError", "weight_shapes"]
-
-_FLOAT, _U8 = "float", "uint8"
-
-
-def weight_shapes(cfg: GptOssConfig) -> tuple[dict, list[dict]]:
-    """(globals, per-layer) dicts name -> (shape, kind), kind "float" (model dtype) or "uint8"."""
-    H, V, E, I = cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.intermediate_size
-    nq, d = cfg.num_attention_heads, cfg.head_dim
-    g = {"embedding": ((V, H), _FLOAT), "norm": ((H,), _FLOAT), "unembedding": ((V, H), _FLOAT)}
-    layer = {
-        "attn_norm": ((H,), _FLOAT), "qkv_w": ((cfg.qkv_dim, H), _FLOAT), "qkv_b": ((cfg.qkv_dim,), _FLOAT),
-        "sinks": ((nq,), _FLOAT), "out_w": ((H, nq * d), _FLOAT), "out_b": ((H,), _FLOAT),
-        "mlp_norm": ((H,), _FLOAT), "gate_w": ((E, H), _FLOAT), "gate_b": ((E,), _FLOAT),
-        "w1_blocks": ((E, 2 * I, H // 32, 16), _U8), "w1_scales": ((E, 2 * I, H // 32), _U8),
-        "w1_bias": ((E, 2 * I), _FLOAT),
-        "w2_blocks": ((E, H, I // 32, 16), _U8), "w2_scales": ((E, H, I // 32), _U8), "w2_bias": ((E, H), _FLOAT),
-    }
-    return g, [dict(layer) for _ in range(cfg.num_hidden_layers)]
 
 
 def _default_device(device) -> torch.device:
@@ -76,10 +53,6 @@ def _default_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _nbytes(shape, kind, float_bytes):
-    return math.prod(shape) * (1 if kind == _U8 else float_bytes)
 
 
 class GptOss:
@@ -99,7 +72,7 @@ class GptOss:
         self._fused_decode = True
         self._graph = None
         self._state = None   # the KV cache and captured decode step, reused by generate calls of the same shape
-        self._check_weights()
+        check_weights(config, weights, layers, dtype)
 
     @property
     def fused_decode(self) -> bool:
@@ -119,18 +92,6 @@ class GptOss:
     # ------------------------------------------------------------------------------------------
     # construction
     # ------------------------------------------------------------------------------------------
-    def _check_weights(self):
-        gshapes, lshapes = weight_shapes(self.config)
-        items = [(n, self.weights.get(n), s) for n, s in gshapes.items()]
-        for i, spec in enumerate(lshapes):
-            items += [(f"layers[{i}].{n}", self.layers[i].get(n), s) for n, s in spec.items()]
-        for name, t, (shape, kind) in items:
-            if t is None:
-                raise ValueError(f"GptOss: weight {name} is missing")
-            want = torch.uint8 if kind == _U8 else self.dtype
-            if tuple(t.shape) != tuple(shape) or t.dtype != want:
-                raise ValueError(f"GptOss: weight {name} is {t.dtype} {tuple(t.shape)}, expected {want} {tuple(shape)}")
-
     @classmethod
     def from_pretrained(cls, path, device=None, dtype: torch.dtype = torch.bfloat16, *, progress: bool = True) -> "GptOss":
         """Load a checkpoint folder (HF MXFP4, HF bf16, or original layout; see loader.py).
@@ -143,35 +104,10 @@ class GptOss:
 
     @classmethod
     def from_config(cls, config: GptOssConfig, device=None, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> "GptOss":
-        """Random weights generated on ``device`` (for benchmarks and tests).
-
-        MXFP4 bytes are drawn directly with ``torch.randint`` (uniform codes) with scale bytes in
-        118..122 (2^-9..2^-5, giving activations of a sane size); no bf16 copy of the experts ever
-        exists. Float weights ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2), biases and sinks small.
-        """
+        """Random weights generated on ``device`` (for benchmarks and tests; ``weights.random_weights``:
+        MXFP4 bytes drawn directly, no bf16 copy of the experts ever exists)."""
         device = _default_device(device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-
-        def rnd(shape, std, mean=0.0):
-            t = torch.randn(shape, dtype=dtype, device=device, generator=gen)
-            return t.mul_(std).add_(mean) if mean else t.mul_(std)
-
-        def make(name, shape, kind):
-            if kind == _U8:
-                lo, hi = (118, 123) if name.endswith("scales") else (0, 256)
-                return torch.randint(lo, hi, shape, dtype=torch.uint8, device=device, generator=gen)
-            if name in ("norm", "attn_norm", "mlp_norm"):
-                return rnd(shape, 0.1, 1.0)
-            if name == "sinks":
-                return rnd(shape, 1.0)
-            if name.endswith("_b") or name.endswith("bias"):
-                return rnd(shape, 0.02)
-            return rnd(shape, shape[-1] ** -0.5)
-
-        gshapes, lshapes = weight_shapes(config)
-        weights = {n: make(n, s, k) for n, (s, k) in gshapes.items()}
-        layers = [{n: make(n, s, k) for n, (s, k) in spec.items()} for spec in lshapes]
+        weights, layers = random_weights(config, device, seed, dtype)
         return cls(config, weights, layers, device=device, dtype=dtype)
 
     def to(self, device) -> "GptOss":
@@ -229,8 +165,8 @@ class GptOss:
         fits = the weights, workspaces and rings fit.
         """
         gshapes, lshapes = weight_shapes(config)
-        weights_bytes = sum(_nbytes(s, k, weight_dtype_bytes) for s, k in gshapes.values())
-        weights_bytes += sum(_nbytes(s, k, weight_dtype_bytes) for spec in lshapes for s, k in spec.values())
+        weights_bytes = sum(nbytes(s, k, weight_dtype_bytes) for s, k in gshapes.values())
+        weights_bytes += sum(nbytes(s, k, weight_dtype_bytes) for spec in lshapes for s, k in spec.values())
         ws = GptOss.workspace_bytes(config, batch, prefill_chunk)["total"]
         per_layer_token = 2 * config.num_key_value_heads * config.head_dim * kv_dtype_bytes
         n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
