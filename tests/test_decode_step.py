@@ -1,6 +1,6 @@
-"""The fast decode path's pieces on the CPU (issue 11): the static-buffer decode step and its
-sampler, the look-ahead token read-back, the memory plan of a request (120b arithmetic), the
-decode-step byte table of the profile; and on a GPU: the CUDA-graph step against the eager
+"""The fast decode path's pieces on the CPU: the static-buffer decode step and its sampler, the
+look-ahead token read-back, the decode-step byte table of the profile (the memory plan:
+tests/test_memory.py); and on a GPU: the CUDA-graph step against the eager
 step on kernel shapes, and the 120b profile.
 
 First GPU run: `pytest -q -s tests/test_decode_step.py -m gpu` then
@@ -18,7 +18,7 @@ import torch
 from gptoss_kernels import GptOss, GptOssConfig, _lib
 from gptoss_kernels.bench import e2e
 from gptoss_kernels.bench.shapes import ModelShape
-from gptoss_kernels.model import MemoryPlanError, _TokenRing
+from gptoss_kernels.model import _TokenRing
 
 from .kernel_device import DEV, ON_GPU
 
@@ -328,51 +328,6 @@ def test_token_ring_cpu():
     assert [r.pop(), r.pop()] == [[2, 2], [5, 5]]
     with pytest.raises(AssertionError, match="underrun"):
         r.pop()
-
-
-# ---------------------------------------------------------------------------------------------
-# memory plan
-# ---------------------------------------------------------------------------------------------
-
-def test_memory_plan_requests_120b_on_80gb():
-    cfg = GptOssConfig.gpt_oss_120b()
-    G = 80e9
-    one = GptOss.memory_plan(cfg, G, batch=1, context=131072)
-    kv = (18 * 131072 + 18 * 128) * 2 * 8 * 64 * 2        # full layers the context, sliding the ring
-    assert one["kv_cache_bytes"] == kv == GptOss.kv_cache_bytes(cfg, 1, 131072)
-    assert one["need_bytes"] == 65_248_815_744 + one["workspace_bytes"] + one["reserve_bytes"] + kv
-    assert one["fits"]                                      # ≈ 72 GB: the longest context fits at batch 1
-    assert not GptOss.memory_plan(cfg, G, batch=4, context=131072)["fits"]    # 4 x 4.8 GB of KV: no
-    assert GptOss.memory_plan(cfg, G, batch=4, context=32768)["fits"]
-    assert GptOss.memory_plan(cfg, G, batch=64, context=4096)["fits"]         # ≈ 10 GB of KV
-    assert not GptOss.memory_plan(cfg, G, batch=64, context=8192)["fits"]     # ≈ 19.6 GB of KV
-    assert not GptOss.memory_plan(cfg, G, batch=1, context=131073)["fits"]    # past max_position_embeddings
-    # the workspaces: one 2048-token prefill chunk dominates (~0.63 GB); the decode step ~18 MB at batch 1
-    ws = GptOss.workspace_bytes(cfg, 1)
-    assert 0.5e9 < ws["prefill"] < 0.8e9 and ws["decode"] < 20e6
-    assert GptOss.workspace_bytes(cfg, 64)["decode"] < 1.2e9
-    # a plan's tokens_fit agrees with the request check at the boundary
-    p = GptOss.memory_plan(cfg, G, batch=2)
-    ctx = p["tokens_per_sequence"]
-    assert GptOss.memory_plan(cfg, G, batch=2, context=min(ctx, 131072))["fits"]
-    assert not GptOss.memory_plan(cfg, G, batch=2, context=ctx + 16)["fits"]
-    assert "positions per sequence" in GptOss.format_memory_plan(one)
-    # 20b: 12 full layers, 24 KiB of KV per position: 16 x 131072 positions (51.5 GB) fit, 32 do not
-    twenty = GptOss.memory_plan(GptOssConfig.gpt_oss_20b(), G, batch=32, context=131072)
-    assert twenty["weights_bytes"] == 13_761_264_768 and twenty["fits"] is False
-    assert GptOss.memory_plan(GptOssConfig.gpt_oss_20b(), G, batch=16, context=131072)["fits"]
-
-
-def test_check_memory_refuses_cleanly(m32):
-    # the tiny fp32 model: KV per position 1 full layer x 2 x 2 x 16 x 4 B = 256 B
-    plan = m32.plan_request(1, 300)
-    assert plan["fits"] and plan["context"] == 512          # the cache is rounded to 256 positions
-    need_beside_weights = plan["need_bytes"] - plan["weights_bytes"]
-    m32.check_memory(1, 300, available_bytes=need_beside_weights)
-    with pytest.raises(MemoryPlanError, match="do not fit"):
-        m32.check_memory(1, 300, available_bytes=need_beside_weights - 1)
-    with pytest.raises(MemoryPlanError, match="at most"):
-        m32.check_memory(8, 100_000, available_bytes=need_beside_weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,18 +666,6 @@ def test_profile_runs_on_gpu(capsys):
     assert prof["mode"] == "gpu"
     assert all(r["us"] > 0 and math.isfinite(r["us"]) for r in prof["rows"])
     assert prof["summary"]["step2_graph"]
-
-
-def test_cli_refuses_a_request_that_does_not_fit(capsys):
-    import argparse
-
-    from gptoss_kernels.cli_generate import _friendly
-
-    def cmd(args):
-        raise MemoryPlanError("1 sequence(s) x 999999 positions do not fit")
-
-    assert _friendly(cmd)(argparse.Namespace(command="generate")) == 2
-    assert "do not fit" in capsys.readouterr().err
 
 
 def test_dataclass_replace_keeps_config_valid():
