@@ -1,6 +1,6 @@
-"""The fast decode path's pieces on the CPU: the static-buffer decode step and its sampler, the
-look-ahead token read-back, the decode-step byte table of the profile (the memory plan:
-tests/test_memory.py); and on a GPU: the CUDA-graph step against the eager
+"""The fast decode path's pieces on the CPU: the static-buffer decode step, the look-ahead token
+read-back, the decode-step byte table of the profile (the sampler: tests/test_sampling.py; the
+memory plan: tests/test_memory.py); and on a GPU: the CUDA-graph step against the eager
 step on kernel shapes, and the 120b profile.
 
 First GPU run: `pytest -q -s tests/test_decode_step.py -m gpu` then
@@ -36,7 +36,7 @@ def m32():
 
 
 # ---------------------------------------------------------------------------------------------
-# the step and the sampler (CPU)
+# the step (CPU)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -85,49 +85,6 @@ def test_unfused_decode_step_gives_the_same_logits():
     m.fused_decode = True
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
     assert all(torch.equal(a, b) for a, b in zip(out[True][2], out[False][2]))
-
-
-def test_noise_is_exponential_and_counter_based():
-    b = {"rowoff": (torch.arange(3) * 50000).unsqueeze(1), "vidx": torch.arange(50000),
-         "seed": torch.tensor([123]), "counter": torch.tensor([0])}
-    n0 = GptOss._noise(b, 3)
-    assert n0.shape == (3, 50000) and n0.dtype == torch.float32 and torch.isfinite(n0).all() and (n0 > 0).all()
-    # Exp(1): mean 1, P(X > 1) = e^-1 (150k draws: standard errors ~0.003 and ~0.0013)
-    assert abs(n0.mean().item() - 1.0) < 0.02
-    assert abs((n0 > 1).float().mean().item() - math.exp(-1)) < 0.01
-    assert torch.equal(n0, GptOss._noise(b, 3))                         # deterministic
-    b["counter"] += 1
-    n1 = GptOss._noise(b, 3)
-    assert (n1 != n0).float().mean() > 0.99                              # fresh draws per step
-    assert abs(torch.corrcoef(torch.stack([n0.flatten(), n1.flatten()]))[0, 1].item()) < 0.02
-    assert (n0[0] != n0[1]).float().mean() > 0.99                        # rows differ
-
-
-def test_sampler_frequencies_match_probabilities():
-    """2000 draws of the exponential-trick sampler from fixed logits: frequencies within 5
-    standard errors of softmax(logits / T); top_p keeps the smallest prefix reaching p."""
-    V, N = 6, 2000
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
-    b = {"tok": torch.zeros(1, dtype=torch.int64), "temperature": torch.tensor([0.8]), "top_p": torch.tensor([1.0]),
-         "seed": torch.tensor([7]), "counter": torch.tensor([0]), "vidx": torch.arange(V),
-         "rowoff": torch.zeros(1, 1, dtype=torch.int64)}
-    sampler = GptOss._sample_into
-    counts = torch.zeros(V)
-    for _ in range(N):
-        sampler(logits, "sample", b)
-        counts[int(b["tok"])] += 1
-    assert int(b["counter"]) == N
-    p = torch.softmax(logits[0] / 0.8, -1)
-    se = (p * (1 - p) / N).sqrt()
-    assert ((counts / N - p).abs() <= 5 * se + 1e-3).all(), (counts / N, p)
-    b["top_p"].fill_(0.7)          # p sorted: 0.60, 0.17, ... -> the prefix {0, 1} reaches 0.7
-    seen = set()
-    for _ in range(300):
-        sampler(logits, "top_p", b)
-        seen.add(int(b["tok"]))
-    assert seen == {0, 1}
-    sampler(logits, "greedy", b)
-    assert int(b["tok"]) == 0
 
 
 def test_sampling_seeded_and_lookahead_independent(m32):
@@ -204,39 +161,6 @@ def test_capture_warmup_step_leaves_the_results_unchanged(m32, monkeypatch, temp
     m32.prepare_decode(2, 7 + 7, temperature=temperature, top_p=top_p)
     assert m32.generate(ps, 7, **kw) == want
     m32.release_cache()
-
-
-def test_top_p_keeps_smallest_prefix_and_orders_ties_by_id():
-    """top_p keeps token i iff the mass before it is < top_p (the smallest prefix reaching it, an
-    exact tie at the boundary included); tied probabilities are ranked by vocab id (stable sort),
-    so the per-rank noise gives the same draw on every device."""
-    V = 4
-    b = {"tok": torch.zeros(1, dtype=torch.int64), "temperature": torch.tensor([1.0]), "top_p": torch.tensor([0.5]),
-         "seed": torch.tensor([3]), "counter": torch.tensor([0]), "vidx": torch.arange(V),
-         "rowoff": torch.zeros(1, 1, dtype=torch.int64)}
-    logits = torch.tensor([[0.0, 0.0, -float("inf"), -float("inf")]])   # p = 0.5, 0.5 exactly
-    seen = set()
-    for _ in range(200):
-        GptOss._sample_into(logits, "top_p", b)
-        seen.add(int(b["tok"]))
-    assert seen == {0}                      # {0} already reaches 0.5: token 1 is not kept
-    b["top_p"].fill_(0.75)
-    seen.clear()
-    for _ in range(200):
-        GptOss._sample_into(logits, "top_p", b)
-        seen.add(int(b["tok"]))
-    assert seen == {0, 1}
-    # all-tied row: the sorted order is the vocab order, so the draw equals the plain sampler's
-    # draw with the same noise (rank r holds vocab id r)
-    flat = torch.zeros(1, V)
-    b["top_p"].fill_(0.999)
-    for c in range(20):
-        b["counter"].fill_(c)
-        GptOss._sample_into(flat, "top_p", b)
-        got = int(b["tok"])
-        b["counter"].fill_(c)
-        GptOss._sample_into(flat, "sample", b)
-        assert got == int(b["tok"])
 
 
 @pytest.mark.parametrize("trial", range(6))
@@ -580,54 +504,6 @@ def test_decode_step_has_no_host_sync(mode):
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert b["pos"].tolist() == [7, 11] and b["tok"].min() >= 0 and b["tok"].max() < 1024
-
-
-@pytest.mark.gpu
-@pytest.mark.cuda_only
-@pytest.mark.parametrize("mode", ["greedy", "sample", "top_p"])
-def test_sampler_full_vocab_no_sync_and_graph_replay_equals_eager(mode):
-    """The sampler at gpt-oss's vocabulary (201088: torch.sort takes its large-segment path there,
-    not the small in-register sort that the 1024-vocab model tests use) for a batch of 2: no host
-    sync (debug mode "error"), and a captured replay draws the same tokens as the eager sampler
-    at the same counter, the counter advancing on the device."""
-    V, B = 201088, 2
-    dev = "cuda"
-    b = {"tok": torch.zeros(B, dtype=torch.int64, device=dev),
-         "temperature": torch.full((1,), 0.8, device=dev), "top_p": torch.full((1,), 0.9, device=dev),
-         "seed": torch.full((1,), 5, dtype=torch.int64, device=dev),
-         "counter": torch.zeros(1, dtype=torch.int64, device=dev),
-         "vidx": torch.arange(V, dtype=torch.int64, device=dev),
-         "rowoff": (torch.arange(B, dtype=torch.int64, device=dev) * V).unsqueeze(1)}
-    logits = torch.randn(B, V, device=dev) * 3
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        GptOss._sample_into(logits, mode, b)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    eager = []
-    for c in range(3):
-        b["counter"].fill_(c)
-        GptOss._sample_into(logits, mode, b)
-        eager.append(b["tok"].tolist())
-    if mode == "greedy":
-        assert eager[0] == torch.argmax(logits, -1).tolist()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        GptOss._sample_into(logits, mode, b)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        GptOss._sample_into(logits, mode, b)
-    b["counter"].zero_()
-    got = []
-    for _ in range(3):
-        b["tok"].fill_(-1)
-        g.replay()
-        got.append(b["tok"].tolist())
-    assert got == eager
-    assert int(b["counter"]) == (0 if mode == "greedy" else 3)
 
 
 @pytest.mark.gpu

@@ -115,7 +115,7 @@ def test_the_graph_sees_the_imports():
     """The walk finds what the modules import (else an empty graph would pass)."""
     g = import_graph()
     assert {"gptoss_kernels.model", "gptoss_kernels.loader", "gptoss_kernels.memory",
-            "gptoss_kernels.weights"} <= set(g)
+            "gptoss_kernels.sampling", "gptoss_kernels.weights"} <= set(g)
     assert "gptoss_kernels.weights" in g["gptoss_kernels.model"]
     assert "gptoss_kernels.loader" in g["gptoss_kernels.model"]          # deferred, inside from_pretrained
     assert "gptoss_kernels.weights" in g["gptoss_kernels.loader"]
@@ -134,7 +134,7 @@ def test_no_import_circle():
 
 
 def test_the_model_rooms_import_downwards():
-    """loader, memory, weights and config never import the model."""
+    """loader, memory, sampling, weights and config never import the model."""
     g = import_graph()
-    for mod in ("loader", "memory", "weights", "config"):
+    for mod in ("loader", "memory", "sampling", "weights", "config"):
         assert "gptoss_kernels.model" not in g[f"gptoss_kernels.{mod}"], mod

@@ -1,19 +1,19 @@
 """The thin gpt-oss model: weights in the checkpoint layout, a forward pass and generation built
 from this package's public ops (``gptoss_kernels.ops``: rms_norm fused with the residual add,
 linear, rope_qkv / rope_and_cache_append, attention_prefill / attention_decode, cache_append,
-router_topk, moe_mxfp4) plus ``F.embedding`` / ``index_select`` and torch for sampling.
+router_topk, moe_mxfp4) plus ``F.embedding`` / ``index_select``; sampling.py samples the tokens.
 
 On CUDA the ops run the kernels; on CPU they run the reference. The ops take bf16 activations;
 a model loaded with ``dtype=torch.float32`` (CPU, for tight comparisons in tests) calls the same
 reference functions the ops call on the CPU, without the bf16 argument checks.
 
-Decode (issue 11): one token per sequence per step, every op writing into static buffers
+Decode: one token per sequence per step, every op writing into static buffers
 (``_decode_buffers``: the bf16 residual stream updated in place, fp32 logits, the sampled ids),
 the position / length / draw counter advanced on the device, so that the whole step (layers,
-unembedding, greedy or seeded top-p sampling) is one CUDA graph replayed per token with no host
-synchronisation; the host reads the sampled ids through a pinned ring ``decode_lookahead``
-steps behind the device (stop checks). ``memory_plan`` / ``check_memory``: what fits one card;
-a request that does not raises MemoryPlanError before allocating.
+unembedding, greedy or seeded top-p sampling: sampling.py) is one CUDA graph replayed per token
+with no host synchronisation; the host reads the sampled ids through a pinned ring
+``decode_lookahead`` steps behind the device (stop checks). ``memory_plan`` / ``check_memory``
+(memory.py): what fits one card; a request that does not raises MemoryPlanError before allocating.
 
 Weights (``GptOss.layers[i]`` dicts and ``GptOss.weights``): names, shapes and kinds in weights.py.
 
@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _lib, memory, ops, reference
+from . import _lib, memory, ops, reference, sampling
 from .config import GptOssConfig
 from .memory import MemoryPlanError
 from .weights import check_weights, random_weights, weight_shapes
@@ -440,12 +440,7 @@ class GptOss:
             "o": z(B, c.num_attention_heads, c.head_dim), "proj": z(B, H), "moe": z(B, H),
             "ids": z(B, k, dtype=torch.int32), "wts": z(B, k, dtype=torch.float32),
             "logits": z(B, V, dtype=torch.float32),
-            # sampling state (device scalars: the captured graph reads them at replay)
-            "temperature": torch.ones(1, dtype=torch.float32, device=dev),
-            "top_p": torch.ones(1, dtype=torch.float32, device=dev),
-            "seed": z(1, dtype=torch.int64), "counter": z(1, dtype=torch.int64),
-            "vidx": torch.arange(V, dtype=torch.int64, device=dev),
-            "rowoff": (torch.arange(B, dtype=torch.int64, device=dev) * V).unsqueeze(1),
+            **sampling.sampling_buffers(B, V, dev),     # the sampler's state (sampling.py)
         }
 
     def _decode_step(self, st: dict, mode: str) -> None:
@@ -463,7 +458,7 @@ class GptOss:
 
         h = self._layers(b["x"], attend, buf=b)
         self._unembed(h, out=b["logits"])
-        self._sample_into(b["logits"], mode, b)
+        sampling.sample_into(b["logits"], mode, b)
         b["pos"].add_(1)
         b["seqlens"].add_(1)
 
@@ -471,49 +466,6 @@ class GptOss:
         """The model's CUDA device made current (graph capture and replay, the token ring's events
         and the ops' current streams all follow torch's current device), or nothing on the CPU."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-
-    @staticmethod
-    def _sample_mode(temperature: float, top_p: float) -> str:
-        return "greedy" if temperature <= 0.0 else ("top_p" if top_p < 1.0 else "sample")
-
-    @staticmethod
-    def _noise(b: dict, B: int) -> torch.Tensor:
-        """Exp(1) noise float32 [B, V] from a counter-based hash of (seed, counter, row, vocab id):
-        device-only integer ops, so a captured graph draws fresh noise at each replay (the counter
-        advances on the device) and a seed gives the same tokens on every device. All products stay
-        below 2^63 (32-bit values times 31-bit constants)."""
-        M = 0xFFFFFFFF
-        x = b["rowoff"][:B] + b["vidx"]
-        h = (x + b["seed"] * 0x9E3779B + b["counter"] * 0x632BE5AB) & M
-        for c in (0x7FEB352D, 0x68E31DA5, 0x2C1B3C6D):
-            h = ((h ^ (h >> 16)) * c) & M
-        h = h ^ (h >> 16)
-        u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)    # (0, 1)
-        return -torch.log(u)
-
-    @staticmethod
-    def _sample_into(logits: torch.Tensor, mode: str, b: dict) -> None:
-        """Sample one token per row of logits float32 [B, V] into b["tok"] on the device, no host
-        sync. greedy: argmax. sample/top_p: softmax(logits / temperature) (then the smallest
-        prefix of the sorted probabilities reaching top_p) sampled with the exponential trick,
-        argmax(p / Exp(1)); the draw counter advances."""
-        tok = b["tok"]
-        if mode == "greedy":
-            _argmax(logits, tok)
-            return
-        probs = torch.softmax(logits / b["temperature"], dim=-1)
-        noise = GptOss._noise(b, logits.shape[0])
-        if mode == "top_p":
-            # stable: tied probabilities keep vocab order on every device (the noise is drawn per rank)
-            p_sorted, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-            # keep token i iff the mass before it is below top_p: the smallest prefix reaching top_p
-            # (the first token is always kept for top_p > 0)
-            drop = (torch.cumsum(p_sorted, -1) - p_sorted) >= b["top_p"]
-            j = (p_sorted.masked_fill(drop, 0.0) / noise).argmax(-1, keepdim=True)
-            tok.copy_(idx.gather(-1, j).squeeze(-1))
-        else:
-            _argmax(probs / noise, tok)
-        b["counter"].add_(1)
 
     @staticmethod
     def _normalize_prompts(prompt_ids) -> tuple[list[list[int]], bool]:
@@ -553,7 +505,7 @@ class GptOss:
         if max_len > c.max_position_embeddings:
             warnings.warn(f"generating up to position {max_len} > max_position_embeddings {c.max_position_embeddings}")
         stops = set(stop_token_ids or ())
-        mode = self._sample_mode(temperature, top_p)
+        mode = sampling.sample_mode(temperature, top_p)
         if seed is None:
             seed = int(torch.randint(0, 2 ** 31 - 1, ()))
 
@@ -562,11 +514,8 @@ class GptOss:
             st = self._decode_state(B, max_len)
             b = st["buf"]
             logits = self._prefill(prompts, st["caches"])
-            b["temperature"].fill_(max(float(temperature), 1e-6))
-            b["top_p"].fill_(float(top_p))
-            b["seed"].fill_(int(seed) & 0x7FFFFFFF)
-            b["counter"].zero_()
-            self._sample_into(logits, mode, b)
+            sampling.set_params(b, temperature, top_p, seed)
+            sampling.sample_into(logits, mode, b)
             b["pos"].copy_(torch.tensor(lens, dtype=torch.int32))
             b["seqlens"].copy_(b["pos"] + 1)
             step = self._step_fn(st, mode)
@@ -624,7 +573,7 @@ class GptOss:
         capture's warm-up step writes slot 0 of each cache row, which every prefill rewrites."""
         with torch.inference_mode(), self._on_device():
             st = self._decode_state(batch, max_len)
-            mode = self._sample_mode(temperature, top_p)
+            mode = sampling.sample_mode(temperature, top_p)
             if mode not in st["steps"]:
                 b = st["buf"]
                 b["pos"].zero_()
@@ -692,16 +641,6 @@ class GptOss:
                 if t is not None:
                     out[b].append(t)
         return out[0] if single else out
-
-
-def _argmax(x: torch.Tensor, out: torch.Tensor) -> None:
-    """out int64 [B] = argmax over the last dim of float32 x [B, V] (torch.argmax's order): the
-    package's two-pass device reduction when this version has it, else torch."""
-    fn = getattr(ops, "greedy_argmax", None)
-    if fn is not None and x.dtype == torch.float32:
-        fn(x, out=out)
-    else:
-        torch.argmax(x, dim=-1, out=out)
 
 
 class _TokenRing:
