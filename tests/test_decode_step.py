@@ -1,7 +1,8 @@
-"""The fast decode path's pieces on the CPU: the static-buffer decode step, the look-ahead token
-read-back, the decode-step byte table of the profile (the sampler: tests/test_sampling.py; the
-memory plan: tests/test_memory.py); and on a GPU: the CUDA-graph step against the eager
-step on kernel shapes, and the 120b profile.
+"""The model's decode step on the CPU: the static-buffer step (GptOss.decode_step, run by the
+engine with its sampling) against the forward pass, fused against separate ops, the decode-step
+byte table of the profile; and on a GPU: the CUDA-graph step against the eager step on kernel
+shapes, against the CPU reference, and the 120b profile. The sampler: tests/test_sampling.py;
+the generation loop and token ring: tests/test_generation.py; the memory plan: tests/test_memory.py.
 
 First GPU run: `pytest -q -s tests/test_decode_step.py -m gpu` then
 `python -m gptoss_kernels.bench.e2e --profile` (the per-op table).
@@ -18,7 +19,6 @@ import torch
 from gptoss_kernels import GptOss, GptOssConfig, _lib
 from gptoss_kernels.bench import e2e
 from gptoss_kernels.bench.shapes import ModelShape
-from gptoss_kernels.model import _TokenRing
 
 from .kernel_device import DEV, ON_GPU
 
@@ -28,11 +28,6 @@ def tiny(**kw) -> GptOssConfig:
                 intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
     base.update(kw)
     return GptOssConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def m32():
-    return GptOss.from_config(tiny(), device="cpu", seed=1, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,19 +43,39 @@ def test_static_step_equals_forward_logits(dtype):
     m = GptOss.from_config(tiny(), device="cpu", seed=2, dtype=dtype)
     prompt = [3, 14, 15, 92, 65, 35, 8, 9, 7]     # 9 > window 4: the ring has wrapped
     with torch.inference_mode():
-        st = m._decode_state(1, 16)
-        m._prefill([prompt], st["caches"])
+        st = m.engine.decode_state(1, 16)
+        m.engine.prefill([prompt], st["caches"])
         b = st["buf"]
         b["tok"].fill_(11)
         b["pos"].fill_(len(prompt))
         b["seqlens"].fill_(len(prompt) + 1)
-        m._decode_step(st, "greedy")
+        m.engine.step(st, "greedy")
         ref = m(torch.tensor([prompt + [11]]))[0, -1]
     got = b["logits"][0]
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
     assert int(b["tok"][0]) == int(got.argmax())
     assert int(b["pos"][0]) == len(prompt) + 1 and int(b["seqlens"][0]) == len(prompt) + 2
+    m.release_cache()
+
+
+def test_model_decode_step_computes_logits_only():
+    """GptOss.decode_step is the layers alone: logits into buf.logits, the cache slot at pos
+    written; the token, positions and sampler state are the engine's (left as they were)."""
+    m = GptOss.from_config(tiny(), device="cpu", seed=3, dtype=torch.float32)
+    prompt = [7, 1, 8, 2, 8]
+    with torch.inference_mode():
+        st = m.engine.decode_state(1, 16)
+        m.engine.prefill([prompt], st["caches"])
+        b = st["buf"]
+        b["tok"].fill_(4)
+        b["pos"].fill_(len(prompt))
+        b["seqlens"].fill_(len(prompt) + 1)
+        m.decode_step(b, st["caches"])
+        ref = m(torch.tensor([prompt + [4]]))[0, -1]
+    assert ((b["logits"][0] - ref).norm() / ref.norm()).item() < 1e-5
+    assert int(b["tok"]) == 4 and int(b["pos"]) == len(prompt) and int(b["seqlens"]) == len(prompt) + 1
+    assert int(b["counter"]) == 0
     m.release_cache()
 
 
@@ -74,184 +89,17 @@ def test_unfused_decode_step_gives_the_same_logits():
     with torch.inference_mode():
         for fused in (True, False):
             m.fused_decode = fused
-            st = m._decode_state(2, 16)
-            m._prefill([prompt, prompt[:4]], st["caches"])
+            st = m.engine.decode_state(2, 16)
+            m.engine.prefill([prompt, prompt[:4]], st["caches"])
             b = st["buf"]
             b["tok"].copy_(torch.tensor([11, 12]))
             b["pos"].copy_(torch.tensor([6, 4], dtype=torch.int32))
             b["seqlens"].copy_(torch.tensor([7, 5], dtype=torch.int32))
-            m._decode_step(st, "greedy")
+            m.engine.step(st, "greedy")
             out[fused] = (b["logits"].clone(), b["tok"].clone(), [kv[0].clone() for kv in st["caches"]])
     m.fused_decode = True
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
     assert all(torch.equal(a, b) for a, b in zip(out[True][2], out[False][2]))
-
-
-def test_sampling_seeded_and_lookahead_independent(m32):
-    prompt = [5, 6, 7, 8, 9]
-    base = m32.generate(prompt, 10, temperature=1.0, top_p=0.95, seed=3)
-    assert base == m32.generate(prompt, 10, temperature=1.0, top_p=0.95, seed=3)
-    assert base != m32.generate(prompt, 10, temperature=1.0, top_p=0.95, seed=4)
-    greedy = m32.generate(prompt, 10)
-    saved = m32.decode_lookahead
-    try:
-        for la in (0, 1, 5):
-            m32.decode_lookahead = la
-            assert m32.generate(prompt, 10, temperature=1.0, top_p=0.95, seed=3) == base
-            assert m32.generate(prompt, 10) == greedy
-            stop = greedy[3]
-            assert m32.generate(prompt, 10, stop_token_ids=[stop]) == greedy[:greedy.index(stop) + 1]
-    finally:
-        m32.decode_lookahead = saved
-
-
-def test_stream_runs_exactly_the_needed_steps(m32, monkeypatch):
-    """max_new_tokens tokens need max_new_tokens - 1 decode steps whatever the look-ahead."""
-    calls = []
-    real = GptOss._decode_step
-
-    def counting(self, st, mode):
-        calls.append(mode)
-        return real(self, st, mode)
-
-    monkeypatch.setattr(GptOss, "_decode_step", counting)
-    for n in (1, 2, 7):
-        calls.clear()
-        assert len(m32.generate([1, 2, 3], n)) == n
-        assert len(calls) == n - 1
-
-
-def test_prepare_decode_then_generate(m32):
-    m32.release_cache()
-    fresh = m32.generate([4, 5, 6, 7], 6)
-    m32.release_cache()
-    m32.prepare_decode(1, 10)
-    st = m32._state
-    assert st is not None and "greedy" in st["steps"]
-    assert m32.generate([4, 5, 6, 7], 6) == fresh
-    assert m32._state is st                    # the prepared state was used
-
-
-@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 0.9), (0.7, 1.0)])
-def test_capture_warmup_step_leaves_the_results_unchanged(m32, monkeypatch, temperature, top_p):
-    """What _capture does on CUDA, emulated on the CPU: a real warm-up step at the state's current
-    positions, then tok/pos/seqlens/counter restored (the cache keeps the warm-up's writes, the
-    same values the first real step writes). Tokens must equal a run without the warm-up, for a
-    batch of two prompts whose sliding rings (window 4) have wrapped, in every sampling mode; and
-    prepare_decode's warm-up at position 0 before the prefill must not matter either."""
-    ps = [[5, 6, 7, 8, 9, 10, 11], [3, 1, 4]]
-    kw = dict(temperature=temperature, top_p=top_p, seed=11)
-    m32.release_cache()
-    want = m32.generate(ps, 7, **kw)
-    real_step_fn = GptOss._step_fn
-
-    def step_fn_with_warmup(self, st, mode):
-        if mode not in st["steps"]:
-            b = st["buf"]
-            saved = {n: b[n].clone() for n in ("tok", "pos", "seqlens", "counter")}
-            self._decode_step(st, mode)
-            for n, t in saved.items():
-                b[n].copy_(t)
-        return real_step_fn(self, st, mode)
-
-    monkeypatch.setattr(GptOss, "_step_fn", step_fn_with_warmup)
-    m32.release_cache()
-    assert m32.generate(ps, 7, **kw) == want
-    m32.release_cache()
-    m32.prepare_decode(2, 7 + 7, temperature=temperature, top_p=top_p)
-    assert m32.generate(ps, 7, **kw) == want
-    m32.release_cache()
-
-
-@pytest.mark.parametrize("trial", range(6))
-def test_stream_lookahead_bookkeeping(m32, monkeypatch, trial):
-    """The look-ahead read-back against a fake step (token = f(position, row)): for random
-    batches, lengths, look-aheads and stop sets, each sequence gets exactly its tokens up to and
-    including its first stop token, never more than max_new_tokens, one yield per step until all
-    stopped, and no more than max_new_tokens - 1 steps (at most decode_lookahead past the last read)."""
-    import random
-
-    rng = random.Random(trial)
-    V = m32.config.vocab_size
-    steps = []
-
-    def fake(self, st, mode):
-        b = st["buf"]
-        b["tok"].copy_((b["pos"].long() * 7 + b["seq_ids"].long() * 13 + 5) % V)
-        b["pos"].add_(1)
-        b["seqlens"].add_(1)
-        steps.append(1)
-
-    monkeypatch.setattr(GptOss, "_decode_step", fake)
-    saved = m32.decode_lookahead
-    try:
-        for _ in range(8):
-            steps.clear()
-            B = rng.randint(1, 3)
-            ps = [[rng.randrange(V) for _ in range(rng.randint(1, 6))] for _ in range(B)]
-            M = rng.randint(1, 9)
-            m32.decode_lookahead = rng.randint(0, 4)
-            first = m32.generate(ps, 1)
-            full = [[first[j][0]] + [(7 * (len(ps[j]) + n) + 13 * j + 5) % V for n in range(M - 1)] for j in range(B)]
-            stops = {rng.randrange(V) for _ in range(rng.randint(0, 3))} | {full[0][rng.randrange(M)]}
-            steps.clear()
-            yields = list(m32.stream(ps, M, stop_token_ids=sorted(stops)))
-            want = []
-            for j in range(B):
-                cut = next((n + 1 for n, t in enumerate(full[j]) if t in stops), M)
-                want.append(full[j][:cut])
-            assert len(yields) == max(len(w) for w in want) <= M
-            for j in range(B):
-                got = [y[j] for y in yields if y[j] is not None]
-                assert got == want[j]
-                assert all(y[j] is None for y in yields[len(want[j]):])
-            assert len(steps) <= min(M - 1, len(yields) - 1 + m32.decode_lookahead)
-    finally:
-        m32.decode_lookahead = saved
-
-
-def test_generate_equals_full_recompute_windows_chunks_batches():
-    """The static-buffer decode (graph disabled on the CPU) against full recomputation for many
-    (window, prompt lengths, prefill chunk, batch, look-ahead) combinations: rings that wrap in
-    prefill (chunks longer and shorter than the window) and in decode, several prompts packed per
-    chunk, and the cache reused between calls of one rounded length (stale entries never read).
-    fp32 so that argmax ties cannot flip."""
-    import random
-
-    rng = random.Random(0)
-    for W in (3, 5):
-        m = GptOss.from_config(tiny(sliding_window=W), device="cpu", seed=W, dtype=torch.float32)
-        m.cache_granularity = 16
-        for _ in range(5):
-            ps = [[rng.randrange(96) for _ in range(rng.randint(1, 11))] for _ in range(rng.randint(1, 3))]
-            n = rng.randint(1, 6)
-            m.prefill_chunk = rng.randint(1, 8)
-            m.decode_lookahead = rng.randint(0, 2)
-            want = []
-            for p in ps:
-                ids, out = list(p), []
-                with torch.inference_mode():
-                    for _ in range(n):
-                        out.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
-                        ids.append(out[-1])
-                want.append(out)
-            assert m.generate(ps, n) == want, (W, ps, n, m.prefill_chunk)
-
-
-def test_token_ring_cpu():
-    src = torch.zeros(2, dtype=torch.int64)
-    r = _TokenRing(src, depth=2)
-    for v in range(3):
-        src.fill_(v)
-        r.push()
-    with pytest.raises(AssertionError, match="overrun"):
-        r.push()
-    assert [r.pop(), r.pop()] == [[0, 0], [1, 1]]
-    src.fill_(5)
-    r.push()
-    assert [r.pop(), r.pop()] == [[2, 2], [5, 5]]
-    with pytest.raises(AssertionError, match="underrun"):
-        r.pop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +186,7 @@ def test_profile_op_calls_run_on_cpu():
     model on the CPU: their arguments satisfy the ops' checks, and every op of the byte table
     has a closure."""
     m = GptOss.from_config(tiny(), device="cpu", seed=0)
-    st = m._decode_state(1, 40)
+    st = m.engine.decode_state(1, 40)
     b = st["buf"]
     b["tok"].fill_(3)
     b["pos"].fill_(20)
@@ -392,7 +240,7 @@ def test_graph_decode_equals_eager_decode():
         out[graph] = (m.generate(p1, 24), m.generate([p1, p2], 12),
                       m.generate(p1, 12, temperature=1.0, top_p=0.9, seed=1))
         if graph:
-            assert m._graph is not None, "the decode step was not captured"
+            assert m.engine.graph is not None, "the decode step was not captured"
     assert out[True] == out[False]
 
 
@@ -456,7 +304,7 @@ def test_graph_decode_matches_cpu_reference():
     cpu = gpu.to("cpu")
     prompt = torch.randint(0, cfg.vocab_size, (_prompt_len(150),), generator=torch.Generator().manual_seed(1)).tolist()
     out = gpu.generate(prompt, 12)
-    assert gpu._graph is not None or not ON_GPU
+    assert gpu.engine.graph is not None or not ON_GPU
     _teacher_forced_check(gpu, cpu, prompt, out, min_separated=3)
 
 
@@ -476,7 +324,7 @@ def test_graph_decode_chunked_packed_prefill_matches_cpu_reference():
           for n in ((150, 40, 7) if ON_GPU else (30, 9, 3))]
     gpu.prefill_chunk = 64 if ON_GPU else 12
     outs = gpu.generate(ps, 6)
-    assert gpu._graph is not None or not ON_GPU
+    assert gpu.engine.graph is not None or not ON_GPU
     for p, out in zip(ps, outs):
         assert len(out) == 6
         _teacher_forced_check(gpu, cpu, p, out, min_separated=1)
@@ -490,7 +338,7 @@ def test_decode_step_has_no_host_sync(mode):
     any torch-level host synchronisation (.item(), nonzero, a pageable copy) raises."""
     m = GptOss.from_config(_kernel_cfg(), device="cuda", seed=0)
     m.prepare_decode(2, 300)              # buffers + cache, eager warm-up inside the capture
-    st = m._state
+    st = m.engine.state
     b = st["buf"]
     with torch.inference_mode():         # the buffers are inference tensors (made under inference_mode)
         b["pos"].copy_(torch.tensor([5, 9], dtype=torch.int32))
@@ -498,8 +346,8 @@ def test_decode_step_has_no_host_sync(mode):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            m._decode_step(st, mode)
-            m._decode_step(st, mode)
+            m.engine.step(st, mode)
+            m.engine.step(st, mode)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
@@ -516,14 +364,14 @@ def test_prefill_host_syncs_do_not_scale_with_layers():
     def count(layers: int) -> int:
         m = GptOss.from_config(_kernel_cfg(num_hidden_layers=layers), device="cuda", seed=0)
         m.prefill_chunk = 64
-        st = m._decode_state(1, 300)
+        st = m.engine.decode_state(1, 300)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 with torch.inference_mode():
-                    m._prefill([list(range(200))], st["caches"])
+                    m.engine.prefill([list(range(200))], st["caches"])
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(x.message) for x in w)

@@ -227,7 +227,7 @@ def test_cache_reuse_between_calls(models):
     m.release_cache()
     fresh = m.generate(b, 4)
     m.generate(a, 4)
-    assert m._state is not None
+    assert m.engine.state is not None
     assert m.generate(b, 4) == fresh
 
 
@@ -304,7 +304,7 @@ def test_cuda_decode_step_is_a_replayed_graph():
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         out = gpu.generate(prompt, _NEW)
-    assert gpu._graph is not None, f"decode step was not captured: {[str(x.message) for x in w]}"
+    assert gpu.engine.graph is not None, f"decode step was not captured: {[str(x.message) for x in w]}"
     assert gpu.generate(prompt, _NEW) == out                    # replaying the reused graph is deterministic
 
 
@@ -341,7 +341,7 @@ def test_cuda_120b_random_decode(capsys):
     assert abs(torch.cuda.memory_allocated() - base - plan["weights_bytes"]) < 0.01 * plan["weights_bytes"]
     prompt = list(range(1000, 1064))
     m.generate(prompt, 4)                                     # prefill, graph capture
-    assert m._graph is not None
+    assert m.engine.graph is not None
     torch.cuda.synchronize()
     stamps = [time.perf_counter() for _ in m.stream(prompt, 65, stop_token_ids=[])]
     steps = len(stamps) - 1

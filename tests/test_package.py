@@ -114,14 +114,13 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_sees_the_imports():
     """The walk finds what the modules import (else an empty graph would pass)."""
     g = import_graph()
-    assert {"gptoss_kernels.model", "gptoss_kernels.loader", "gptoss_kernels.memory",
-            "gptoss_kernels.sampling", "gptoss_kernels.weights"} <= set(g)
-    assert "gptoss_kernels.weights" in g["gptoss_kernels.model"]
-    assert "gptoss_kernels.loader" in g["gptoss_kernels.model"]          # deferred, inside from_pretrained
+    assert {"gptoss_kernels.model", "gptoss_kernels.loader", "gptoss_kernels.generation",
+            "gptoss_kernels.sampling", "gptoss_kernels.memory", "gptoss_kernels.weights"} <= set(g)
+    assert "gptoss_kernels.generation" in g["gptoss_kernels.model"]
+    assert "gptoss_kernels.loader" in g["gptoss_kernels.model"]
     assert "gptoss_kernels.weights" in g["gptoss_kernels.loader"]
     assert "gptoss_kernels.ops" in g["gptoss_kernels.loader"]            # deferred, inside load_checkpoint
-    assert "gptoss_kernels._build_info" in g["gptoss_kernels._lib"]
-    assert "gptoss_kernels" not in g["gptoss_kernels._lib"]              # `from . import _C`: a module
+    assert "gptoss_kernels" not in g["gptoss_kernels._lib"]    # `from . import _C, _build_info`: modules
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -134,7 +133,10 @@ def test_no_import_circle():
 
 
 def test_the_model_rooms_import_downwards():
-    """loader, memory, sampling, weights and config never import the model."""
+    """loader, memory, sampling, weights and generation never import the model; the model's
+    neighbours import nothing of generation or the CLI."""
     g = import_graph()
-    for mod in ("loader", "memory", "sampling", "weights", "config"):
+    for mod in ("loader", "memory", "sampling", "weights", "generation", "layer_ops", "config"):
         assert "gptoss_kernels.model" not in g[f"gptoss_kernels.{mod}"], mod
+    for mod in ("memory", "sampling", "weights", "layer_ops", "config"):
+        assert "gptoss_kernels.generation" not in g[f"gptoss_kernels.{mod}"], mod
