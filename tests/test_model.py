@@ -1,5 +1,6 @@
 """GptOss against transformers' GptOssForCausalLM on tiny random checkpoints (CPU), generation
-with the KV cache against full recomputation, from_config, and the 120b memory arithmetic.
+with the KV cache against full recomputation, from_config (the memory arithmetic:
+tests/test_memory.py).
 
 The tiny model: 2 layers (layer 0 sliding, layer 1 full), sliding_window 4, sequences of 13
 tokens (> 3 windows), 4 heads / 2 KV heads of 16 dims, 4 experts (top 2), random nonzero sinks,
@@ -205,23 +206,6 @@ def test_from_config_random_model():
     assert len(m.generate([1, 2, 3], 4)) == 4
 
 
-def test_memory_plan_120b_on_80gb():
-    cfg = GptOssConfig.gpt_oss_120b()
-    plan = GptOss.memory_plan(cfg, gpu_bytes=80e9, batch=1)
-    assert plan["weights_bytes"] == 65_248_815_744          # = the HF index total_size (spec §1.1)
-    assert plan["kv_bytes_per_token"] == 18 * 2 * 8 * 64 * 2  # 18 full layers, K+V, 8 heads x 64, bf16
-    assert plan["sliding_kv_bytes"] == 18 * 128 * 2 * 8 * 64 * 2
-    free = 80e9 - 65_248_815_744 - plan["workspace_bytes"] - plan["reserve_bytes"] - plan["sliding_kv_bytes"]
-    assert plan["tokens_fit"] == int(free // plan["kv_bytes_per_token"])
-    assert 300_000 < plan["tokens_fit"] < 350_000            # ~342k positions: a full 131072 context fits
-    assert plan["context_per_sequence"] == 131072 and plan["fits"]
-    four = GptOss.memory_plan(cfg, gpu_bytes=80e9, batch=4)
-    assert four["tokens_per_sequence"] == four["tokens_fit"] // 4
-    assert GptOss.memory_plan(GptOssConfig.gpt_oss_20b())["weights_bytes"] == 13_761_264_768
-    assert not GptOss.memory_plan(cfg, gpu_bytes=40e9)["fits"]
-    assert GptOss.memory_plan(cfg, gpu_bytes=40e9)["tokens_fit"] == 0
-
-
 def test_config_presets_and_validation():
     c = GptOssConfig.gpt_oss_20b()
     assert c.num_hidden_layers == 24 and c.num_experts == 32 and c.layer_types[:2] == ("sliding_attention", "full_attention")
@@ -243,7 +227,7 @@ def test_cache_reuse_between_calls(models):
     m.release_cache()
     fresh = m.generate(b, 4)
     m.generate(a, 4)
-    assert m._state is not None
+    assert m.engine.state is not None
     assert m.generate(b, 4) == fresh
 
 
@@ -320,7 +304,7 @@ def test_cuda_decode_step_is_a_replayed_graph():
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         out = gpu.generate(prompt, _NEW)
-    assert gpu._graph is not None, f"decode step was not captured: {[str(x.message) for x in w]}"
+    assert gpu.engine.graph is not None, f"decode step was not captured: {[str(x.message) for x in w]}"
     assert gpu.generate(prompt, _NEW) == out                    # replaying the reused graph is deterministic
 
 
@@ -357,7 +341,7 @@ def test_cuda_120b_random_decode(capsys):
     assert abs(torch.cuda.memory_allocated() - base - plan["weights_bytes"]) < 0.01 * plan["weights_bytes"]
     prompt = list(range(1000, 1064))
     m.generate(prompt, 4)                                     # prefill, graph capture
-    assert m._graph is not None
+    assert m.engine.graph is not None
     torch.cuda.synchronize()
     stamps = [time.perf_counter() for _ in m.stream(prompt, 65, stop_token_ids=[])]
     steps = len(stamps) - 1

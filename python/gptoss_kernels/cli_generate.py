@@ -60,7 +60,7 @@ def _friendly(cmd):
     checkpoint as one line (exit status 2), not a traceback."""
     def run(args):
         from .loader import CheckpointError
-        from .model import MemoryPlanError
+        from .memory import MemoryPlanError
         from .tokenizer import TokenizerError
 
         try:
@@ -172,7 +172,7 @@ class ChatSession:
 
 def _cmd_chat(args) -> int:
     from . import tokenizer
-    from .model import MemoryPlanError
+    from .memory import MemoryPlanError
 
     session = ChatSession(tokenizer.harmony_encoding(), args.reasoning_effort, args.developer)
     model = load_model(args)

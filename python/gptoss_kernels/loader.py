@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import GptOssConfig
-from .model import _U8, weight_shapes
+from .weights import UINT8, weight_shapes
 
 __all__ = ["CheckpointError", "detect_layout", "load_checkpoint", "hf_names", "original_names"]
 
@@ -56,7 +56,7 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class _Target:
     layer: int | None      # None: a global weight
-    key: str               # our weight name (model.py), or w1_dense / w2_dense
+    key: str               # our weight name (weights.py), or w1_dense / w2_dense
     part: str | None       # "q" / "k" / "v" for split projections
     shape: tuple
     kind: str              # "float" or "uint8"
@@ -224,9 +224,9 @@ def _check(headers: dict, expected: dict[str, _Target], cfg_desc: str) -> None:
         if shape != tuple(tgt.shape):
             raise CheckpointError(f"tensor {name} has shape {shape}, expected {tuple(tgt.shape)} from config.json "
                                   f"({_FIELDS.get(tgt.key, '')}; {cfg_desc}) [{os.path.basename(seen[name])}]")
-        if tgt.kind == _U8 and dt != "U8":
+        if tgt.kind == UINT8 and dt != "U8":
             raise CheckpointError(f"tensor {name} has dtype {dt}, expected U8 (MXFP4 bytes)")
-        if tgt.kind != _U8 and dt not in _FLOAT_DTYPES:
+        if tgt.kind != UINT8 and dt not in _FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name} has dtype {dt}, expected BF16 (or F16/F32)")
 
 
@@ -272,7 +272,7 @@ def load_checkpoint(path, device=None, dtype: torch.dtype = torch.bfloat16, prog
                 except Exception as e:
                     raise CheckpointError(f"{file}: cannot read tensor {name}: {e}") from e
                 dest = weights if tgt.layer is None else layers[tgt.layer]
-                if tgt.kind == _U8:
+                if tgt.kind == UINT8:
                     dest[tgt.key] = t.to(device)
                 elif tgt.key in ("w1_dense", "w2_dense"):
                     _quantize_dense(dest, tgt.key, t, device, mxfp4_quantize)
@@ -300,7 +300,7 @@ def load_checkpoint(path, device=None, dtype: torch.dtype = torch.bfloat16, prog
             if n not in layers[i]:
                 raise CheckpointError(f"layer {i}: weight {n} was not loaded")
         for n, (shape, kind) in spec.items():  # biases of dense experts etc. come in the model dtype
-            if kind != _U8 and layers[i][n].dtype != dtype:
+            if kind != UINT8 and layers[i][n].dtype != dtype:
                 layers[i][n] = layers[i][n].to(dtype)
     return cfg, weights, layers
 

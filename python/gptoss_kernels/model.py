@@ -1,71 +1,39 @@
-"""The thin gpt-oss model: weights in the checkpoint layout, a forward pass and generation built
+"""The thin gpt-oss model: weights in the checkpoint layout (weights.py) and the layer math, built
 from this package's public ops (``gptoss_kernels.ops``: rms_norm fused with the residual add,
 linear, rope_qkv / rope_and_cache_append, attention_prefill / attention_decode, cache_append,
-router_topk, moe_mxfp4) plus ``F.embedding`` / ``index_select`` and torch for sampling.
+router_topk, moe_mxfp4) plus ``F.embedding`` / ``index_select``: ``forward`` (every position, no
+cache), ``prefill`` (one chunk of prompts into the KV cache) and ``decode_step`` (one token per
+sequence on static buffers, capturable in a CUDA graph).
 
 On CUDA the ops run the kernels; on CPU they run the reference. The ops take bf16 activations;
 a model loaded with ``dtype=torch.float32`` (CPU, for tight comparisons in tests) calls the same
 reference functions the ops call on the CPU, without the bf16 argument checks.
 
-Decode (issue 11): one token per sequence per step, every op writing into static buffers
-(``_decode_buffers``: the bf16 residual stream updated in place, fp32 logits, the sampled ids),
-the position / length / draw counter advanced on the device, so that the whole step (layers,
-unembedding, greedy or seeded top-p sampling) is one CUDA graph replayed per token with no host
-synchronisation; the host reads the sampled ids through a pinned ring ``decode_lookahead``
-steps behind the device (stop checks). ``memory_plan`` / ``check_memory``: what fits one card;
-a request that does not raises MemoryPlanError before allocating.
-
-Weights (``GptOss.layers[i]`` dict, names after the original checkpoint):
-  attn_norm [H], qkv_w [(nq+2nkv)d, H], qkv_b, sinks [nq], out_w [H, nq d], out_b [H],
-  mlp_norm [H], gate_w [E, H], gate_b [E],
-  w1_blocks u8 [E, 2I, H/32, 16], w1_scales u8 [E, 2I, H/32], w1_bias [E, 2I] (gate/linear interleaved),
-  w2_blocks u8 [E, H, I/32, 16], w2_scales u8 [E, H, I/32], w2_bias [E, H];
-globals (``GptOss.weights``): embedding [V, H], norm [H], unembedding [V, H].
+Generation (``generate``, ``stream``, ``prepare_decode``: the decode state, CUDA-graph capture
+and replay, the token ring) is ``generation.DecodeEngine``, ``self.engine``; sampling is
+``sampling.py``; the memory plan (``memory_plan``, ``check_memory``: what fits one card) is
+``memory.py``. The model keeps thin methods for them.
 
 KV cache (DEVELOPERS.md): per layer bf16 [B, S, nkv, d], position p in slot p % S; sliding layers
 S = sliding_window (a ring), full layers S = longest prompt + max_new_tokens.
-
-Batches in ``generate``: ``prompt_ids`` may be a list of ints / LongTensor [1, T] (returns a list of
-new ids) or a list of lists / LongTensor [B, T] (returns one list per prompt). Prompts may differ
-in length: they are prefilled together (chunks of at most ``prefill_chunk`` tokens packed over
-sequences with cu_seqlens, each into its row of the batch cache), then all B
-sequences decode together, one token each per step, each at its own position (``cache_seqlens``
-per sequence). A sequence that hit a stop token stops collecting tokens; decoding ends when all
-have stopped or after ``max_new_tokens``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from . import _lib, ops, reference
+from . import memory, ops
 from .config import GptOssConfig
+from .generation import DecodeEngine
+from .layer_ops import LayerOps
+from .loader import load_checkpoint
+from .memory import MemoryPlanError
+from .weights import check_weights, random_weights, weight_shapes
 
 __all__ = ["GptOss", "GptOssConfig", "MemoryPlanError", "weight_shapes"]
-
-_FLOAT, _U8 = "float", "uint8"
-
-
-def weight_shapes(cfg: GptOssConfig) -> tuple[dict, list[dict]]:
-    """(globals, per-layer) dicts name -> (shape, kind), kind "float" (model dtype) or "uint8"."""
-    H, V, E, I = cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.intermediate_size
-    nq, d = cfg.num_attention_heads, cfg.head_dim
-    g = {"embedding": ((V, H), _FLOAT), "norm": ((H,), _FLOAT), "unembedding": ((V, H), _FLOAT)}
-    layer = {
-        "attn_norm": ((H,), _FLOAT), "qkv_w": ((cfg.qkv_dim, H), _FLOAT), "qkv_b": ((cfg.qkv_dim,), _FLOAT),
-        "sinks": ((nq,), _FLOAT), "out_w": ((H, nq * d), _FLOAT), "out_b": ((H,), _FLOAT),
-        "mlp_norm": ((H,), _FLOAT), "gate_w": ((E, H), _FLOAT), "gate_b": ((E,), _FLOAT),
-        "w1_blocks": ((E, 2 * I, H // 32, 16), _U8), "w1_scales": ((E, 2 * I, H // 32), _U8),
-        "w1_bias": ((E, 2 * I), _FLOAT),
-        "w2_blocks": ((E, H, I // 32, 16), _U8), "w2_scales": ((E, H, I // 32), _U8), "w2_bias": ((E, H), _FLOAT),
-    }
-    return g, [dict(layer) for _ in range(cfg.num_hidden_layers)]
 
 
 def _default_device(device) -> torch.device:
@@ -78,15 +46,21 @@ def _default_device(device) -> torch.device:
     return device
 
 
-def _nbytes(shape, kind, float_bytes):
-    return math.prod(shape) * (1 if kind == _U8 else float_bytes)
-
-
-class GptOss:
-    """gpt-oss for inference. Build with ``from_pretrained`` or ``from_config``."""
+class GptOss(LayerOps):
+    """gpt-oss for inference. Build with ``from_pretrained`` or ``from_config``. Each op of a layer
+    (``_norm``, ``_linear``, ``_rope``, ``_attend_*``, ``_cache_append``, ``_moe``) runs in the
+    model's dtype through ``LayerOps`` (layer_ops.py)."""
 
     #: tokens per prefill chunk (per sequence)
-    prefill_chunk: int = 2048
+    prefill_chunk: int = memory.PREFILL_CHUNK
+    #: decode steps queued ahead of the one whose tokens the host reads (stop checks): the GPU
+    #: never waits for the host between steps; a stop costs at most this many extra steps.
+    decode_lookahead: int = 2
+    #: full-layer cache length is rounded up to this, so that generate calls of similar lengths
+    #: reuse one cache and one captured CUDA graph
+    cache_granularity: int = 256
+    #: on CUDA, the decode step is captured once as a CUDA graph and replayed (False: run eagerly)
+    use_cuda_graph: bool = True
 
     def __init__(self, config: GptOssConfig, weights: dict, layers: list[dict], *, device=None,
                  dtype: torch.dtype = torch.bfloat16):
@@ -95,11 +69,9 @@ class GptOss:
         self.layers = layers
         self.dtype = dtype
         self.device = weights["embedding"].device   # where the weights actually are
-        self.use_cuda_graph = True
         self._fused_decode = True
-        self._graph = None
-        self._state = None   # the KV cache and captured decode step, reused by generate calls of the same shape
-        self._check_weights()
+        check_weights(config, weights, layers, dtype)
+        self.engine = DecodeEngine(self)   # the KV cache and captured decode step, reused between calls
 
     @property
     def fused_decode(self) -> bool:
@@ -112,66 +84,25 @@ class GptOss:
     def fused_decode(self, value: bool) -> None:
         if bool(value) != self._fused_decode:
             self._fused_decode = bool(value)
-            if self._state is not None:
-                self._state["steps"].clear()
-            self._graph = None
+            self.engine.drop_steps()
 
     # ------------------------------------------------------------------------------------------
     # construction
     # ------------------------------------------------------------------------------------------
-    def _check_weights(self):
-        gshapes, lshapes = weight_shapes(self.config)
-        items = [(n, self.weights.get(n), s) for n, s in gshapes.items()]
-        for i, spec in enumerate(lshapes):
-            items += [(f"layers[{i}].{n}", self.layers[i].get(n), s) for n, s in spec.items()]
-        for name, t, (shape, kind) in items:
-            if t is None:
-                raise ValueError(f"GptOss: weight {name} is missing")
-            want = torch.uint8 if kind == _U8 else self.dtype
-            if tuple(t.shape) != tuple(shape) or t.dtype != want:
-                raise ValueError(f"GptOss: weight {name} is {t.dtype} {tuple(t.shape)}, expected {want} {tuple(shape)}")
-
     @classmethod
     def from_pretrained(cls, path, device=None, dtype: torch.dtype = torch.bfloat16, *, progress: bool = True) -> "GptOss":
         """Load a checkpoint folder (HF MXFP4, HF bf16, or original layout; see loader.py).
         device None: CUDA when available, else CPU. dtype: bfloat16 (float32 for CPU checks)."""
-        from .loader import load_checkpoint
-
         device = _default_device(device)
         config, weights, layers = load_checkpoint(path, device=device, dtype=dtype, progress=progress)
         return cls(config, weights, layers, device=device, dtype=dtype)
 
     @classmethod
     def from_config(cls, config: GptOssConfig, device=None, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> "GptOss":
-        """Random weights generated on ``device`` (for benchmarks and tests).
-
-        MXFP4 bytes are drawn directly with ``torch.randint`` (uniform codes) with scale bytes in
-        118..122 (2^-9..2^-5, giving activations of a sane size); no bf16 copy of the experts ever
-        exists. Float weights ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2), biases and sinks small.
-        """
+        """Random weights generated on ``device`` (for benchmarks and tests; ``weights.random_weights``:
+        MXFP4 bytes drawn directly, no bf16 copy of the experts ever exists)."""
         device = _default_device(device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-
-        def rnd(shape, std, mean=0.0):
-            t = torch.randn(shape, dtype=dtype, device=device, generator=gen)
-            return t.mul_(std).add_(mean) if mean else t.mul_(std)
-
-        def make(name, shape, kind):
-            if kind == _U8:
-                lo, hi = (118, 123) if name.endswith("scales") else (0, 256)
-                return torch.randint(lo, hi, shape, dtype=torch.uint8, device=device, generator=gen)
-            if name in ("norm", "attn_norm", "mlp_norm"):
-                return rnd(shape, 0.1, 1.0)
-            if name == "sinks":
-                return rnd(shape, 1.0)
-            if name.endswith("_b") or name.endswith("bias"):
-                return rnd(shape, 0.02)
-            return rnd(shape, shape[-1] ** -0.5)
-
-        gshapes, lshapes = weight_shapes(config)
-        weights = {n: make(n, s, k) for n, (s, k) in gshapes.items()}
-        layers = [{n: make(n, s, k) for n, (s, k) in spec.items()} for spec in lshapes]
+        weights, layers = random_weights(config, device, seed, dtype)
         return cls(config, weights, layers, device=device, dtype=dtype)
 
     def to(self, device) -> "GptOss":
@@ -180,182 +111,16 @@ class GptOss:
         return GptOss(self.config, {n: mv(t) for n, t in self.weights.items()},
                       [{n: mv(t) for n, t in L.items()} for L in self.layers], device=device, dtype=self.dtype)
 
-    # ------------------------------------------------------------------------------------------
-    # memory
-    # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def workspace_bytes(config: GptOssConfig, batch: int = 1, prefill_chunk: int | None = None) -> dict:
-        """Device memory besides weights and KV cache, an upper estimate (bytes):
-
-        decode: the step's static buffers (residual stream, projections, fp32 logits [B, V]) and
-        the sampler's temporaries (top-p sorts [B, V]: ~40 B per logit), counted twice for the
-        CUDA graph's private pool; prefill: one chunk's activations (bf16: x, norm, qkv, q/k/v, attention
-        out, projection, MoE in/out, the MoE's routed rows gate/up [T k, 2I] and SwiGLU [T k, I]
-        and its gathered inputs [T k, H]), doubled for the allocator's reuse pattern, plus the
-        last-token logits."""
-        c = config
-        chunk = int(prefill_chunk if prefill_chunk is not None else GptOss.prefill_chunk)
-        H, V, I, k = c.hidden_size, c.vocab_size, c.intermediate_size, c.experts_per_token
-        nqd = c.num_attention_heads * c.head_dim
-        per_row = 2 * (6 * H + c.qkv_dim + 2 * nqd + k * (2 * I + I + H))
-        decode = batch * (2 * (6 * H + c.qkv_dim + 2 * nqd) + V * 4 + V * 40) * 2
-        prefill = 2 * chunk * per_row + batch * V * 4
-        return {"decode": int(decode), "prefill": int(prefill), "total": int(decode + prefill)}
-
-    @staticmethod
-    def kv_cache_bytes(config: GptOssConfig, batch: int, cache_len: int, kv_dtype_bytes: int = 2) -> int:
-        """Bytes new_cache(batch, cache_len) allocates: full layers cache_len slots, sliding layers
-        the window (a ring)."""
-        per_slot = 2 * config.num_key_value_heads * config.head_dim * kv_dtype_bytes
-        slots = sum((config.sliding_window if config.is_sliding(i) else cache_len)
-                    for i in range(config.num_hidden_layers))
-        return int(batch * slots * per_slot)
-
-    @staticmethod
-    def memory_plan(config: GptOssConfig, gpu_bytes: float = 80e9, batch: int = 1, context: int | None = None, *,
-                    reserve_bytes: float = 1.5e9, prefill_chunk: int | None = None, kv_dtype_bytes: int = 2,
-                    weight_dtype_bytes: int = 2) -> dict:
-        """The memory plan of one card, computed without allocating anything.
-
-        weights_bytes: every weight as this class stores it (MXFP4 experts, the rest bf16; equals
-        the HF checkpoint's total_size). workspace_bytes: decode buffers + sampler + one prefill
-        chunk (``workspace_bytes()``). reserve_bytes: CUDA context, cuBLAS workspace and allocator
-        slack (default 1.5 GB). kv_bytes_per_token: K+V of one position over all full layers (what
-        grows with the context). sliding_kv_bytes: the sliding layers' fixed rings for ``batch``
-        sequences. tokens_fit: positions (summed over the batch) that fit in the rest;
-        tokens_per_sequence = tokens_fit // batch, also capped at max_position_embeddings as
-        ``context_per_sequence``. With ``context`` (positions per sequence, prompt + new tokens):
-        kv_cache_bytes, need_bytes (everything) and fits = need_bytes <= gpu_bytes; without it,
-        fits = the weights, workspaces and rings fit.
-        """
-        gshapes, lshapes = weight_shapes(config)
-        weights_bytes = sum(_nbytes(s, k, weight_dtype_bytes) for s, k in gshapes.values())
-        weights_bytes += sum(_nbytes(s, k, weight_dtype_bytes) for spec in lshapes for s, k in spec.values())
-        ws = GptOss.workspace_bytes(config, batch, prefill_chunk)["total"]
-        per_layer_token = 2 * config.num_key_value_heads * config.head_dim * kv_dtype_bytes
-        n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
-        n_full = config.num_hidden_layers - n_sliding
-        kv_per_token = n_full * per_layer_token
-        sliding = n_sliding * batch * (config.sliding_window or 0) * per_layer_token
-        free = gpu_bytes - weights_bytes - ws - reserve_bytes - sliding
-        tokens_fit = max(0, int(free // kv_per_token)) if kv_per_token else (1 << 62 if free >= 0 else 0)
-        per_seq = tokens_fit // batch
-        plan = {"gpu_bytes": int(gpu_bytes), "weights_bytes": int(weights_bytes), "workspace_bytes": int(ws),
-                "reserve_bytes": int(reserve_bytes), "kv_bytes_per_token": int(kv_per_token),
-                "sliding_kv_bytes": int(sliding), "full_layers": n_full, "sliding_layers": n_sliding,
-                "batch": batch, "tokens_fit": tokens_fit, "tokens_per_sequence": per_seq,
-                "context_per_sequence": min(per_seq, config.max_position_embeddings), "fits": free >= 0}
-        if context is not None:
-            kv = GptOss.kv_cache_bytes(config, batch, context, kv_dtype_bytes)
-            need = weights_bytes + ws + reserve_bytes + kv
-            plan.update(context=int(context), kv_cache_bytes=int(kv), need_bytes=int(need),
-                        fits=bool(need <= gpu_bytes and context <= config.max_position_embeddings))
-        return plan
-
-    @staticmethod
-    def format_memory_plan(plan: dict) -> str:
-        """One line for the CLI."""
-        G = 2 ** 30
-        s = (f"memory plan ({plan['gpu_bytes'] / G:.1f} GiB card): weights {plan['weights_bytes'] / G:.1f} GiB, "
-             f"workspaces {plan['workspace_bytes'] / G:.2f} GiB, reserve {plan['reserve_bytes'] / G:.1f} GiB, "
-             f"KV {plan['kv_bytes_per_token'] / 1024:.0f} KiB/position; batch {plan['batch']}: up to "
-             f"{plan['context_per_sequence']} positions per sequence")
-        if "context" in plan:
-            s += (f"; this request: {plan['context']} positions x {plan['batch']} -> KV cache "
-                  f"{plan['kv_cache_bytes'] / G:.2f} GiB, {'fits' if plan['fits'] else 'does NOT fit'}")
-        return s
-
-    def plan_request(self, batch: int, max_len: int, available_bytes: float | None = None) -> dict:
-        """The memory plan of a generate call (batch sequences of up to max_len positions, the
-        full-layer cache rounded up to cache_granularity) on this model's device.
-        available_bytes: memory beside the loaded weights; None: on CUDA what is still free
-        (driver-free + torch-cached + this model's current cache), on the CPU unlimited."""
-        S = self._cache_len(max_len)
-        if available_bytes is None:
-            if self.device.type != "cuda":
-                available_bytes = float(1 << 62)
-            else:
-                free, _ = torch.cuda.mem_get_info(self.device)
-                cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-                held = 0
-                if self._state is not None:
-                    held = sum(t.numel() * t.element_size() for kv in self._state["caches"] for t in kv)
-                available_bytes = free + cached + held
-        wb = self.weights_bytes()
-        # reserve: allocator slack and cuBLAS workspaces (the CUDA context is already outside `free`)
-        plan = GptOss.memory_plan(self.config, gpu_bytes=available_bytes + wb, batch=batch, context=S,
-                                  prefill_chunk=self.prefill_chunk, reserve_bytes=0.5e9,
-                                  weight_dtype_bytes=torch.empty((), dtype=self.dtype).element_size())
-        return plan
-
-    def check_memory(self, batch: int, max_len: int, available_bytes: float | None = None) -> dict:
-        """plan_request, raising MemoryPlanError (with the largest context that would fit) when
-        the request does not fit."""
-        plan = self.plan_request(batch, max_len, available_bytes)
-        if not plan["fits"]:
-            G = 2 ** 30
-            raise MemoryPlanError(
-                f"{batch} sequence(s) x {max_len} positions do not fit on {self.device}: KV cache "
-                f"{plan['kv_cache_bytes'] / G:.2f} GiB + workspaces {plan['workspace_bytes'] / G:.2f} GiB + reserve "
-                f"{plan['reserve_bytes'] / G:.1f} GiB, with {(plan['gpu_bytes'] - plan['weights_bytes']) / G:.2f} GiB "
-                f"available beside the weights; at most {plan['context_per_sequence']} positions per sequence fit "
-                f"at batch {batch} (shorten the prompt or the number of new tokens)")
-        return plan
-
     def weights_bytes(self) -> int:
         ts = list(self.weights.values()) + [t for L in self.layers for t in L.values()]
         return sum(t.numel() * t.element_size() for t in ts)
 
     # ------------------------------------------------------------------------------------------
-    # op dispatch: bf16 -> public ops; float32 (CPU tests) -> the same reference math
-    # Every helper takes optional out= buffers: the decode step passes static ones (CUDA graph).
+    # the blocks: the layer math of forward, prefill and the decode step
     # ------------------------------------------------------------------------------------------
-    @property
-    def _bf16(self) -> bool:
-        return self.dtype == torch.bfloat16
-
-    def _norm(self, x, weight, residual=None, out=None, residual_out=None):
-        """RMSNorm(x) or, with residual, (RMSNorm(x + residual), x + residual) (the residual add
-        fused; residual_out may alias residual: the stream updated in place)."""
-        eps = self.config.rms_norm_eps
-        if self._bf16:
-            return ops.rms_norm(x, weight, eps=eps, residual=residual, out=out, residual_out=residual_out)
-        if residual is not None:
-            h = x + residual
-            if residual_out is not None:
-                residual_out.copy_(h)
-                h = residual_out
-        else:
-            h = x
-        y = reference.rms_norm(h, weight, eps)
-        if out is not None:
-            y = out.copy_(y)
-        return y if residual is None else (y, h)
-
-    def _linear(self, x, weight, bias=None, out=None, out_dtype=None):
-        if self._bf16:
-            return ops.linear(x, weight, bias, out=out, out_dtype=out_dtype or torch.bfloat16)
-        y = F.linear(x, weight, bias)
-        return y if out is None else out.copy_(y)
-
     def _qkv(self, i, a):
         L = self.layers[i]
         return self._linear(a, L["qkv_w"], L["qkv_b"])
-
-    def _split_qkv(self, qkv):
-        c = self.config
-        T, nq, nkv, d = qkv.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        return (qkv[:, : nq * d].reshape(T, nq, d), qkv[:, nq * d: (nq + nkv) * d].reshape(T, nkv, d),
-                qkv[:, (nq + nkv) * d:].reshape(T, nkv, d))
-
-    def _rope(self, qkv, positions):
-        c = self.config
-        if self._bf16:
-            return ops.rope_qkv(qkv, positions, num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-                                head_dim=c.head_dim, rope=c.yarn)
-        q, k, v = self._split_qkv(qkv)
-        cos, sin = reference.rope_cos_sin(positions, c.yarn)
-        return reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin), v.contiguous()
 
     def _qkv_rope_append(self, i, a, seq_ids, positions, kc, vc, q_out=None, qkv_out=None):
         """Decode: the QKV projection, q rotated (returned), the rotated k and the v written into the
@@ -372,66 +137,6 @@ class GptOss:
         q, k, v = self._rope(self._linear(a, L["qkv_w"], L["qkv_b"], out=qkv_out), positions)
         self._cache_append(k, v, kc, vc, seq_ids, positions)
         return q if q_out is None else q_out.copy_(q)
-
-    def _attend_packed(self, i, q, k, v, cu_seqlens):
-        """Causal attention over whole sequences packed by cu_seqlens (no cache)."""
-        W, sinks = self.config.window(i), self.layers[i]["sinks"]
-        if self._bf16:
-            return ops.attention_prefill(q, k, v, sinks, cu_seqlens_q=cu_seqlens, sliding_window=W,
-                                         sm_scale=self.config.sm_scale)
-        return reference.attention_varlen(q, k, v, sinks, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                          sm_scale=self.config.sm_scale, sliding_window=W)
-
-    def _attend_chunk(self, i, q, k, v, kc, vc, cu: list[int], p0: list[int], cu_t, p0_t):
-        """Chunks of B sequences packed by cu (host list; cu_t the int32 device copy), sequence b's
-        chunk at positions p0[b].. (p0_t on the device) against the cache kc/vc [B, S, nkv, d]."""
-        W, sinks = self.config.window(i), self.layers[i]["sinks"]
-        if self._bf16:
-            return ops.attention_prefill(q, k, v, sinks, cu_seqlens_q=cu_t, k_cache=kc, v_cache=vc, cache_seqlens=p0_t,
-                                         sliding_window=W, sm_scale=self.config.sm_scale)
-        out = torch.empty_like(q)
-        for b in range(len(p0)):
-            s, e = cu[b], cu[b + 1]
-            if e == s:
-                continue
-            kk, vv = k[s:e], v[s:e]
-            first = 0 if W is None else max(0, p0[b] - (W - 1))
-            if p0[b] > first:
-                slots = reference.cache_slots(torch.arange(first, p0[b], device=q.device), kc.shape[1])
-                kk, vv = torch.cat((kc[b, slots], kk)), torch.cat((vc[b, slots], vv))
-            out[s:e] = reference.attention(q[s:e], kk, vv, sinks, sm_scale=self.config.sm_scale, sliding_window=W,
-                                           q_offset=p0[b] - first)
-        return out
-
-    def _cache_append(self, k, v, kc, vc, seq_ids, positions):
-        if self._bf16:
-            ops.cache_append(k, v, kc, vc, seq_ids, positions)
-        else:
-            slots = reference.cache_slots(positions.long(), kc.shape[1])
-            kc[seq_ids.long(), slots] = k
-            vc[seq_ids.long(), slots] = v
-
-    def _attend_decode(self, i, q, kc, vc, seqlens, out=None):
-        W, sinks = self.config.window(i), self.layers[i]["sinks"]
-        if self._bf16:
-            return ops.attention_decode(q, kc, vc, seqlens, sinks, sliding_window=W, sm_scale=self.config.sm_scale,
-                                        out=out)
-        o = reference.attention_decode(q, kc, vc, seqlens, sinks, sliding_window=W, sm_scale=self.config.sm_scale)
-        return o if out is None else out.copy_(o)
-
-    def _moe(self, L, u, ids_out=None, w_out=None, out=None):
-        c = self.config
-        if self._bf16:
-            ids, w = ops.router_topk(u, L["gate_w"], L["gate_b"], c.experts_per_token,
-                                     out=None if ids_out is None else (ids_out, w_out))
-            # the router's ids are always in [0, E): no validation (it would sync with the host per layer)
-            return ops.moe_mxfp4(u, ids, w, L["w1_blocks"], L["w1_scales"], L["w1_bias"], L["w2_blocks"],
-                                 L["w2_scales"], L["w2_bias"], swiglu_alpha=c.swiglu_alpha,
-                                 swiglu_limit=c.swiglu_limit, out=out, validate_ids=False)
-        ids, w = reference.router_topk(u, L["gate_w"], L["gate_b"], c.experts_per_token)
-        y = reference.moe(u, ids, w, L["w1_blocks"], L["w1_scales"], L["w1_bias"], L["w2_blocks"],
-                          L["w2_scales"], L["w2_bias"], swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
-        return y if out is None else out.copy_(y)
 
     def _mlp(self, L, p, x, norm_w, ids_out=None, w_out=None, out=None, residual_out=None, moe_out=None):
         """The MLP half of a block and the next norm, from the attention output p and the residual
@@ -455,9 +160,6 @@ class GptOss:
         m = self._moe(L, u, ids_out, w_out, out=moe_out)
         return self._norm(m, norm_w, residual=h, out=out, residual_out=residual_out)
 
-    # ------------------------------------------------------------------------------------------
-    # forward
-    # ------------------------------------------------------------------------------------------
     def _layers(self, x, attend, buf: dict | None = None):
         """All blocks (spec §4.2-4.3) on the residual stream x [T, H]; attend(i, a) -> [T, nq, d]
         from the attention-normed hidden states a [T, H] (the QKV projection is attend's: the
@@ -484,6 +186,9 @@ class GptOss:
         """Final-normed hidden states -> float32 logits."""
         return self._linear(h, self.weights["unembedding"], out=out, out_dtype=torch.float32).float()
 
+    # ------------------------------------------------------------------------------------------
+    # forward (every position, no cache), the KV cache, prefill of a chunk, one decode step
+    # ------------------------------------------------------------------------------------------
     def _ids_tensor(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, device=self.device)
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
@@ -510,9 +215,6 @@ class GptOss:
 
     __call__ = forward
 
-    # ------------------------------------------------------------------------------------------
-    # generation
-    # ------------------------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed KV cache: per layer (k, v) [batch, S, nkv, d]; S = window (ring) or max_len."""
         c = self.config
@@ -524,93 +226,72 @@ class GptOss:
                            torch.zeros(shape, dtype=self.dtype, device=self.device)))
         return caches
 
-    def _prefill(self, prompts: list[list[int]], caches) -> torch.Tensor:
-        """Prefill every prompt into its row of the cache -> float32 logits [B, V] of each last token.
+    def prefill(self, chunks: list[list[int]], starts: list[int], caches, finishing: list[int]) -> torch.Tensor | None:
+        """One prefill chunk: sequence b's tokens chunks[b] (possibly none) at positions starts[b]..,
+        packed (cu_seqlens) and attending to what its row of the cache holds before starts[b], then
+        appended to it -> float32 logits [len(finishing), V] of the chunk's last token of each
+        sequence in ``finishing`` (None when it is empty).
 
-        Chunks of at most ``prefill_chunk`` tokens in total, packed over sequences (cu_seqlens):
-        each sequence continues from where its previous chunk stopped (cache_seqlens). Per chunk
-        the host builds the chunk's index tensors once (one upload each); the layers then run
+        The host builds the chunk's index tensors once (one upload each); the layers then run
         device work only (no host sync per layer on CUDA: attention_prefill reads the chunk's
         offsets on the device, the MoE skips its id validation)."""
-        B, lens = len(prompts), [len(p) for p in prompts]
-        chunk = max(1, int(self.prefill_chunk))
-        dev = self.device
-        done = [0] * B
-        rows: list[torch.Tensor | None] = [None] * B
-        while any(done[b] < lens[b] for b in range(B)):
-            take, budget = [0] * B, chunk
-            for b in range(B):
-                take[b] = min(lens[b] - done[b], budget)
-                budget -= take[b]
-            cu = [0]
-            for b in range(B):
-                cu.append(cu[-1] + take[b])
-            p0 = list(done)
-            ids = torch.tensor([t for b in range(B) for t in prompts[b][p0[b]:p0[b] + take[b]]], device=dev)
-            pos_l = [p for b in range(B) for p in range(p0[b], p0[b] + take[b])]
-            positions = torch.tensor(pos_l, dtype=torch.int32, device=dev)
-            seq_ids = torch.tensor([b for b in range(B) for _ in range(take[b])], dtype=torch.int32, device=dev)
-            cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-            p0_t = torch.tensor(p0, dtype=torch.int32, device=dev)
-            keep: dict[int, torch.Tensor | None] = {}   # cache length S -> rows a ring of S keeps (once per chunk)
+        B, dev = len(chunks), self.device
+        take, p0 = [len(t) for t in chunks], list(starts)
+        cu = [0]
+        for b in range(B):
+            cu.append(cu[-1] + take[b])
+        ids = torch.tensor([t for b in range(B) for t in chunks[b]], device=dev)
+        pos_l = [p for b in range(B) for p in range(p0[b], p0[b] + take[b])]
+        positions = torch.tensor(pos_l, dtype=torch.int32, device=dev)
+        seq_ids = torch.tensor([b for b in range(B) for _ in range(take[b])], dtype=torch.int32, device=dev)
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
+        p0_t = torch.tensor(p0, dtype=torch.int32, device=dev)
+        keep: dict[int, torch.Tensor | None] = {}   # cache length S -> rows a ring of S keeps (once per chunk)
 
-            def kept(S: int):
-                if S not in keep:
-                    idx = [cu[b] + j for b in range(B) for j in range(take[b]) if p0[b] + j >= p0[b] + take[b] - S]
-                    keep[S] = None if len(idx) == cu[-1] else torch.tensor(idx, dtype=torch.long, device=dev)
-                return keep[S]
+        def kept(S: int):
+            if S not in keep:
+                idx = [cu[b] + j for b in range(B) for j in range(take[b]) if p0[b] + j >= p0[b] + take[b] - S]
+                keep[S] = None if len(idx) == cu[-1] else torch.tensor(idx, dtype=torch.long, device=dev)
+            return keep[S]
 
-            def attend(i, a):
-                q, k, v = self._rope(self._qkv(i, a), positions)
-                kc, vc = caches[i]
-                o = self._attend_chunk(i, q, k, v, kc, vc, cu, p0, cu_t, p0_t)
-                sel = kept(kc.shape[1])
-                if sel is None:
-                    self._cache_append(k, v, kc, vc, seq_ids, positions)
-                else:   # a ring keeps only the last S positions of each chunk
-                    self._cache_append(k[sel].contiguous(), v[sel].contiguous(), kc, vc, seq_ids[sel], positions[sel])
-                return o
+        def attend(i, a):
+            q, k, v = self._rope(self._qkv(i, a), positions)
+            kc, vc = caches[i]
+            o = self._attend_chunk(i, q, k, v, kc, vc, cu, p0, cu_t, p0_t)
+            sel = kept(kc.shape[1])
+            if sel is None:
+                self._cache_append(k, v, kc, vc, seq_ids, positions)
+            else:   # a ring keeps only the last S positions of each chunk
+                self._cache_append(k[sel].contiguous(), v[sel].contiguous(), kc, vc, seq_ids[sel], positions[sel])
+            return o
 
-            x = F.embedding(ids, self.weights["embedding"])
-            h = self._layers(x, attend)
-            last = [b for b in range(B) if take[b] and p0[b] + take[b] == lens[b]]
-            if last:
-                lg = self._unembed(h[torch.tensor([cu[b + 1] - 1 for b in last], device=dev)])
-                for j, b in enumerate(last):
-                    rows[b] = lg[j]
-            for b in range(B):
-                done[b] += take[b]
-        return torch.stack(rows)
+        x = F.embedding(ids, self.weights["embedding"])
+        h = self._layers(x, attend)
+        if not finishing:
+            return None
+        return self._unembed(h[torch.tensor([cu[b + 1] - 1 for b in finishing], device=dev)])
 
-    # ---- the decode step: static buffers, every op writes in place, one CUDA graph ------------
-    def _decode_buffers(self, batch: int) -> dict:
-        """Static tensors of the decode step for `batch` sequences (see _decode_step)."""
+    def decode_buffers(self, batch: int) -> dict:
+        """Static tensors of the decode step for `batch` sequences (see decode_step)."""
         c, dev, dt = self.config, self.device, self.dtype
         B, H, V, k = batch, c.hidden_size, c.vocab_size, c.experts_per_token
         z = lambda *shape, dtype=dt: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
         return {
             "tok": z(B, dtype=torch.int64),          # in: token fed at `pos`; out: the sampled next token
-            "pos": z(B, dtype=torch.int32),          # position of `tok` (advanced by the step)
+            "pos": z(B, dtype=torch.int32),          # position of `tok` (advanced after the step)
             "seqlens": z(B, dtype=torch.int32),      # pos + 1 (cache length incl. the new token)
             "seq_ids": torch.arange(B, dtype=torch.int32, device=dev),
             "x": z(B, H), "a": z(B, H), "qkv": z(B, c.qkv_dim), "q": z(B, c.num_attention_heads, c.head_dim),
             "o": z(B, c.num_attention_heads, c.head_dim), "proj": z(B, H), "moe": z(B, H),
             "ids": z(B, k, dtype=torch.int32), "wts": z(B, k, dtype=torch.float32),
             "logits": z(B, V, dtype=torch.float32),
-            # sampling state (device scalars: the captured graph reads them at replay)
-            "temperature": torch.ones(1, dtype=torch.float32, device=dev),
-            "top_p": torch.ones(1, dtype=torch.float32, device=dev),
-            "seed": z(1, dtype=torch.int64), "counter": z(1, dtype=torch.int64),
-            "vidx": torch.arange(V, dtype=torch.int64, device=dev),
-            "rowoff": (torch.arange(B, dtype=torch.int64, device=dev) * V).unsqueeze(1),
         }
 
-    def _decode_step(self, st: dict, mode: str) -> None:
-        """One token per sequence, all in place on st's buffers (device work only: capturable):
-        embed buf.tok at buf.pos, 36 blocks (fused RoPE + KV append, decode attention, fused
-        residual norms), unembedding into buf.logits (fp32), sample into buf.tok, advance pos and
-        seqlens."""
-        b, caches = st["buf"], st["caches"]
+    def decode_step(self, b: dict, caches) -> None:
+        """The layers of one decode step, one token per sequence, all in place on the static
+        buffers b (device work only: capturable): embed b.tok at b.pos, the blocks (fused RoPE +
+        KV append, decode attention, fused residual norms), unembedding into b.logits (fp32).
+        The engine then samples b.tok and advances b.pos and b.seqlens."""
         torch.index_select(self.weights["embedding"], 0, b["tok"], out=b["x"])
 
         def attend(i, a):
@@ -620,276 +301,38 @@ class GptOss:
 
         h = self._layers(b["x"], attend, buf=b)
         self._unembed(h, out=b["logits"])
-        self._sample_into(b["logits"], mode, b)
-        b["pos"].add_(1)
-        b["seqlens"].add_(1)
 
-    def _on_device(self):
-        """The model's CUDA device made current (graph capture and replay, the token ring's events
-        and the ops' current streams all follow torch's current device), or nothing on the CPU."""
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-
-    @staticmethod
-    def _sample_mode(temperature: float, top_p: float) -> str:
-        return "greedy" if temperature <= 0.0 else ("top_p" if top_p < 1.0 else "sample")
-
-    @staticmethod
-    def _noise(b: dict, B: int) -> torch.Tensor:
-        """Exp(1) noise float32 [B, V] from a counter-based hash of (seed, counter, row, vocab id):
-        device-only integer ops, so a captured graph draws fresh noise at each replay (the counter
-        advances on the device) and a seed gives the same tokens on every device. All products stay
-        below 2^63 (32-bit values times 31-bit constants)."""
-        M = 0xFFFFFFFF
-        x = b["rowoff"][:B] + b["vidx"]
-        h = (x + b["seed"] * 0x9E3779B + b["counter"] * 0x632BE5AB) & M
-        for c in (0x7FEB352D, 0x68E31DA5, 0x2C1B3C6D):
-            h = ((h ^ (h >> 16)) * c) & M
-        h = h ^ (h >> 16)
-        u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)    # (0, 1)
-        return -torch.log(u)
-
-    @staticmethod
-    def _sample_into(logits: torch.Tensor, mode: str, b: dict) -> None:
-        """Sample one token per row of logits float32 [B, V] into b["tok"] on the device, no host
-        sync. greedy: argmax. sample/top_p: softmax(logits / temperature) (then the smallest
-        prefix of the sorted probabilities reaching top_p) sampled with the exponential trick,
-        argmax(p / Exp(1)); the draw counter advances."""
-        tok = b["tok"]
-        if mode == "greedy":
-            _argmax(logits, tok)
-            return
-        probs = torch.softmax(logits / b["temperature"], dim=-1)
-        noise = GptOss._noise(b, logits.shape[0])
-        if mode == "top_p":
-            # stable: tied probabilities keep vocab order on every device (the noise is drawn per rank)
-            p_sorted, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-            # keep token i iff the mass before it is below top_p: the smallest prefix reaching top_p
-            # (the first token is always kept for top_p > 0)
-            drop = (torch.cumsum(p_sorted, -1) - p_sorted) >= b["top_p"]
-            j = (p_sorted.masked_fill(drop, 0.0) / noise).argmax(-1, keepdim=True)
-            tok.copy_(idx.gather(-1, j).squeeze(-1))
-        else:
-            _argmax(probs / noise, tok)
-        b["counter"].add_(1)
-
-    @staticmethod
-    def _normalize_prompts(prompt_ids) -> tuple[list[list[int]], bool]:
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dim() == 1:
-                return [prompt_ids.tolist()], True
-            if prompt_ids.dim() != 2:
-                raise ValueError(f"prompt_ids tensor must be [T] or [B, T], got {tuple(prompt_ids.shape)}")
-            return prompt_ids.tolist(), prompt_ids.shape[0] == 1
-        prompt_ids = list(prompt_ids)
-        if prompt_ids and all(isinstance(p, (list, tuple, torch.Tensor)) for p in prompt_ids):
-            return [list(map(int, p)) for p in prompt_ids], False
-        return [list(map(int, prompt_ids))], True
-
-    #: decode steps queued ahead of the one whose tokens the host reads (stop checks): the GPU
-    #: never waits for the host between steps; a stop costs at most this many extra steps.
-    decode_lookahead: int = 2
+    # ------------------------------------------------------------------------------------------
+    # generation (generation.py) and the memory plan (memory.py), where a user looks for them
+    # ------------------------------------------------------------------------------------------
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 stop_token_ids: Sequence[int] | None = None, seed: int | None = None):
+        """New token ids (a stop token, if hit, is included as the last id); a list of lists for a
+        batch of prompts. ``DecodeEngine.generate``."""
+        return self.engine.generate(prompt_ids, max_new_tokens, temperature, top_p, stop_token_ids, seed)
 
     def stream(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                stop_token_ids: Sequence[int] | None = None, seed: int | None = None) -> Iterator[list[int | None]]:
-        """Yield, per step, the new token of every sequence (None once a sequence has stopped).
-        A stop token is yielded, then that sequence stops.
-
-        Sampling (temperature > 0) is seeded by `seed` (None: drawn from torch's default CPU
-        generator); the same seed gives the same draws on every device for the same logits."""
-        prompts, _ = self._normalize_prompts(prompt_ids)
-        c = self.config
-        if max_new_tokens <= 0:
-            return
-        for j, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {j} is empty")
-            if min(p) < 0 or max(p) >= c.vocab_size:
-                raise ValueError(f"prompt {j} has token ids outside [0, {c.vocab_size})")
-        B, lens = len(prompts), [len(p) for p in prompts]
-        max_len = max(lens) + max_new_tokens
-        if max_len > c.max_position_embeddings:
-            warnings.warn(f"generating up to position {max_len} > max_position_embeddings {c.max_position_embeddings}")
-        stops = set(stop_token_ids or ())
-        mode = self._sample_mode(temperature, top_p)
-        if seed is None:
-            seed = int(torch.randint(0, 2 ** 31 - 1, ()))
-
-        # inference_mode only around the compute: a generator must not leave it set while suspended
-        with torch.inference_mode(), self._on_device():
-            st = self._decode_state(B, max_len)
-            b = st["buf"]
-            logits = self._prefill(prompts, st["caches"])
-            b["temperature"].fill_(max(float(temperature), 1e-6))
-            b["top_p"].fill_(float(top_p))
-            b["seed"].fill_(int(seed) & 0x7FFFFFFF)
-            b["counter"].zero_()
-            self._sample_into(logits, mode, b)
-            b["pos"].copy_(torch.tensor(lens, dtype=torch.int32))
-            b["seqlens"].copy_(b["pos"] + 1)
-            step = self._step_fn(st, mode)
-            ring = _TokenRing(b["tok"], max(0, int(self.decode_lookahead)))
-            ring.push()
-        queued = 0            # decode steps enqueued (token n comes out of step n)
-        done = [False] * B
-        for n in range(max_new_tokens):
-            with torch.inference_mode(), self._on_device():
-                while queued < min(n + ring.depth, max_new_tokens - 1):
-                    step()
-                    ring.push()
-                    queued += 1
-                host = ring.pop()            # waits for token n only (the steps after it keep running)
-            out = []
-            for j in range(B):
-                if done[j]:
-                    out.append(None)
-                    continue
-                out.append(host[j])
-                if host[j] in stops:
-                    done[j] = True
-            yield out
-            if all(done):
-                return
-
-    #: full-layer cache length is rounded up to this, so that generate calls of similar lengths
-    #: reuse one cache and one captured CUDA graph
-    cache_granularity: int = 256
-
-    def _cache_len(self, max_len: int) -> int:
-        g = max(1, int(self.cache_granularity))
-        return -(-max_len // g) * g
-
-    def _decode_state(self, batch: int, max_len: int) -> dict:
-        """The cache, static buffers and captured decode steps for `batch` sequences of up to
-        `max_len` positions. Reused across calls with the same batch and rounded length: stale
-        entries are never read (a query only sees positions of its own sequence written in this
-        call). On CUDA a request that does not fit the free memory raises MemoryPlanError before
-        anything is allocated."""
-        S = self._cache_len(max_len)
-        st = self._state
-        if st is not None and st["B"] == batch and st["S"] == S:
-            return st
-        self._state = self._graph = None   # free the old cache first
-        if self.device.type == "cuda":
-            self.check_memory(batch, max_len)
-        self._state = {"B": batch, "S": S, "caches": self.new_cache(batch, S), "steps": {},
-                       "buf": self._decode_buffers(batch)}
-        return self._state
+        """Yield, per step, the new token of every sequence (None once it has stopped). ``DecodeEngine.stream``."""
+        return self.engine.stream(prompt_ids, max_new_tokens, temperature, top_p, stop_token_ids, seed)
 
     def prepare_decode(self, batch: int, max_len: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
-        """Allocate the cache and capture the decode step for `batch` sequences of up to `max_len`
-        positions ahead of a generate call (so that its time to first token holds no capture). The
-        capture's warm-up step writes slot 0 of each cache row, which every prefill rewrites."""
-        with torch.inference_mode(), self._on_device():
-            st = self._decode_state(batch, max_len)
-            mode = self._sample_mode(temperature, top_p)
-            if mode not in st["steps"]:
-                b = st["buf"]
-                b["pos"].zero_()
-                b["seqlens"].fill_(1)
-                self._step_fn(st, mode)
+        """Allocate the cache and capture the decode step ahead of a generate call. ``DecodeEngine.prepare``."""
+        self.engine.prepare(batch, max_len, temperature, top_p)
 
     def release_cache(self) -> None:
         """Free the KV cache and the captured decode graph kept between generate calls."""
-        self._state = self._graph = None
+        self.engine.release()
 
-    def _step_fn(self, st: dict, mode: str):
-        """The decode step for a sampling mode: a CUDA graph replay on CUDA (captured once per
-        state and mode), else the eager step. Both update st's buffers in place."""
-        if mode in st["steps"]:
-            return st["steps"][mode]
-        eager = lambda: self._decode_step(st, mode)  # noqa: E731
-        fn = eager
-        if self.device.type == "cuda" and self.use_cuda_graph:
-            if not _lib.cuda_available() or not self._bf16:
-                # the reference path reads tensors on the host: not capturable
-                warnings.warn(f"GptOss: decode runs eagerly (no CUDA graph): "
-                              f"{_lib.kernels_error() or 'float32 model uses the reference'}", RuntimeWarning)
-            else:
-                graph = self._capture(st, mode)
-                if graph is not None:
-                    fn = graph.replay
-                    self._graph = graph
-        st["steps"][mode] = fn
-        return fn
+    workspace_bytes = staticmethod(memory.workspace_bytes)
+    kv_cache_bytes = staticmethod(memory.kv_cache_bytes)
+    memory_plan = staticmethod(memory.memory_plan)
+    format_memory_plan = staticmethod(memory.format_memory_plan)
 
-    def _capture(self, st: dict, mode: str):
-        """Capture one decode step in a CUDA graph without changing the state: the warm-up step
-        runs for real (it writes the cache slot the first real step rewrites with the same
-        values), so the small state it advances is saved and restored."""
-        b = st["buf"]
-        saved = {n: b[n].clone() for n in ("tok", "pos", "seqlens", "counter")}
-        try:
-            s = torch.cuda.Stream(self.device)
-            s.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(s):   # warm-up outside the capture: lazy inits, allocator pools
-                self._decode_step(st, mode)
-            torch.cuda.current_stream(self.device).wait_stream(s)
-            for n, t in saved.items():
-                b[n].copy_(t)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._decode_step(st, mode)
-        except Exception as e:  # an op that syncs with the host (e.g. a reference fallback) cannot be captured
-            warnings.warn(f"GptOss: decode step not captured in a CUDA graph ({type(e).__name__}: {e}); "
-                          f"running it eagerly", RuntimeWarning)
-            torch.cuda.synchronize(self.device)
-            graph = None
-        for n, t in saved.items():
-            b[n].copy_(t)
-        return graph
+    def plan_request(self, batch: int, max_len: int, available_bytes: float | None = None) -> dict:
+        """The memory plan of a generate call on this model's device. ``DecodeEngine.plan_request``."""
+        return self.engine.plan_request(batch, max_len, available_bytes)
 
-    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 stop_token_ids: Sequence[int] | None = None, seed: int | None = None):
-        """New token ids (a stop token, if hit, is included as the last id). For a batch of
-        prompts (list of lists or [B, T] with B > 1) a list of lists. See the module docstring."""
-        prompts, single = self._normalize_prompts(prompt_ids)
-        out = [[] for _ in prompts]
-        for toks in self.stream(prompts, max_new_tokens, temperature, top_p, stop_token_ids, seed):
-            for b, t in enumerate(toks):
-                if t is not None:
-                    out[b].append(t)
-        return out[0] if single else out
-
-
-def _argmax(x: torch.Tensor, out: torch.Tensor) -> None:
-    """out int64 [B] = argmax over the last dim of float32 x [B, V] (torch.argmax's order): the
-    package's two-pass device reduction when this version has it, else torch."""
-    fn = getattr(ops, "greedy_argmax", None)
-    if fn is not None and x.dtype == torch.float32:
-        fn(x, out=out)
-    else:
-        torch.argmax(x, dim=-1, out=out)
-
-
-class MemoryPlanError(RuntimeError):
-    """A generate request whose KV cache and workspaces do not fit the device's free memory."""
-
-
-class _TokenRing:
-    """Sampled ids read back without stalling the device: each push copies the token buffer into
-    a slot of a pinned host ring (non-blocking, stream-ordered) and records an event; pop waits for
-    the oldest slot's event only. depth + 1 slots: at most depth steps run ahead of the reader."""
-
-    def __init__(self, src: torch.Tensor, depth: int):
-        self.src, self.depth = src, depth
-        self.cuda = src.is_cuda
-        R = depth + 1
-        self.host = torch.empty((R,) + tuple(src.shape), dtype=src.dtype, pin_memory=self.cuda)
-        self.events = [torch.cuda.Event() for _ in range(R)] if self.cuda else None
-        self.w = self.r = 0
-
-    def push(self) -> None:
-        s = self.w % len(self.host)
-        assert self.w - self.r < len(self.host), "token ring overrun"
-        self.host[s].copy_(self.src, non_blocking=self.cuda)
-        if self.cuda:
-            self.events[s].record()
-        self.w += 1
-
-    def pop(self) -> list[int]:
-        assert self.r < self.w, "token ring underrun"
-        s = self.r % len(self.host)
-        if self.cuda:
-            self.events[s].synchronize()
-        self.r += 1
-        return self.host[s].tolist()
+    def check_memory(self, batch: int, max_len: int, available_bytes: float | None = None) -> dict:
+        """plan_request, raising MemoryPlanError when the request does not fit. ``DecodeEngine.check_memory``."""
+        return self.engine.check_memory(batch, max_len, available_bytes)

@@ -33,7 +33,7 @@ REQUIRED_FAMILIES = ("moe_decode", "attention_decode")
 
 def load_model_api():
     """(GptOss, GptOssConfig) or raise ImportError saying what is missing."""
-    from ..model import GptOss  # noqa: F401 - written by the model issue (#4)
+    from ..model import GptOss  # noqa: F401
     from ..config import GptOssConfig  # noqa: F401
 
     return GptOss, GptOssConfig
@@ -257,7 +257,7 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
 # ---------------------------------------------------------------------------------------------
 
 def decode_step_ops(shape: ModelShape, batch: int = 1, context: int = 1024) -> list[dict]:
-    """The ops of one decode step in the model's order (GptOss._decode_step), each with its calls
+    """The ops of one decode step in the model's order (GptOss.decode_step), each with its calls
     per step and the bytes one call must move at the least: weights read once, activations read
     and written, the KV cache read (`context` positions per sequence including the new token;
     sliding layers at most the window). Experts: moe_bytes_read's expected distinct experts of
@@ -324,7 +324,7 @@ def _profile_model(shape_name: str, device: torch.device, layers: int = 2):
 
 def _op_calls(model, st: dict, layer_ids: dict[str, int]) -> dict[str, object]:
     """Closures running each op of the decode step on the model's static buffers (the same calls
-    _decode_step makes). layer_ids: which layer stands for the sliding / full attention ops."""
+    decode_step makes). layer_ids: which layer stands for the sliding / full attention ops."""
     from .. import ops
 
     c, b, W = model.config, st["buf"], model.weights
@@ -419,7 +419,7 @@ def profile_decode_step(config_name: str = "120b", batch: int = 1, context: int 
         copy_gbps = measure_limits(dev, quick=True).copy_gbps
     progress(f"profile: building {shape.name} shapes with 2 layers on {dev}")
     model = _profile_model(config_name, dev)
-    st = model._decode_state(batch, context + 64)     # room for the graph-timed steps after the profile
+    st = model.engine.decode_state(batch, context + 64)     # room for the graph-timed steps after the profile
     b = st["buf"]
     b["tok"].random_(0, min(199998, shape.vocab))
     b["pos"].fill_(context - 1)
@@ -441,8 +441,8 @@ def profile_decode_step(config_name: str = "120b", batch: int = 1, context: int 
         # the 2-layer step replayed as one graph against the sum of its ops
         def time_step() -> tuple[float, bool]:
             st["steps"].clear()          # capture anew (a graph keeps its launches' attributes)
-            model._graph = None
-            step = model._step_fn(st, "greedy")
+            model.engine.graph = None
+            step = model.engine.step_fn(st, "greedy")
             step()
             torch.cuda.synchronize(dev)
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -452,7 +452,7 @@ def profile_decode_step(config_name: str = "120b", batch: int = 1, context: int 
                 step()
             e1.record()
             torch.cuda.synchronize(dev)
-            return e0.elapsed_time(e1) * 1e3 / n, model._graph is not None
+            return e0.elapsed_time(e1) * 1e3 / n, model.engine.graph is not None
 
         step_us, graph = time_step()
         pdl_on = _lib.pdl_enabled()       # False here: the runtime refused the attribute (all ordinary launches)

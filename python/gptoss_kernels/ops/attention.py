@@ -7,7 +7,7 @@ import torch
 from .. import _checks, _lib, reference
 
 # Owner of the CUDA paths: decode + RoPE/cache append (csrc/kernels/attention_decode.cu,
-# csrc/kernels/rope.cu, issue 8). Prefill lives in ops/attention_prefill.py (issue 9).
+# csrc/kernels/rope.cu). Prefill lives in ops/attention_prefill.py.
 #
 # KV-cache layout (one pair of tensors per layer): k_cache, v_cache bf16 [B, S, nkv, d];
 # position p of sequence b lives in slot p % S (reference.cache_slots). Full layers use

@@ -6,7 +6,7 @@ import torch
 
 from .. import _checks, _lib, reference
 
-# Owner of the CUDA path: csrc/kernels/attention_prefill.cu (issue 9). KV-cache layout: see
+# Owner of the CUDA path: csrc/kernels/attention_prefill.cu. KV-cache layout: see
 # ops/attention.py. The kernel (flash attention, packed GQA: one block per 16 positions x 8 query
 # heads of one KV head) takes head_dim 64 with 8 query heads per KV head (gpt-oss); other shapes
 # on CUDA run the reference with a warning.

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from .. import _checks, _lib, reference
 
-# CUDA paths: csrc/kernels/dense.cu (issue 11): fused residual add + RMSNorm, and a bf16 GEMV/skinny
+# CUDA paths: csrc/kernels/dense.cu: fused residual add + RMSNorm, and a bf16 GEMV/skinny
 # GEMM for small-batch projections and the unembedding (T <= LINEAR_MAX_TOKENS; cuBLAS above).
 
 #: Largest token count the GEMV kernel takes; above it linear() uses torch (cuBLAS).

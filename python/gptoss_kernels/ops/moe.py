@@ -6,8 +6,8 @@ import torch
 
 from .. import _checks, _lib, reference
 
-# Owners of the CUDA paths: decode regime (csrc/kernels/moe_decode.cu, issue 5) and prefill
-# regime (csrc/kernels/moe_prefill.cu, issue 6). The op picks the path by routed rows T*k:
+# Owners of the CUDA paths: decode regime (csrc/kernels/moe_decode.cu) and prefill
+# regime (csrc/kernels/moe_prefill.cu). The op picks the path by routed rows T*k:
 # T*k <= PREFILL_MIN_ROUTED_ROWS -> decode kernels (each selected expert's weights streamed once,
 # tensor-core GEMVs); above it -> ops._moe_prefill.run (grouped GEMMs) when that module imports
 # and is available(), else the decode kernels (which take any T, in chunks of
