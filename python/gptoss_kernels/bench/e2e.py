@@ -221,7 +221,7 @@ def run_e2e(ctx, config_name: str, batches, contexts, prefill_tokens, new_tokens
                 if r["bound_tok_s"]:
                     r["pct_of_bound"] = 100.0 * r["tok_s"] / r["bound_tok_s"]
             r["peak_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if cuda else None
-            r["cuda_graph"] = getattr(model, "_graph", None) is not None
+            r["cuda_graph"] = model.engine.graph is not None
             r["status"] = "ok" if ctx.gpu else "reference"
             if not ctx.gpu:
                 r["reason"] = "reference mode (no GPU): not a kernel measurement"

@@ -447,7 +447,7 @@ def bench_e2e(benchmark, row: dict, s: Session, model) -> dict:
     try:
         with torch.inference_mode():
             if decode:
-                st = model._decode_state(B, L + rounds + warmup + 8)
+                st = model.engine.decode_state(B, L + rounds + warmup + 8)
                 b = st["buf"]
                 b["tok"].random_(0, vocab_hi)
                 b["pos"].fill_(L - 1)
@@ -455,7 +455,7 @@ def bench_e2e(benchmark, row: dict, s: Session, model) -> dict:
                 for kc, vc in st["caches"]:   # a filled cache (values only matter for NaN-free timing)
                     kc.normal_()
                     vc.normal_()
-                one_pass = model._step_fn(st, "greedy")
+                one_pass = model.engine.step_fn(st, "greedy")
                 one_pass()
                 if s.device.type == "cuda":
                     torch.cuda.synchronize(s.device)
@@ -485,7 +485,7 @@ def bench_e2e(benchmark, row: dict, s: Session, model) -> dict:
             lead_us = s.timer.set_lead(host_us or 0.0) if hasattr(s.timer, "set_lead") else None
             stats = measure(benchmark, one_pass, 1, timer=s.timer, rounds=rounds, warmup_rounds=warmup)
         variant = {"fused_decode": getattr(model, "fused_decode", None), "pdl": _lib.pdl_enabled(),
-                   "cuda_graph": getattr(model, "_graph", None) is not None if decode else None}
+                   "cuda_graph": model.engine.graph is not None if decode else None}
         timing = {"timer": getattr(s.timer, "name", type(s.timer).__name__),
                   "method": "cuda-graph" if variant["cuda_graph"] else "eager",
                   "calls_per_round": 1, "rounds": rounds, "warmup_rounds": warmup, "lead_us": lead_us,
