@@ -123,3 +123,98 @@ def test_cli_refuses_a_request_that_does_not_fit(capsys):
 
     assert _friendly(cmd)(argparse.Namespace(command="generate")) == 2
     assert "do not fit" in capsys.readouterr().err
+
+
+# ---- which card: the plan table, the README's copy of it, the refusal before loading ----
+
+def test_plan_table_20b_on_16_and_24_gb():
+    rows = {(p["gpu_bytes"] // 2**30, p["batch"]): p for p in memory.plan_table(GptOssConfig.gpt_oss_20b(),
+                                                                                  (16, 24), (1, 4))}
+    assert all(p["weights_bytes"] == 13_761_264_768 and p["kv_bytes_per_token"] == 12 * 2 * 8 * 64 * 2
+               for p in rows.values())
+    # 16 GiB: ~50k positions for one sequence, ~12k each for four; 24 GiB: the whole context for one
+    assert 40_000 < rows[16, 1]["context_per_sequence"] < 60_000
+    assert 10_000 < rows[16, 4]["context_per_sequence"] < 15_000
+    assert rows[24, 1]["context_per_sequence"] == 131072
+    p = rows[16, 1]
+    assert memory.memory_plan(GptOssConfig.gpt_oss_20b(), 16 * 2**30, 1, context=p["tokens_per_sequence"])["fits"]
+    assert not memory.memory_plan(GptOssConfig.gpt_oss_20b(), 16 * 2**30, 1,
+                                  context=p["tokens_per_sequence"] + 256)["fits"]
+    # 120b does not fit these cards at all
+    assert not any(p["fits"] for p in memory.plan_table(GptOssConfig.gpt_oss_120b(), (16, 24, 48), (1,)))
+    assert "does not fit" in memory.format_plan_table("120b", memory.plan_table(GptOssConfig.gpt_oss_120b(), (24,)))
+
+
+def test_readme_tables_are_the_plan():
+    """The README's memory tables are what the plan computes today (regenerate them with
+    `gptoss-kernels plan` when the plan changes)."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, cfg, cards in (("gpt-oss-20b", GptOssConfig.gpt_oss_20b(), (16, 24)),
+                             ("gpt-oss-120b", GptOssConfig.gpt_oss_120b(), (80,))):
+        table = memory.format_plan_table(name, memory.plan_table(cfg, cards, (1, 4)))
+        assert table in readme, f"README's {name} table differs from the plan:\n{table}"
+
+
+def test_cli_plan(capsys):
+    from gptoss_kernels.cli import main
+
+    assert main(["plan", "--config", "20b", "--gpu-gib", "16", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert memory.format_plan_table("gpt-oss-20b", memory.plan_table(GptOssConfig.gpt_oss_20b(), (16,), (1,))) in out
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--gpu-gib", "0"])
+    assert e.value.code == 2 and "positive" in capsys.readouterr().err
+
+
+def test_loader_refuses_weights_that_do_not_fit_before_loading(m32, tmp_path, monkeypatch):
+    """On a CUDA device with too little free memory the loader raises MemoryPlanError after
+    reading the headers and before moving any tensor (here torch may have no CUDA at all: any
+    attempt to allocate on it would raise something else)."""
+    from . import checkpoints as ck
+
+    d = ck.save_model_original(m32, tmp_path / "ckpt")
+    need = memory.weights_bytes(m32.config, 2)
+    free = {"bytes": need}   # the weights alone, without the headroom to run: refused
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 16 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    moved = []
+    real_to = torch.Tensor.to
+
+    def spy_to(self, *a, **kw):
+        moved.append((a, kw))
+        return real_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    with pytest.raises(MemoryPlanError, match=r"weights need .* GiB .* free of 16.0 GiB: nothing was loaded"):
+        GptOss.from_pretrained(d, device="cuda:0", progress=False)
+    assert moved == []
+    # with the headroom free, the check passes (and returns the weights' bytes)
+    free["bytes"] = need + memory.LOAD_HEADROOM_BYTES
+    assert memory.check_weights_fit(m32.config, torch.device("cuda:0"), 2) == need
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_only  # the CUDA allocator's peak
+def test_peak_memory_is_the_plan():
+    """gpt-oss-20b's real shapes (random weights) generating at batch 1: the peak memory the
+    allocator saw is the plan's weights + KV cache + workspaces within 5%."""
+    dev = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(dev)
+    cfg = GptOssConfig.gpt_oss_20b()
+    if free < 20 * 2**30:
+        pytest.skip(f"needs ~20 GiB free, {free / 2**30:.1f} GiB here")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    m = GptOss.from_config(cfg, device=dev, seed=0)
+    prompt = torch.randint(0, 199998, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    m.generate(prompt, 16)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    plan = m.plan_request(1, len(prompt) + 16)
+    want = plan["weights_bytes"] + plan["kv_cache_bytes"] + plan["workspace_bytes"]
+    print(f"20b peak {peak / 2**30:.2f} GiB, plan {want / 2**30:.2f} GiB")
+    assert abs(peak - want) <= 0.05 * want
+    m.release_cache()

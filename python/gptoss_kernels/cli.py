@@ -12,6 +12,7 @@ _COMMAND_MODULES = (
     "gptoss_kernels.cli_info",        # info
     "gptoss_kernels.bench.cli",       # bench
     "gptoss_kernels.cli_generate",    # generate, chat
+    "gptoss_kernels.cli_plan",        # plan
 )
 
 

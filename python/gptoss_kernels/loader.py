@@ -249,6 +249,10 @@ def load_checkpoint(path, device=None, dtype: torch.dtype = torch.bfloat16, prog
     cfg_desc = (f"{layout} layout, num_hidden_layers={cfg.num_hidden_layers}, num_experts={cfg.num_experts}, "
                 f"hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}")
     _check(headers, expected, cfg_desc)
+    if device.type == "cuda":
+        from .memory import check_weights_fit
+
+        check_weights_fit(cfg, device, torch.empty((), dtype=dtype).element_size())
 
     weights: dict = {}
     layers: list[dict] = [{} for _ in range(cfg.num_hidden_layers)]

@@ -14,7 +14,12 @@ from .config import GptOssConfig
 from .weights import nbytes, weight_shapes
 
 __all__ = ["MemoryPlanError", "PREFILL_CHUNK", "workspace_bytes", "kv_cache_bytes", "memory_plan",
-           "format_memory_plan", "free_bytes", "plan_request", "check_request"]
+           "format_memory_plan", "free_bytes", "plan_request", "check_request", "weights_bytes",
+           "check_weights_fit", "plan_table", "format_plan_table", "CARD_GIB"]
+
+#: the card sizes the plan table shows by default (GiB): 16 GB consumer cards (RTX 4080 / 5080,
+#: 4060 Ti 16 GB), 24 GB (RTX 3090 / 4090, L4, A10), 48 GB (L40S, A6000), 80 GB (A100 / H100)
+CARD_GIB = (16, 24, 48, 80)
 
 #: tokens per prefill chunk: ``GptOss.prefill_chunk``'s default, and what the plan assumes unless told
 PREFILL_CHUNK = 2048
@@ -68,29 +73,75 @@ def memory_plan(config: GptOssConfig, gpu_bytes: float = 80e9, batch: int = 1, c
     kv_cache_bytes, need_bytes (everything) and fits = need_bytes <= gpu_bytes; without it,
     fits = the weights, workspaces and rings fit.
     """
-    gshapes, lshapes = weight_shapes(config)
-    weights_bytes = sum(nbytes(s, k, weight_dtype_bytes) for s, k in gshapes.values())
-    weights_bytes += sum(nbytes(s, k, weight_dtype_bytes) for spec in lshapes for s, k in spec.values())
+    wb = weights_bytes(config, weight_dtype_bytes)
     ws = workspace_bytes(config, batch, prefill_chunk)["total"]
     per_layer_token = 2 * config.num_key_value_heads * config.head_dim * kv_dtype_bytes
     n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
     n_full = config.num_hidden_layers - n_sliding
     kv_per_token = n_full * per_layer_token
     sliding = n_sliding * batch * (config.sliding_window or 0) * per_layer_token
-    free = gpu_bytes - weights_bytes - ws - reserve_bytes - sliding
+    free = gpu_bytes - wb - ws - reserve_bytes - sliding
     tokens_fit = max(0, int(free // kv_per_token)) if kv_per_token else (1 << 62 if free >= 0 else 0)
     per_seq = tokens_fit // batch
-    plan = {"gpu_bytes": int(gpu_bytes), "weights_bytes": int(weights_bytes), "workspace_bytes": int(ws),
+    plan = {"gpu_bytes": int(gpu_bytes), "weights_bytes": int(wb), "workspace_bytes": int(ws),
             "reserve_bytes": int(reserve_bytes), "kv_bytes_per_token": int(kv_per_token),
             "sliding_kv_bytes": int(sliding), "full_layers": n_full, "sliding_layers": n_sliding,
             "batch": batch, "tokens_fit": tokens_fit, "tokens_per_sequence": per_seq,
             "context_per_sequence": min(per_seq, config.max_position_embeddings), "fits": free >= 0}
     if context is not None:
         kv = kv_cache_bytes(config, batch, context, kv_dtype_bytes)
-        need = weights_bytes + ws + reserve_bytes + kv
+        need = wb + ws + reserve_bytes + kv
         plan.update(context=int(context), kv_cache_bytes=int(kv), need_bytes=int(need),
                     fits=bool(need <= gpu_bytes and context <= config.max_position_embeddings))
     return plan
+
+
+def weights_bytes(config: GptOssConfig, weight_dtype_bytes: int = 2) -> int:
+    """Bytes of every weight as GptOss stores it (MXFP4 experts, the rest in the model dtype)."""
+    gshapes, lshapes = weight_shapes(config)
+    total = sum(nbytes(s, k, weight_dtype_bytes) for s, k in gshapes.values())
+    return int(total + sum(nbytes(s, k, weight_dtype_bytes) for spec in lshapes for s, k in spec.values()))
+
+
+#: what must stay free beside the weights for a load to be worth starting: the smallest decode
+#: state, the allocator's slack and the CUDA context's growth (cuBLAS workspaces)
+LOAD_HEADROOM_BYTES = 0.5e9
+
+
+def check_weights_fit(config: GptOssConfig, device: torch.device, weight_dtype_bytes: int = 2) -> int:
+    """Before a checkpoint is loaded onto a CUDA device: MemoryPlanError when its weights (plus
+    LOAD_HEADROOM_BYTES) exceed the device's free memory, so nothing is allocated for a model
+    that cannot run there. Returns the weights' bytes."""
+    need = weights_bytes(config, weight_dtype_bytes)
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if need + LOAD_HEADROOM_BYTES > free:
+        G = 2 ** 30
+        raise MemoryPlanError(
+            f"this checkpoint's weights need {need / G:.1f} GiB ({config.num_hidden_layers} layers, "
+            f"{config.num_experts} experts; + {LOAD_HEADROOM_BYTES / G:.1f} GiB to run), {device} has "
+            f"{free / G:.1f} GiB free of {total / G:.1f} GiB: nothing was loaded "
+            f"(gpt-oss-20b needs a 16 GB card, gpt-oss-120b an 80 GB one; see `gptoss-kernels plan`)")
+    return need
+
+
+def plan_table(config: GptOssConfig, cards_gib=CARD_GIB, batches=(1, 4)) -> list[dict]:
+    """memory_plan for each card size (GiB of card memory) and batch: the rows of
+    ``gptoss-kernels plan`` and of the README's table."""
+    return [memory_plan(config, gpu_bytes=g * 2 ** 30, batch=b) for g in cards_gib for b in batches]
+
+
+def format_plan_table(name: str, rows: list[dict]) -> str:
+    """A markdown table of plan_table rows (the README's form)."""
+    G = 2 ** 30
+    out = [f"| {name} on | batch | weights | workspaces + reserve | KV per position | longest context per sequence |",
+           "|---|---|---|---|---|---|"]
+    for p in rows:
+        ctx = f"{p['context_per_sequence']:,}" if p["fits"] and p["context_per_sequence"] > 0 else "does not fit"
+        out.append(f"| {p['gpu_bytes'] / G:.0f} GiB | {p['batch']} | {p['weights_bytes'] / G:.2f} GiB | "
+                   f"{(p['workspace_bytes'] + p['reserve_bytes']) / G:.2f} GiB | "
+                   f"{p['kv_bytes_per_token'] / 1024:.0f} KiB | {ctx} |")
+    return "\n".join(out)
 
 
 def format_memory_plan(plan: dict) -> str:
