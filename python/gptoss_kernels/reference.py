@@ -282,11 +282,21 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     B, nq, d = q.shape
     S, nkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
+    # the longest sequence the cache can serve: all of it must be there (full attention), or the
+    # window's last positions (a ring of S >= W slots serves any length)
+    longest = S if sliding_window is None or S < sliding_window else None
+    if S < 1 and B:
+        raise ValueError(f"attention_decode: k_cache {tuple(k_cache.shape)} has no slots; it must hold at "
+                         f"least the new token's position")
     for b, L in enumerate(cache_seqlens.tolist()):
         W = L if sliding_window is None else min(L, sliding_window)
         if L < 1 or S < W:
-            raise ValueError(f"attention_decode: sequence {b} has length {L}, cache holds {S} slots "
-                             f"(needs >= {W})")
+            valid = f"in [1, {longest}]" if longest is not None else ">= 1"
+            why = f"the cache holds {S} slot{'' if S == 1 else 's'}"
+            if sliding_window is not None and S < sliding_window:
+                why += f", fewer than the window of {sliding_window}"
+            raise ValueError(f"attention_decode: cache_seqlens[{b}] is {L}, must be {valid} (the positions "
+                             f"written including the new token; {why})")
         pos = torch.arange(L - W, L, device=q.device)
         slots = cache_slots(pos, S)
         out[b] = attention(q[b:b + 1], k_cache[b, slots], v_cache[b, slots], sinks, sm_scale=sm_scale,
