@@ -82,9 +82,10 @@ def _friendly(cmd):
         try:
             if getattr(args, "device", None) is not None:
                 check_device(args.device)
-            if args.command == "generate" and not args.prompt:
+            if args.command == "generate" and getattr(args, "prompt", None) == "":
                 raise RequestError("--prompt is empty: give the text to continue")
-            check_checkpoint_path(args.checkpoint)
+            if getattr(args, "checkpoint", None) is not None:
+                check_checkpoint_path(args.checkpoint)
             return cmd(args)
         except (DeviceError, CheckpointError, TokenizerError, MemoryPlanError, RequestError) as e:
             print(f"gptoss-kernels {args.command}: {e}", file=sys.stderr)
