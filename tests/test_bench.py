@@ -99,6 +99,49 @@ def test_reference_mode_runs_end_to_end(reference_run, capsys):
     assert "reference mode (no GPU): not a kernel measurement" in text.splitlines()[0]
 
 
+def test_reference_mode_table_says_what_it_measured(reference_run):
+    """Reference mode: which rows run reduced model dims (and why), no percentage of the CPU's
+    measured rates (they are no ceilings: a row could read over 100 %), no rel err of the reference
+    against itself; the JSON keeps every figure."""
+    import copy
+
+    from gptoss_kernels.bench.report import NOT_APPLICABLE
+
+    _, doc = reference_run
+    text = format_document(doc, markdown=True)
+    assert "config 120b (reference mode: the 'model dims' column says which rows run reduced shapes)" in text
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| op |"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if "---" not in line:
+            table.append([c.strip() for c in line.strip("|").split("|")])
+    head, body = table[0], table[1:]
+    col = {h: i for i, h in enumerate(head)}
+    assert body and {"model dims", "%BW", "%FLOP", "rel err"} <= set(col)
+    dims = {r[col["op"]]: r[col["model dims"]] for r in body}
+    assert dims["moe_mxfp4"] == "reduced for the CPU: E 8 of 128, H 128 of 2880, I 128 of 2880"
+    assert dims["router_topk"] == dims["attention_decode"] == "as 120b"
+    assert dims["linear"].startswith("reduced for the CPU: N ")
+    for r in body:
+        assert r[col["%BW"]] == r[col["%FLOP"]] == r[col["rel err"]] == NOT_APPLICABLE, r
+    assert any(f"{NOT_APPLICABLE} in %BW and %FLOP" in line for line in text.splitlines() if line.startswith("note:"))
+    assert all(isinstance(r["pct_flops"], float) for r in doc["results"])
+    # a failed verification stays visible; a GPU document shows the figures and no model-dims column
+    bad = copy.deepcopy(doc)
+    bad["results"][0]["verify"]["passed"] = False
+    assert " FAIL " in format_document(bad, markdown=True)
+    gpu = copy.deepcopy(doc)
+    gpu["mode"] = "gpu"
+    for r in gpu["results"]:
+        r["status"] = "ok"
+    text = format_document(gpu, markdown=True)
+    assert "model dims" not in text and NOT_APPLICABLE not in text
+    assert "(reference mode:" not in text and "note: reference mode:" not in text
+
+
 def test_json_schema(reference_run):
     _, doc = reference_run
     assert doc["schema"] == SCHEMA and doc["complete"] is True

@@ -172,3 +172,44 @@ def test_cli_parsers_registered():
     a = p.parse_args(["generate", "--checkpoint", "x", "--prompt", "hi", "--max-new-tokens", "3", "--top-p", "0.5"])
     assert a.max_new_tokens == 3 and a.top_p == 0.5
 
+
+
+def _interrupted_after(toks, n):
+    """The tokens `toks`, then Ctrl-C (KeyboardInterrupt) once `n` of them were consumed."""
+    for i, t in enumerate(toks):
+        if i == n:
+            raise KeyboardInterrupt
+        yield t
+
+
+def test_chat_session_interrupted_reply(enc):
+    from gptoss_kernels.cli_generate import ChatSession
+
+    s = ChatSession(enc)
+    s.add_user("First?")
+    first = [Message.from_role_and_content(Role.ASSISTANT, "Yes.").with_channel("final")]
+    s.consume(iter(_assistant_reply_tokens(enc, first, tokenizer.RETURN)))
+    kept = list(s.history)
+
+    # cut inside the analysis: the turn is withdrawn, the earlier one stays
+    s.add_user("Second?")
+    reply = [Message.from_role_and_content(Role.ASSISTANT, "Thinking about it at length.").with_channel("analysis"),
+             Message.from_role_and_content(Role.ASSISTANT, "The answer is four.").with_channel("final")]
+    toks = _assistant_reply_tokens(enc, reply, tokenizer.RETURN)
+    with pytest.raises(KeyboardInterrupt):
+        s.consume(_interrupted_after(toks, 6))
+    assert s.end_interrupted_turn() is False
+    assert [m.to_dict() for m in s.history] == [m.to_dict() for m in kept]
+
+    # cut inside the final answer: the turn stays, with the answer as far as it was shown
+    s.add_user("Second?")
+    shown: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        s.consume(_interrupted_after(toks, len(toks) - 3), lambda ch, d: shown.append(d) if ch == "final" else None)
+    assert s.end_interrupted_turn() is True
+    assert s.history[-1].channel == "final" and s.history[-1].content[0].text == "".join(shown)
+    assert "".join(shown) and "The answer is four.".startswith("".join(shown))
+    assert [m.channel for m in s.history[len(kept) + 1:]] == ["analysis", "final"]
+    # the next turn renders the stopped answer as a finished message
+    nxt = enc.decode(s.add_user("Third?"))
+    assert f"<|channel|>final<|message|>{''.join(shown)}<|end|>" in nxt

@@ -93,6 +93,58 @@ def test_quantize_ties_to_even():
 
 # ---- the kernels' decode math, built for the host ----
 
+def _ldexp_decode(blocks, scales, dtype):
+    """The earlier reference decode (int64 codes, a float LUT, ldexp on every element): the oracle
+    of the table-and-multiply decode, which must give the same bits."""
+    lut = torch.tensor(R.FP4_E2M1_VALUES, dtype=torch.float32)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
+    vals = torch.ldexp(lut[codes.long()], (scales.to(torch.int32) - 127).unsqueeze(-1))
+    return vals.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32).to(dtype)
+
+
+def _same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    return torch.equal(a.view(ints), b.view(ints))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_same_bits_as_ldexp_decode(dtype, monkeypatch):
+    # every byte value under every scale byte (0: subnormal results, 254/255: overflow to inf, and
+    # 2^128 times a zero code stays a signed zero), then random blocks decoded in chunks with a
+    # remainder (the CPU path decodes rows in cache-sized chunks)
+    every = torch.arange(256, dtype=torch.uint8).reshape(16, 16).expand(256, 16, 16).contiguous()
+    scales = torch.arange(256, dtype=torch.uint8).unsqueeze(1).expand(256, 16).contiguous()
+    assert _same_bits(R.mxfp4_dequantize(every, scales, dtype), _ldexp_decode(every, scales, dtype))
+    g = torch.Generator().manual_seed(11)
+    blocks = torch.randint(0, 256, (3, 37, 5, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(0, 256, (3, 37, 5), dtype=torch.uint8, generator=g)
+    scales[0, :4] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8).unsqueeze(1)
+    monkeypatch.setattr(R, "_MXFP4_CHUNK_ELEMENTS", 7 * 5 * 32)   # 7 rows per chunk: 111 rows = 15 chunks + 6
+    assert _same_bits(R.mxfp4_dequantize(blocks, scales, dtype), _ldexp_decode(blocks, scales, dtype))
+    assert R.mxfp4_dequantize(blocks[:0], scales[:0], dtype).shape == (0, 37, 160)
+
+
+def test_moe_reference_same_bits_with_the_ldexp_decode(monkeypatch):
+    """reference.moe decodes each selected expert into reused buffers: the output is the one the
+    ldexp decode gives, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    E, H, I, T, k = 6, 64, 96, 7, 3
+    w1b = torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8, generator=g)
+    w1s = torch.randint(117, 125, (E, 2 * I, H // 32), dtype=torch.uint8, generator=g)
+    w2b = torch.randint(0, 256, (E, H, I // 32, 16), dtype=torch.uint8, generator=g)
+    w2s = torch.randint(117, 125, (E, H, I // 32), dtype=torch.uint8, generator=g)
+    b1 = torch.randn(E, 2 * I, generator=g).bfloat16()
+    b2 = torch.randn(E, H, generator=g).bfloat16()
+    x = torch.randn(T, H, generator=g).bfloat16()
+    ids = torch.rand(T, E, generator=g).topk(k, dim=1).indices.int()
+    w = torch.softmax(torch.randn(T, k, generator=g), 1)
+    fast = R.moe(x, ids, w, w1b, w1s, b1, w2b, w2s, b2)
+    monkeypatch.setattr(R, "_mxfp4_decode_into",
+                        lambda b, s, out: out.copy_(_ldexp_decode(b, s, torch.float32).view_as(out)))
+    assert _same_bits(fast, R.moe(x, ids, w, w1b, w1s, b1, w2b, w2s, b2))
+
+
 needs_C = pytest.mark.skipif(not gk.kernels_built(), reason=f"kernels not built: {gk.kernels_error()}")
 
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _lib
+
 
 def tensor(name: str, t, *, dtype: torch.dtype | Sequence[torch.dtype] | None = None,
            ndim: int | None = None, shape: Sequence[int | None] | None = None,
@@ -29,7 +31,7 @@ def tensor(name: str, t, *, dtype: torch.dtype | Sequence[torch.dtype] | None = 
     if shape is not None:
         for i, (got, want) in enumerate(zip(t.shape, shape)):
             if want is not None and got != want:
-                expect = tuple("*" if s is None else s for s in shape)
+                expect = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
                 raise ValueError(f"{name} must have shape {expect}, got {tuple(t.shape)} (dim {i})")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (got strides {t.stride()}); call .contiguous()")
@@ -37,13 +39,44 @@ def tensor(name: str, t, *, dtype: torch.dtype | Sequence[torch.dtype] | None = 
 
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:
-    """All given tensors on one device; returns it."""
+    """All given tensors on one device, and a CUDA device only where torch can run CUDA (a CUDA
+    tensor on a torch without CUDA gets this line, not an error from inside torch); returns it."""
     items = [(n, t) for n, t in tensors.items() if t is not None]
     dev = items[0][1].device
     for n, t in items[1:]:
         if t.device != dev:
             raise ValueError(f"{n} is on {t.device} but {items[0][0]} is on {dev}; all tensors must be on one device")
+    if dev.type == "cuda" and not _lib.cuda_available() and not torch.cuda.is_available():
+        why = (f"this torch build ({torch.__version__}) has no CUDA support"
+               if torch.version.cuda is None and torch.version.hip is None else "torch sees no CUDA device")
+        raise ValueError(f"{items[0][0]} is on {dev}, but {why}: pass CPU tensors (the ops run the "
+                         f"PyTorch reference on the CPU)")
     return dev
+
+
+#: The KV-cache layout every op takes (DEVELOPERS.md): position p of sequence b in slot p % S.
+KV_CACHE_LAYOUT = "[B, S, nkv, d]"
+
+
+def transposed_cache_hint(name: str, t: torch.Tensor) -> str:
+    """The phrase that names the expected layout of a cache that looks allocated as [B, nkv, S, d]."""
+    return (f"{name} {tuple(t.shape)} looks like [B, nkv, S, d] (dims 1 and 2 swapped): the KV cache is "
+            f"{KV_CACHE_LAYOUT}, position p of sequence b in slot p % S")
+
+
+def kv_cache(name: str, t, shape: Sequence[int | None]) -> torch.Tensor:
+    """Check a KV-cache argument: bf16 `shape` = (B, S, nkv, d) (None: any). A shape error names
+    the layout, and says so when the cache looks transposed to [B, nkv, S, d]."""
+    try:
+        return tensor(name, t, dtype=torch.bfloat16, shape=shape)
+    except ValueError as e:
+        msg = str(e)
+        if "must be contiguous" in msg:
+            raise
+        nkv = shape[2]
+        if t.dim() == 4 and nkv is not None and t.shape[1] == nkv and t.shape[2] != nkv:
+            raise ValueError(f"{msg}; {transposed_cache_hint(name, t)}") from None
+        raise ValueError(f"{msg}; the KV cache is {KV_CACHE_LAYOUT}") from None
 
 
 def out_tensor(name: str, out: torch.Tensor | None, *, shape: Sequence[int], dtype: torch.dtype,

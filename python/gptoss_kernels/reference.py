@@ -13,6 +13,7 @@ S cache slots, G = K/32 MXFP4 blocks per row.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,18 +54,58 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
     blocks: uint8 [..., G, 16]; byte j of block g holds element 32g+2j in its low nibble and
             32g+2j+1 in its high nibble.
-    scales: uint8 [..., G]; E8M0, value 2^(s-127), applied with ldexp (byte 255 is not special).
+    scales: uint8 [..., G]; E8M0, value 2^(s-127) (byte 255 is not special: 2^128).
     returns [..., 32*G]
+
+    Each element is the exact product LUT[code] * 2^(s-127) rounded once to float32 (an overflow
+    becomes inf; a zero code stays a signed zero for every scale), then converted to ``dtype``.
+    Computed as one float32 multiply per element, (2 LUT[code]) * 2^(s-128): both factors are
+    exact float32 numbers for every byte (2^(s-128) spans 2^-128, a subnormal, to 2^127), and the
+    product of two numbers with at most two significant bits is exact unless it overflows. The two
+    codes of a byte come from one 256-entry table; on the CPU the rows are decoded in chunks that
+    stay in cache.
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError("mxfp4_dequantize: blocks and scales must be uint8")
     if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"mxfp4_dequantize: blocks {tuple(blocks.shape)} must be scales.shape + (16,), "
                          f"scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32, device=blocks.device)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
-    vals = torch.ldexp(lut[codes.long()], (scales.to(torch.int32) - 127).unsqueeze(-1))
-    return vals.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32).to(dtype)
+    G = blocks.shape[-2]
+    rows = scales.numel() // G if G else 0
+    out = torch.empty((rows, G * 32), dtype=torch.float32, device=blocks.device)
+    _mxfp4_decode_into(blocks.reshape(rows, G, 16), scales.reshape(rows, G), out)
+    out = out.view(*blocks.shape[:-2], G * 32)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _mxfp4_decode_into(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """blocks uint8 [R, G, 16], scales uint8 [R, G] -> out float32 [R, 32 G] (contiguous), written
+    in place (``mxfp4_dequantize``'s arithmetic; a caller decoding many matrices reuses `out`)."""
+    rows, G = scales.shape
+    if not out.numel():
+        return out
+    pairs, powers = _mxfp4_tables(blocks.device)
+    b = blocks.reshape(rows, G * 16)
+    step = rows if blocks.device.type != "cpu" else max(1, _MXFP4_CHUNK_ELEMENTS // (G * 32))
+    for r in range(0, rows, step):
+        o = out[r:r + step]
+        torch.index_select(pairs, 0, b[r:r + step].reshape(-1).to(torch.int32), out=o.view(-1, 2))
+        o.view(-1, G, 32).mul_(powers[scales[r:r + step].to(torch.int32)].unsqueeze(-1))
+    return out
+
+
+#: elements decoded per chunk on the CPU (1 MiB of float32: the chunk's intermediates stay in cache)
+_MXFP4_CHUNK_ELEMENTS = 1 << 18
+
+
+@functools.lru_cache(maxsize=None)
+def _mxfp4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pairs float32 [256, 2]: 2 LUT[byte & 15], 2 LUT[byte >> 4]; powers float32 [256]: 2^(s-128))."""
+    lut2 = torch.tensor([2.0 * v for v in FP4_E2M1_VALUES], dtype=torch.float32)
+    byte = torch.arange(256)
+    pairs = torch.stack((lut2[byte & 15], lut2[byte >> 4]), dim=1)
+    powers = torch.tensor([math.ldexp(1.0, s - 128) for s in range(256)], dtype=torch.float32)
+    return pairs.to(device).contiguous(), powers.to(device)
 
 
 def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,11 +282,21 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     B, nq, d = q.shape
     S, nkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
+    # the longest sequence the cache can serve: all of it must be there (full attention), or the
+    # window's last positions (a ring of S >= W slots serves any length)
+    longest = S if sliding_window is None or S < sliding_window else None
+    if S < 1 and B:
+        raise ValueError(f"attention_decode: k_cache {tuple(k_cache.shape)} has no slots; it must hold at "
+                         f"least the new token's position")
     for b, L in enumerate(cache_seqlens.tolist()):
         W = L if sliding_window is None else min(L, sliding_window)
         if L < 1 or S < W:
-            raise ValueError(f"attention_decode: sequence {b} has length {L}, cache holds {S} slots "
-                             f"(needs >= {W})")
+            valid = f"in [1, {longest}]" if longest is not None else ">= 1"
+            why = f"the cache holds {S} slot{'' if S == 1 else 's'}"
+            if sliding_window is not None and S < sliding_window:
+                why += f", fewer than the window of {sliding_window}"
+            raise ValueError(f"attention_decode: cache_seqlens[{b}] is {L}, must be {valid} (the positions "
+                             f"written including the new token; {why})")
         pos = torch.arange(L - W, L, device=q.device)
         slots = cache_slots(pos, S)
         out[b] = attention(q[b:b + 1], k_cache[b, slots], v_cache[b, slots], sinks, sm_scale=sm_scale,
@@ -311,12 +362,15 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     xf = x.float()
     ids = topk_ids.long()
+    # one float32 buffer per matrix, reused for every expert (only the selected ones are decoded)
+    w1 = torch.empty(w1_blocks.shape[1], H, dtype=torch.float32, device=x.device)           # [2I, H]
+    w2 = torch.empty(H, w2_blocks.shape[2] * 32, dtype=torch.float32, device=x.device)      # [H, I]
     for e in torch.unique(ids).tolist():
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
-        w1 = mxfp4_dequantize(w1_blocks[e], w1_scales[e], torch.float32)      # [2I, H]
+        _mxfp4_decode_into(w1_blocks[e], w1_scales[e], w1)
         z = xf[tok] @ w1.t() + w1_bias[e].float()
         act = swiglu(z, swiglu_alpha, swiglu_limit)                             # [n, I]
-        w2 = mxfp4_dequantize(w2_blocks[e], w2_scales[e], torch.float32)      # [H, I]
+        _mxfp4_decode_into(w2_blocks[e], w2_scales[e], w2)
         y = act @ w2.t() + w2_bias[e].float()
         out.index_add_(0, tok, y * topk_weights[tok, slot].float().unsqueeze(1))
     return out.to(x.dtype)

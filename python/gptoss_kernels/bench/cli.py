@@ -201,7 +201,7 @@ def _brief(row: dict) -> str:
     if row.get("gbps") is not None:
         parts.append(f"{_num(row['gbps'])} GB/s, {_num(row['tflops'])} TFLOP/s")
     v = row.get("verify")
-    if v:
+    if v and (row.get("status") != "reference" or not v.get("passed")):   # reference mode: compared with itself
         parts.append(f"rel err {v['rel_err']:.1e}{'' if v.get('passed') else ' FAIL'}")
     for b in row.get("baselines", []):
         if b.get("time_us") is not None:

@@ -146,12 +146,68 @@ def shape_text(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items() if v is not None)
 
 
-def format_ops_table(rows: list[dict], limits: dict | None, markdown: bool = False) -> str:
-    head = ["op", "case", "shape", "µs", "GB/s", "TFLOP/s", "%BW", "%FLOP", "rel err", "baseline (µs, speed-up)", "status"]
+#: What reference mode shows in %BW, %FLOP and rel err: the CPU's measured copy and matmul rates
+#: are no ceilings for the reference's code paths (a row can exceed 100 %), and the verification
+#: compares the reference with itself.
+NOT_APPLICABLE = "–"
+
+
+def model_dims(row: dict, model) -> list[tuple[str, int, int]]:
+    """(dimension, value in the row, the model's value) for the model dimensions of a row's shape
+    (`model`: a bench.shapes.ModelShape); token counts, batches and contexts are not model dims."""
+    op, shape = row.get("op"), row.get("shape") or {}
+    s = model
+    want: dict = {}
+    if op == "moe_mxfp4":
+        want = {"E": s.num_experts, "k": s.k, "H": s.hidden, "I": s.intermediate}
+    elif op == "router_topk":
+        want = {"E": s.num_experts, "H": s.hidden, "k": s.k}
+    elif op in ("attention_decode", "attention_prefill"):
+        want = {"nq": s.nq, "nkv": s.nkv, "d": s.head_dim}
+    elif op == "rms_norm":
+        want = {"H": s.hidden}
+    elif op == "linear":
+        proj = str(row.get("case", "")).split(" ")[0]
+        want = {"qkv": {"N": (s.nq + 2 * s.nkv) * s.head_dim, "K": s.hidden},
+                "out-proj": {"N": s.hidden, "K": s.nq * s.head_dim},
+                "unembed": {"N": s.vocab, "K": s.hidden}}.get(proj, {})
+    return [(k, shape[k], v) for k, v in want.items() if shape.get(k) is not None]
+
+
+def model_dims_text(row: dict, model, config: str) -> str:
+    """'as 120b', or which model dims the row reduced and why (reference mode on the CPU)."""
+    dims = model_dims(row, model)
+    if not dims:
+        return "-"
+    reduced = [(k, got, want) for k, got, want in dims if got != want]
+    if not reduced:
+        return f"as {config}"
+    return "reduced for the CPU: " + ", ".join(f"{k} {got} of {want}" for k, got, want in reduced)
+
+
+def format_ops_table(rows: list[dict], limits: dict | None, markdown: bool = False,
+                     config: str | None = None) -> str:
+    """The ops table. Reference-mode rows (status "reference") show NOT_APPLICABLE for %BW, %FLOP
+    and rel err (FAIL stays visible), and, given `config`, a column saying which model dims they
+    reduced."""
+    reference_mode = any(r.get("status") == "reference" for r in rows)
+    model = None
+    if reference_mode and config is not None:
+        from .shapes import ModelShape
+
+        try:
+            model = ModelShape.preset(config)
+        except ValueError:
+            model = None
+    head = ["op", "case", "shape"] + (["model dims"] if model else []) + [
+        "µs", "GB/s", "TFLOP/s", "%BW", "%FLOP", "rel err", "baseline (µs, speed-up)", "status"]
     body = []
     for r in rows:
         v = r.get("verify") or {}
+        ref = r.get("status") == "reference"
         err = "-" if not v else (f"{v['rel_err']:.1e}" + ("" if v.get("passed") else " FAIL"))
+        if ref and v:
+            err = NOT_APPLICABLE if v.get("passed") else "FAIL"
         bl = "; ".join(f"{b['name']} {_us(b['time_us'])}" + (f" ({b['speedup']:.2f}x)" if b.get("speedup") else "")
                        if b.get("status") == "ok" else f"{b['name']}: {b.get('status')}" for b in r.get("baselines", []))
         status = r.get("status") or "-"
@@ -159,9 +215,12 @@ def format_ops_table(rows: list[dict], limits: dict | None, markdown: bool = Fal
             status += f": {r['reason']}"
         if r.get("timing") and r["timing"].get("method") == "cuda-graph":
             status += " (graph)"
-        body.append([r["op"], r["case"], shape_text(r.get("shape", {})), _us(r.get("time_us")),
-                     _num(r.get("gbps")), _num(r.get("tflops")), _num(r.get("pct_bw")),
-                     _num(r.get("pct_flops")), err, bl or "-", status])
+        pct_bw, pct_flops = ((NOT_APPLICABLE, NOT_APPLICABLE) if ref else
+                             (_num(r.get("pct_bw")), _num(r.get("pct_flops"))))
+        dims = [model_dims_text(r, model, config)] if model else []
+        body.append([r["op"], r["case"], shape_text(r.get("shape", {}))] + dims + [
+                     _us(r.get("time_us")), _num(r.get("gbps")), _num(r.get("tflops")), pct_bw, pct_flops, err,
+                     bl or "-", status])
     title = ""
     if limits:
         title = (f"limits measured in this run: copy {_num(limits['copy_gbps'])} GB/s (read+write), "
@@ -199,13 +258,22 @@ def format_document(doc: dict, markdown: bool = False) -> str:
     lines = []
     if doc["mode"] == "reference":
         lines.append(f"*** {REFERENCE_MODE_LABEL} ***" if not markdown else f"**{REFERENCE_MODE_LABEL}**")
+    reference = doc["mode"] == "reference"
     lines.append(f"card: {env.get('card')}, driver {env.get('driver')}, torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
                  f"commit {(env.get('git_commit') or '?')[:12]}{' (dirty)' if env.get('git_dirty') else ''}, {env.get('date')}, "
-                 f"config {doc.get('config')}")
+                 f"config {doc.get('config')}"
+                 + (" (reference mode: the 'model dims' column says which rows run reduced shapes)" if reference else ""))
     if doc.get("results"):
-        lines += ["", format_ops_table(doc["results"], doc.get("limits"), markdown)]
+        lines += ["", format_ops_table(doc["results"], doc.get("limits"), markdown,
+                                       config=doc.get("config") if reference else None)]
     if doc.get("e2e"):
         lines += ["", format_e2e_table(doc["e2e"], markdown)]
-    for n in doc.get("notes", []):
+    notes = list(doc.get("notes", []))
+    if reference and doc.get("results"):
+        notes.append(f"reference mode: {NOT_APPLICABLE} in %BW and %FLOP (the CPU's measured copy and matmul rates are "
+                     f"no ceilings for the reference's code paths) and in rel err (the reference is compared with "
+                     f"itself); rows run the reference-mode grid of tokens, batches and contexts, and the model "
+                     f"dims marked 'reduced' are smaller than {doc.get('config')} so that the run takes seconds on a CPU")
+    for n in notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)

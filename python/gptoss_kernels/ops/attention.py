@@ -54,13 +54,15 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     _checks.tensor("q", q, dtype=torch.bfloat16, ndim=3)
     B, nq, d = q.shape
-    _checks.tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=(B, None, None, d))
+    _checks.kv_cache("k_cache", k_cache, (B, None, None, d))
     S, nkv = k_cache.shape[1], k_cache.shape[2]
-    _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=(B, S, nkv, d))
+    if nkv == 0 or nq % nkv:
+        hint = (_checks.transposed_cache_hint("k_cache", k_cache) if S and nq % S == 0 else
+                f"k_cache is {_checks.KV_CACHE_LAYOUT} = {tuple(k_cache.shape)}")
+        raise ValueError(f"q has {nq} heads, not a multiple of the cache's {nkv} KV heads; {hint}")
+    _checks.kv_cache("v_cache", v_cache, (B, S, nkv, d))
     _checks.tensor("cache_seqlens", cache_seqlens, dtype=torch.int32, shape=(B,))
     _checks.tensor("sinks", sinks, dtype=torch.bfloat16, shape=(nq,))
-    if nq % nkv:
-        raise ValueError(f"q has {nq} heads, not a multiple of the cache's {nkv} KV heads")
     if sliding_window is not None:
         _checks.positive_int("sliding_window", sliding_window)
     dev = _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, sinks=sinks, out=out)
@@ -121,8 +123,8 @@ def cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     _checks.tensor("k", k, dtype=torch.bfloat16, ndim=3)
     T, nkv, d = k.shape
     _checks.tensor("v", v, dtype=torch.bfloat16, shape=(T, nkv, d))
-    _checks.tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=(None, None, nkv, d))
-    _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=tuple(k_cache.shape))
+    _checks.kv_cache("k_cache", k_cache, (None, None, nkv, d))
+    _checks.kv_cache("v_cache", v_cache, tuple(k_cache.shape))
     _checks.tensor("seq_ids", seq_ids, dtype=(torch.int32, torch.int64), shape=(T,))
     _checks.tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(T,))
     dev = _checks.same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_ids=seq_ids, positions=positions)
@@ -156,8 +158,8 @@ def rope_and_cache_append(qkv: torch.Tensor, seq_ids: torch.Tensor, positions: t
     T = qkv.shape[0]
     _checks.tensor("seq_ids", seq_ids, dtype=(torch.int32, torch.int64), shape=(T,))
     _checks.tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(T,))
-    _checks.tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=(None, None, num_kv_heads, head_dim))
-    _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=tuple(k_cache.shape))
+    _checks.kv_cache("k_cache", k_cache, (None, None, num_kv_heads, head_dim))
+    _checks.kv_cache("v_cache", v_cache, tuple(k_cache.shape))
     if k_cache.shape[1] < 1:
         raise ValueError(f"k_cache must have at least one slot, got shape {tuple(k_cache.shape)}")
     dev = _checks.same_device(qkv=qkv, seq_ids=seq_ids, positions=positions, k_cache=k_cache, v_cache=v_cache,

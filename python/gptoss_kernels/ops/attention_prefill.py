@@ -46,8 +46,8 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
     if (k_cache is None) != (v_cache is None) or (k_cache is None) != (cache_seqlens is None):
         raise ValueError("k_cache, v_cache and cache_seqlens go together: give all three or none")
     if k_cache is not None:
-        _checks.tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=(B, None, nkv, d))
-        _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=tuple(k_cache.shape))
+        _checks.kv_cache("k_cache", k_cache, (B, None, nkv, d))
+        _checks.kv_cache("v_cache", v_cache, tuple(k_cache.shape))
         _checks.tensor("cache_seqlens", cache_seqlens, dtype=torch.int32, shape=(B,))
     if sliding_window is not None:
         _checks.positive_int("sliding_window", sliding_window)

@@ -120,8 +120,8 @@ def qkv_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         _checks.tensor("bias", bias, dtype=torch.bfloat16, shape=(N,))
     _checks.tensor("seq_ids", seq_ids, dtype=(torch.int32, torch.int64), shape=(T,))
     _checks.tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(T,))
-    _checks.tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=(None, None, num_kv_heads, head_dim))
-    _checks.tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=tuple(k_cache.shape))
+    _checks.kv_cache("k_cache", k_cache, (None, None, num_kv_heads, head_dim))
+    _checks.kv_cache("v_cache", v_cache, tuple(k_cache.shape))
     if k_cache.shape[1] < 1:
         raise ValueError(f"k_cache must have at least one slot, got shape {tuple(k_cache.shape)}")
     dev = _checks.same_device(x=x, weight=weight, bias=bias, seq_ids=seq_ids, positions=positions, k_cache=k_cache,
