@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "arch.cuh"
 #include "common.cuh"
 #include "pdl.cuh"
 
@@ -30,9 +31,14 @@ gptoss_status cuda_status(cudaError_t err, const char* what) {
                     cudaGetErrorString(err) + ")";
   if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice)
     msg += "; no usable NVIDIA GPU/driver is visible to this process";
-  else if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction)
-    msg += "; the kernels were built for CUDA archs " GPTOSS_CUDA_ARCHS_STR
-           " (rebuild with GPTOSS_CUDA_ARCHS set for this GPU)";
+  else if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+    gptoss_arch_info info;
+    if (arch::current(&info) == GPTOSS_ERROR_UNSUPPORTED && info.device_cc > 0 && info.code_cc == 0)
+      msg += "; " + std::string(gptoss_last_error_message());  // names the device and the GPTOSS_CUDA_ARCHS to use
+    else
+      msg += "; the kernels were built for CUDA archs " GPTOSS_CUDA_ARCHS_STR
+             " (rebuild with GPTOSS_CUDA_ARCHS set for this GPU)";
+  }
   return set_error(GPTOSS_ERROR_CUDA, msg);
 }
 
