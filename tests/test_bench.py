@@ -46,7 +46,7 @@ def test_cli_arguments():
     a = p.parse_args(["bench", "attention", "--mode", "decode", "--context", "8192", "--batch", "1 4", "--quick"])
     assert a.mode == "decode" and a.quick and bench_cli._flatten(a.batch) == [1, 4]
     a = p.parse_args(["bench", "all"])
-    assert a.config == "120b" and a.tokens is None and a.mode == "both" and a.max_seconds is None
+    assert a.config == "auto" and a.tokens is None and a.mode == "both" and a.max_seconds is None
     # defaults are the real model shapes on a GPU, reduced shapes in reference mode
     assert bench_cli.grid("moe", True, False) == (1, 4, 16, 64, 1024, 4096, 8192)
     assert bench_cli.grid("router", True, False) == (1, 64, 8192)
@@ -99,6 +99,31 @@ def test_reference_mode_runs_end_to_end(reference_run, capsys):
     assert "reference mode (no GPU): not a kernel measurement" in text.splitlines()[0]
 
 
+def test_config_auto_by_the_card_memory(monkeypatch):
+    """--config auto: 120b where its 61 GiB of weights fit with room (and without a GPU), else 20b."""
+    assert bench_cli.resolve_config("20b", True) == "20b" and bench_cli.resolve_config("120b", False) == "120b"
+    assert bench_cli.resolve_config("auto", False) == "120b"
+
+    class Props:
+        total_memory = 24 * 2**30   # an RTX 4090 / L4
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props)
+    assert bench_cli.resolve_config("auto", True) == "20b"
+    Props.total_memory = 80 * 2**30  # an A100 80GB / H100
+    assert bench_cli.resolve_config("auto", True) == "120b"
+
+
+def test_the_header_names_the_paths():
+    doc = {"mode": "gpu", "config": "20b", "results": [], "e2e": [], "notes": [],
+           "env": {"card": "NVIDIA L4", "paths": {"label": "sm_89 paths (compute capability 8.9; this build's code "
+                                                           "for it: sm_89)"}}}
+    lines = format_document(doc).splitlines()
+    assert lines[0].startswith("card: NVIDIA L4") and lines[1] == "kernels: sm_89 paths (compute capability 8.9; " \
+        "this build's code for it: sm_89)"
+
+
 def test_json_schema(reference_run):
     _, doc = reference_run
     assert doc["schema"] == SCHEMA and doc["complete"] is True
@@ -107,7 +132,7 @@ def test_json_schema(reference_run):
         assert isinstance(doc[key], typ), key
     env = doc["env"]
     for key in ("date", "git_commit", "git_dirty", "python", "torch", "torch_cuda", "card", "driver", "build",
-                "kernels_in_use", "kernels_error"):
+                "kernels_in_use", "kernels_error", "paths"):
         assert key in env, key
     assert isinstance(env["torch"], str) and isinstance(env["card"], str) and isinstance(env["build"], dict)
     lim = doc["limits"]
