@@ -239,6 +239,7 @@ def test_prepare_check_mode():
     out = r.stdout + r.stderr
     assert r.returncode in (0, 2), out
     assert "plan: wheel" in out and "bash bench/device/run.sh $OUT" in out and ".device" in out
+    assert "wheels80" in out and "GPTOSS_CUDA_ARCHS=80" in out  # the sm_80-only wheel of the sm80 step
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("ok:", "missing:"))]
     assert len(lines) >= 8, out
     if r.returncode == 2:
@@ -286,9 +287,14 @@ def test_helpers_summary_and_save(tmp_path, reference_run):
                                     "1 failed, 12 passed, 3 skipped in 41.20s\n")
     (out / "sanitizer.log").write_text("===== memcheck step: start\n========= ERROR SUMMARY: 0 errors\n"
                                        "===== racecheck step: start\n========= RACECHECK SUMMARY: 0 hazards displayed\n")
+    (out / "pytest_sm80.log").write_text(
+        "  paths on device cuda:0: sm_80 paths (compute capability 9.0; this build's code for it: sm_80)\n"
+        "FAILED tests/test_router.py::test_a - AssertionError\n1 failed, 30 passed, 4 skipped in 90.00s\n")
     steps = tmp_path / "steps.tsv"
     steps.write_text("install\tkernels load\t12\twheel\npytest -m gpu\tfailures (rc 1)\t60\t\n")
     text = h.summary(out, steps)
+    assert "## The sm_80 build on this card" in text and "30 passed" in text
+    assert "this build's code for it: sm_80" in text and "FAILED tests/test_router.py::test_a" in text
     assert "12 passed" in text and "1 failed" in text and "FAILED tests/test_x.py::test_y" in text
     assert "memcheck: ERROR SUMMARY: 0 errors" in text and "racecheck: RACECHECK SUMMARY" in text
     assert "| install | kernels load | 12 | wheel |" in text
@@ -355,3 +361,13 @@ def test_cli_profile_flag_prints_the_byte_table():
     r = subprocess.run([sys.executable, "-m", "gptoss_kernels.cli", "bench", "moe", "--profile"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--profile goes with 'e2e'" in r.stderr
+
+
+def test_run_sh_has_the_time_boxed_sm80_step():
+    """The device check's sm80 step: the sm_80-only wheel, GPTOSS_ARCH_OVERRIDE=80, capped so that
+    the benchmarks after it keep their share (cap WANTED RESERVE), in the default steps."""
+    text = (DEVICE_DIR / "run.sh").read_text()
+    assert "pytest,memcheck,racecheck,sm80,bench" in text
+    step = text[text.index("# ---- 5. the sm_80 build"):text.index("# ---- 6. benchmarks")]
+    assert "c=$(cap 110 120)" in step and 'timeout "$c"' in step
+    assert "GPTOSS_ARCH_OVERRIDE=80" in step and "wheels80" in step and "pytest_sm80.log" in step
