@@ -369,5 +369,5 @@ def test_run_sh_has_the_time_boxed_sm80_step():
     text = (DEVICE_DIR / "run.sh").read_text()
     assert "pytest,memcheck,racecheck,sm80,bench" in text
     step = text[text.index("# ---- 5. the sm_80 build"):text.index("# ---- 6. benchmarks")]
-    assert "c=$(cap 110 120)" in step and 'timeout "$c"' in step
+    assert "c=$(cap 110 120)" in step and "c=$(cap 400 20)" in step and 'timeout "$c"' in step
     assert "GPTOSS_ARCH_OVERRIDE=80" in step and "wheels80" in step and "pytest_sm80.log" in step

@@ -401,6 +401,28 @@ def arch_override_as(cc: int):
         set_arch_override(before)
 
 
+def code_for(cc: int, archs: list[str] | None = None) -> int:
+    """The architecture of this build's code that a device of compute capability `cc` (10 * major
+    + minor) runs, by the driver's rule, from the build's GPTOSS_CUDA_ARCHS (default: this build's):
+    machine code sm_XY runs on X.Y..X.9 (sm_90a on 9.0 only) and is preferred; else the newest
+    PTX compute_XY <= cc, which the driver compiles (compute_90a: 9.0 only). 0: none. (The library
+    itself asks the driver: ``arch_info``; this is for messages without a device.)"""
+    import re
+
+    sass = ptx = 0
+    for a in build_archs() if archs is None else archs:
+        m = re.fullmatch(r"(\d+)(a?)(-real|-virtual)?", a.strip())
+        if not m:
+            continue
+        num, specific, kind = int(m.group(1)), m.group(2) == "a", m.group(3)
+        fits = cc == num if specific else None
+        if kind != "-virtual" and (fits if specific else (cc // 10 == num // 10 and cc >= num)):
+            sass = max(sass, num)
+        if kind != "-real" and (fits if specific else cc >= num):
+            ptx = max(ptx, num)
+    return sass or ptx
+
+
 def build_archs() -> list[str]:
     return list(_build_info.CUDA_ARCHS) if _build_info is not None and not _build_info.REFERENCE_ONLY else []
 
