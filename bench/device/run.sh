@@ -82,7 +82,7 @@ else
   else
     err=""
     # Python sources as they are now (the wheel holds them as they were at prepare time)
-    (cd python && find gptoss_kernels -name '*.py' -exec cp --parents {} "$SITE/" \;)
+    (cd python && find gptoss_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} "$SITE/" \;)
   fi
   now="$($PY bench/device/helpers.py source-hash "$REPO")"
   then_="$($PY bench/device/helpers.py manifest-get "$DEV" source_hash)"
@@ -184,7 +184,7 @@ else
   SITE80="$WORK/site80"
   if $PY -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$SITE80" "$WHEEL80" \
        > "$OUT/pytest_sm80.log" 2>&1; then
-    (cd python && find gptoss_kernels -name '*.py' -exec cp --parents {} "$SITE80/" \;)
+    (cd python && find gptoss_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} "$SITE80/" \;)
     install_deps "$SITE80" >> "$OUT/pytest_sm80.log" 2>&1
     export CUDA_CACHE_MAXSIZE=4294967296   # the driver compiles the compute_80 PTX once, then from its cache
     {
