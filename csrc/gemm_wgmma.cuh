@@ -1,5 +1,7 @@
 // Hopper warpgroup MMA (wgmma, sm_90a) primitives for the grouped GEMMs of the MoE prefill
-// regime (csrc/kernels/moe_prefill.cu). Device-only; included by .cu files compiled for sm_90a.
+// regime (csrc/kernels/moe_prefill.cu) and attention prefill. Device-only; the instructions exist
+// in sm_90a code alone (GPTOSS_WGMMA_CODE): in other code each wrapper traps, and the kernels
+// using them are stubs there (arch.cuh).
 #pragma once
 #include <cstdint>
 
@@ -25,23 +27,29 @@ __device__ __forceinline__ uint64_t desc_k_major_sw128(uint32_t smem_addr) {
 __device__ __forceinline__ void fence() {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::wgmma_fence();
-#else
+#elif GPTOSS_WGMMA_CODE
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // sm_80..89 code: the wgmma kernels are stubs there
 #endif
 }
 __device__ __forceinline__ void commit() {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::wgmma_commit();
-#else
+#elif GPTOSS_WGMMA_CODE
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // sm_80..89 code: the wgmma kernels are stubs there
 #endif
 }
 template <int N>
 __device__ __forceinline__ void wait() {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::wgmma_wait(N);
-#else
+#elif GPTOSS_WGMMA_CODE
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#else
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // sm_80..89 code: the wgmma kernels are stubs there
 #endif
 }
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma).
@@ -55,7 +63,7 @@ __device__ __forceinline__ void fence_proxy_async_smem() { fence_proxy_async_sha
 __device__ __forceinline__ void mma_m64k16(float (&d)[64], uint64_t a, uint64_t b, int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::wgmma_mma(d, 128, a, nullptr, b, scale_d, 0, 0);
-#else
+#elif GPTOSS_WGMMA_CODE
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
@@ -73,13 +81,15 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[64], uint64_t a, uint64_t 
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(a), "l"(b), "r"(scale_d));
+#else
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // sm_80..89 code: the wgmma kernels are stubs there
 #endif
 }
 
 __device__ __forceinline__ void mma_m64k16(float (&d)[96], uint64_t a, uint64_t b, int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::wgmma_mma(d, 192, a, nullptr, b, scale_d, 0, 0);
-#else
+#elif GPTOSS_WGMMA_CODE
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 {"
@@ -103,13 +113,15 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[96], uint64_t a, uint64_t 
         "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
         "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
       : "l"(a), "l"(b), "r"(scale_d));
+#else
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // sm_80..89 code: the wgmma kernels are stubs there
 #endif
 }
 
 __device__ __forceinline__ void mma_m64k16(float (&d)[128], uint64_t a, uint64_t b, int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::wgmma_mma(d, 256, a, nullptr, b, scale_d, 0, 0);
-#else
+#elif GPTOSS_WGMMA_CODE
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
@@ -139,6 +151,8 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[128], uint64_t a, uint64_t
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(a), "l"(b), "r"(scale_d));
+#else
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // sm_80..89 code: the wgmma kernels are stubs there
 #endif
 }
 
@@ -147,12 +161,14 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[128], uint64_t a, uint64_t
 __device__ __forceinline__ void mma_m64n64k16_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::wgmma_mma(&d[0][0], 64, desc_a, nullptr, desc_b, scale_d, 0, 0);
-#else
+#elif GPTOSS_WGMMA_CODE
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#else
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // sm_80..89 code: the wgmma kernels are stubs there
 #endif
 }
 // d += A(64x16 from registers, mma.sync A fragment per warp) * B(16x64 given as [k][n], N-major
@@ -161,12 +177,14 @@ __device__ __forceinline__ void mma_m64n64k16_rs_tnspb(float (&d)[8][4], const u
                                                        int scale_d = 1) {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::wgmma_mma(&d[0][0], 64, 0, a, desc_b, scale_d, 0, 1);
-#else
+#elif GPTOSS_WGMMA_CODE
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+#else
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // sm_80..89 code: the wgmma kernels are stubs there
 #endif
 }
 

@@ -10,8 +10,11 @@
 // wait() returns at once in a grid launched without the attribute; launch_dependents() lets a
 // following kernel that was launched WITH the attribute start early whatever our own launch was,
 // so such a kernel (ours or a caller's) must wait before reading our outputs. Both compile to
-// nothing below sm_90. One exception to "nothing before the wait": MoE mlp2 reads the routing ids
-// before it, only to aim an L2 prefetch (a hint), and reads them again after it.
+// nothing below sm_90, so code compiled for sm_80..89 must never be launched with the attribute,
+// on any device: launch() asks gptoss::arch::pdl_ok() (the paths' compute capability >= 90,
+// which the code's own architecture bounds; gptoss/arch.h). One exception to "nothing before the
+// wait": MoE mlp2 reads the routing ids before it, only to aim an L2 prefetch (a hint), and
+// reads them again after it.
 //
 // GPTOSS_PDL=0 in the environment (read once per process) launches everything the ordinary way;
 // GPTOSS_MOE_DECODE_PDL=0, the older switch, does the same. A runtime that refuses the attribute
@@ -24,13 +27,15 @@
 #include <atomic>
 #include <cstdlib>
 
+#include "arch.cuh"
+
 namespace gptoss {
 namespace pdl {
 
 __device__ __forceinline__ void wait() {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::griddep_wait();
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#elif GPTOSS_SM90_CODE
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
@@ -38,7 +43,7 @@ __device__ __forceinline__ void wait() {
 __device__ __forceinline__ void launch_dependents() {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::griddep_launch_dependents();
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#elif GPTOSS_SM90_CODE
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
@@ -48,7 +53,7 @@ __device__ __forceinline__ void launch_dependents() {
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::prefetch_l2(p, bytes);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#elif GPTOSS_SM90_CODE
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 #endif
 }
@@ -112,12 +117,12 @@ cudaError_t launch_plain(void (*kernel)(Params...), dim3 grid, dim3 block, size_
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
-// Launch kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl and PDL
-// is enabled. Returns the launch's error.
+// Launch kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl, PDL is
+// enabled and the current device's paths have it (arch::pdl_ok). Returns the launch's error.
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
                    Args... args) {
-  if (pdl && enabled()) {
+  if (pdl && enabled() && arch::pdl_ok()) {
     cudaLaunchConfig_t cfg = launch_config(grid, block, smem, stream);
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -142,7 +147,8 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
 }
 
 // launch() for a grid of thread-block clusters of cluster_x blocks along x (a runtime cluster
-// size: grid.x must be a multiple of it), with the PDL attribute as launch() adds it.
+// size: grid.x must be a multiple of it), with the PDL attribute as launch() adds it. Only for
+// paths the caller chose with arch::current()'s clusters flag.
 template <typename... Params, typename... Args>
 cudaError_t launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                             unsigned cluster_x, bool pdl, Args... args) {
@@ -155,7 +161,7 @@ cudaError_t launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, si
   attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = (pdl && enabled()) ? 2 : 1;
+  cfg.numAttrs = (pdl && enabled() && arch::pdl_ok()) ? 2 : 1;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
   if (err == cudaSuccess) return err;
   (void)cudaGetLastError();  // errors are returned, not left for an unrelated launch check

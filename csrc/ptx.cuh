@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "arch.cuh"
+
 namespace gptoss {
 
 // Every inline-PTX instruction of the kernels is one of these named wrappers, so that the
@@ -113,13 +115,19 @@ __device__ __forceinline__ uint4 ld_global_nc_na_v4(const void* p) {
 #endif
 }
 
-// mul.rn.bf16x2: two bf16 products, each rounded to nearest even (subnormals kept).
+// mul.rn.bf16x2: two bf16 products, each rounded to nearest even (subnormals kept). Below sm_90
+// (no mul.bf16x2) fma.rn.bf16x2 with a -0.0 addend: the same bits (a*b + -0 is a*b, +0 and -0
+// products included; one rounding), as cuda_bf16.h's __hmul2 does there.
 __device__ __forceinline__ uint32_t mul_rn_bf16x2(uint32_t a, uint32_t b) {
 #if defined(GPTOSS_HOSTSIM)
   return ::gptoss_hostsim::bf16x2_mul_rn(a, b);
-#else
+#elif GPTOSS_SM90_CODE
   uint32_t d;
   asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+#else
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
   return d;
 #endif
 }
@@ -136,12 +144,14 @@ __device__ __forceinline__ float ex2_approx_ftz(float x) {
 }
 
 // fence.proxy.async.shared::cta: this thread's generic-proxy shared-memory writes become visible
-// to later async-proxy reads (wgmma operands).
+// to later async-proxy reads (wgmma operands). sm_90 only: used by the wgmma kernels alone.
 __device__ __forceinline__ void fence_proxy_async_shared_cta() {
 #if defined(GPTOSS_HOSTSIM)
   ::gptoss_hostsim::fence_proxy_async();
-#else
+#elif GPTOSS_SM90_CODE
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();
 #endif
 }
 

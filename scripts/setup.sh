@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) a virtual environment and install gptoss-kernels with its test extras.
 #   VENV=.venv (default)   PYTHON=python3   TORCH_SPEC="torch==2.13.0"   GPTOSS_REFERENCE_ONLY=1 (no kernels)
+#   GPTOSS_CUDA_ARCHS="80;89;90a" (the cards to build for; default auto: this machine's GPUs and 90a)
 # A python that already has torch >= 2.11 (e.g. a GPU machine's) is reused through
 # --system-site-packages instead of installing another torch.
 set -euo pipefail
@@ -25,6 +26,6 @@ if [ -z "${GPTOSS_REFERENCE_ONLY:-}" ] && [ -z "${CUDACXX:-}" ] && ! command -v 
 fi
 echo "[setup] build requirements"
 pipi "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
-echo "[setup] building and installing gptoss-kernels (CUDA kernels for ${GPTOSS_CUDA_ARCHS:-90a}; a few minutes on 2 cores)"
+echo "[setup] building and installing gptoss-kernels (CUDA kernels for ${GPTOSS_CUDA_ARCHS:-auto: the GPUs of this machine and 90a}; a few minutes on 2 cores)"
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} pipi --no-build-isolation ".[test]"
 "$VENV/bin/gptoss-kernels" info

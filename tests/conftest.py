@@ -4,6 +4,9 @@
   host-simulation build (tests/kernel_device.py: the same kernel source on the CPU, every checker
   on; a checker report fails the test). ``@pytest.mark.cuda_only`` on top: needs the GPU itself
   (CUDA graphs, streams, timings, the device allocator); skipped on the host build with the reason.
+- ``@pytest.mark.hopper``: asks for a Hopper-only path by name (thread-block clusters, PDL,
+  wgmma); skipped when the run takes the sm_80..89 paths (an sm_80..89 card, or
+  GPTOSS_ARCH_OVERRIDE=80: the pre-Hopper pass of scripts/test.sh and of the device check).
 - The vocab file for harmony: if TIKTOKEN_ENCODINGS_BASE is unset and a folder
   ``../shared/vocab`` (relative to the repo) holds o200k_base.tiktoken, it is used.
 """
@@ -35,6 +38,12 @@ def gpu_skip_reason() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
+    if not kernel_device.HOPPER_PATHS:
+        hopper = pytest.mark.skip(reason=f"asks for a Hopper-only path (clusters/PDL/wgmma); this run takes the "
+                                         f"sm_{kernel_device.PATHS_CC} paths")
+        for item in items:
+            if "hopper" in item.keywords:
+                item.add_marker(hopper)
     reason = gpu_skip_reason()
     if reason is None:
         return
@@ -69,7 +78,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not st or not st["launches"]:
         return
     kernels = st["kernels"]
-    planted = {k: v for k, v in st["reports"].items() if "probe_checker_kernel" in k}  # the checkers' own tests
+    # the checkers' own tests: planted bugs (probe_checker_kernel), wgmma on an emulated sm_86 (probe_wgmma_kernel)
+    planted = {k: v for k, v in st["reports"].items() if "probe_checker_kernel" in k or "probe_wgmma_kernel" in k}
     real = {k: v for k, v in st["reports"].items() if k not in planted}
     def family(name: str) -> str:  # "void (anonymous namespace)::k<1, 8>(args)" -> "k"
         name = name.replace("(anonymous namespace)::", "").removeprefix("void ")
@@ -84,7 +94,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "checkers: global bounds, shared races/uninit/bounds, barriers, warp collectives, cp.async/wgmma order, "
         f"PDL order; findings: {sum(real.values())} in the package's kernels"
         + (f" ({', '.join(f'{k}: {v}' for k, v in real.items())})" if real else "")
-        + f", {sum(planted.values())} in the planted-bug probe kernel (expected); a finding fails its test")
+        + f", {sum(planted.values())} in the planted-bug probe kernels (expected); a finding fails its test")
     for name, n in sorted(kernels.items()):
         terminalreporter.write_line(f"  {n:6d}  {name}")
 
@@ -98,5 +108,6 @@ def _seed():
 def pytest_report_header(config):
     info = gptoss_kernels.build_info()
     return [f"gptoss_kernels: kernels_built={info['kernels_built']} archs={info['cuda_archs']} "
-            f"cuda_available={gptoss_kernels.cuda_available()} torch={torch.__version__}",
+            f"cuda_available={gptoss_kernels.cuda_available()} torch={torch.__version__} "
+            f"paths=sm_{kernel_device.PATHS_CC}{' (GPTOSS_ARCH_OVERRIDE)' if info.get('arch_override') else ''}",
             f"GPU tests: {'run on the GPU' if gpu_skip_reason() is None else ('run on the host build of the kernels (hostsim)' if kernel_device.ON_HOSTSIM else 'skipped: ' + gpu_skip_reason())}"]

@@ -28,6 +28,20 @@ ON_HOSTSIM = not ON_GPU and hostsim_usable()
 DEV = "cuda" if ON_GPU else "cpu"
 
 
+def _paths_cc() -> int:
+    """The compute capability the kernels' paths are chosen for on DEV (gptoss/arch.h): the card's,
+    the code's or GPTOSS_ARCH_OVERRIDE's, the lowest; 90 when no kernels run."""
+    info = _lib.arch_info(torch.device(DEV)) if (ON_GPU or ON_HOSTSIM) else None
+    return info["cc"] if info and not info.get("error") else 90
+
+
+#: The run takes the sm_90 paths (thread-block clusters, PDL, wgmma on request). False on an
+#: sm_80..89 card and with GPTOSS_ARCH_OVERRIDE=80: tests marked ``hopper`` (they ask for a
+#: Hopper-only path by name) are skipped then.
+PATHS_CC = _paths_cc()
+HOPPER_PATHS = PATHS_CC >= 90
+
+
 def sync() -> None:
     """Wait for the kernels (the host build runs them to completion in the call)."""
     if ON_GPU:

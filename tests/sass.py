@@ -44,20 +44,32 @@ def _demangle(names: list[str]) -> list[str]:
     return out.splitlines()
 
 
-@functools.lru_cache(maxsize=None)
-def kernels(library: str) -> dict[str, KernelInfo]:
-    """mangled name -> KernelInfo for every sm_90a kernel in `library`."""
+def archs(library: str) -> list[str]:
+    """The machine-code architectures in `library` ("sm_80", "sm_90a", ...), in order."""
     tool = cuobjdump()
     if tool is None:
         raise RuntimeError("cuobjdump not found (pip install triton, or put the CUDA toolkit's bin on PATH)")
-    res = subprocess.run([tool, "-res-usage", library], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([tool, "-lelf", library], capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"\.(sm_\d+a?)\.cubin", out)
+    return sorted(set(found), key=lambda a: (int(re.sub(r"\D", "", a)), a))
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(library: str, arch: str | None = None) -> dict[str, KernelInfo]:
+    """mangled name -> KernelInfo for every kernel in `library` (the package's build: sm_90a), or
+    for its `arch` machine code ("sm_89") in a library built for several."""
+    tool = cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (pip install triton, or put the CUDA toolkit's bin on PATH)")
+    sel = ["-arch", arch] if arch else []
+    res = subprocess.run([tool, *sel, "-res-usage", library], capture_output=True, text=True, check=True).stdout
     infos: dict[str, KernelInfo] = {}
     for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res):
         infos[m.group(1)] = KernelInfo(m.group(1), m.group(1), int(m.group(2)), int(m.group(3)),
                                        int(m.group(4)), int(m.group(5)))
     for k, dm in zip(list(infos), _demangle(list(infos))):
         infos[k].name = dm
-    sass = subprocess.run([tool, "-sass", library], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([tool, *sel, "-sass", library], capture_output=True, text=True, check=True).stdout
     for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
         name = chunk.split("\n", 1)[0].strip()
         if name in infos:

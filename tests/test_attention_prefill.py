@@ -312,15 +312,17 @@ def test_sass_kernels(variant, opcode):
 
 _op_module = importlib.import_module("gptoss_kernels.ops.attention_prefill")
 
-# The two kernels: 1 = mma.sync, 2 = wgmma (gptoss/attention_prefill.h); 0 = the public op's choice.
-IMPLS = [1, 2]
+# The two kernels: 1 = mma.sync, 2 = wgmma (gptoss/attention_prefill.h; sm_90a only: marked hopper);
+# 0 = the public op's choice.
+WGMMA = pytest.param(2, marks=pytest.mark.hopper)
+IMPLS = [1, WGMMA]
 
 # Heads of the GPU cases: gpt-oss's 64 query / 8 KV heads on the GPU, 16 / 2 on the host build
 # (emulation cost: each KV head is one more row of blocks; 2 still exercise the KV-head offsets).
 HEADS = dict(nq=shrink(NQ, 16), nkv=shrink(NKV, 2))
 # The public op (0) besides the two kernels; on the host build its choice is the mma.sync kernel
 # for every shape here (the auto wgmma choice needs >= 2048 rows), so 1 is not run a second time.
-IMPLS_OP = [0] + IMPLS if ON_GPU else [0, 2]
+IMPLS_OP = [0] + IMPLS if ON_GPU else [0, WGMMA]
 
 _HOSTSIM_DEFAULT_SEED = 0x9E3779B97F4A7C15  # the runner's default seed (set_order(-1, it) restores it)
 _HOSTSIM_DEFAULT_SEED = 0x9E3779B97F4A7C15  # the runner's default seed (set_order(-1, it) restores it)
@@ -465,6 +467,7 @@ def test_gpu_graph_replay(impl, window):
 
 
 @pytest.mark.gpu
+@pytest.mark.hopper
 def test_gpu_kernels_agree():
     # the two kernels compute the same function (different accumulation order: close, not equal)
     # (host build: 700 rows -> 100, prefix 900 -> 200: emulation cost)
@@ -504,6 +507,7 @@ def test_gpu_unsupported_shape_falls_back_to_reference():
 
 
 @pytest.mark.gpu
+@pytest.mark.hopper
 @pytest.mark.skipif(not ON_HOSTSIM, reason="the host build's thread orders")
 @pytest.mark.parametrize("mode", [0, 1, 2], ids=["forward", "reverse", "random"])
 def test_hostsim_wgmma_kernel_in_every_thread_order(mode):

@@ -46,7 +46,7 @@ def test_cli_arguments():
     a = p.parse_args(["bench", "attention", "--mode", "decode", "--context", "8192", "--batch", "1 4", "--quick"])
     assert a.mode == "decode" and a.quick and bench_cli._flatten(a.batch) == [1, 4]
     a = p.parse_args(["bench", "all"])
-    assert a.config == "120b" and a.tokens is None and a.mode == "both" and a.max_seconds is None
+    assert a.config == "auto" and a.tokens is None and a.mode == "both" and a.max_seconds is None
     # defaults are the real model shapes on a GPU, reduced shapes in reference mode
     assert bench_cli.grid("moe", True, False) == (1, 4, 16, 64, 1024, 4096, 8192)
     assert bench_cli.grid("router", True, False) == (1, 64, 8192)
@@ -142,6 +142,31 @@ def test_reference_mode_table_says_what_it_measured(reference_run):
     assert "(reference mode:" not in text and "note: reference mode:" not in text
 
 
+def test_config_auto_by_the_card_memory(monkeypatch):
+    """--config auto: 120b where its 61 GiB of weights fit with room (and without a GPU), else 20b."""
+    assert bench_cli.resolve_config("20b", True) == "20b" and bench_cli.resolve_config("120b", False) == "120b"
+    assert bench_cli.resolve_config("auto", False) == "120b"
+
+    class Props:
+        total_memory = 24 * 2**30   # an RTX 4090 / L4
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props)
+    assert bench_cli.resolve_config("auto", True) == "20b"
+    Props.total_memory = 80 * 2**30  # an A100 80GB / H100
+    assert bench_cli.resolve_config("auto", True) == "120b"
+
+
+def test_the_header_names_the_paths():
+    doc = {"mode": "gpu", "config": "20b", "results": [], "e2e": [], "notes": [],
+           "env": {"card": "NVIDIA L4", "paths": {"label": "sm_89 paths (compute capability 8.9; this build's code "
+                                                           "for it: sm_89)"}}}
+    lines = format_document(doc).splitlines()
+    assert lines[0].startswith("card: NVIDIA L4") and lines[1] == "kernels: sm_89 paths (compute capability 8.9; " \
+        "this build's code for it: sm_89)"
+
+
 def test_json_schema(reference_run):
     _, doc = reference_run
     assert doc["schema"] == SCHEMA and doc["complete"] is True
@@ -150,7 +175,7 @@ def test_json_schema(reference_run):
         assert isinstance(doc[key], typ), key
     env = doc["env"]
     for key in ("date", "git_commit", "git_dirty", "python", "torch", "torch_cuda", "card", "driver", "build",
-                "kernels_in_use", "kernels_error"):
+                "kernels_in_use", "kernels_error", "paths"):
         assert key in env, key
     assert isinstance(env["torch"], str) and isinstance(env["card"], str) and isinstance(env["build"], dict)
     lim = doc["limits"]
@@ -257,6 +282,7 @@ def test_prepare_check_mode():
     out = r.stdout + r.stderr
     assert r.returncode in (0, 2), out
     assert "plan: wheel" in out and "bash bench/device/run.sh $OUT" in out and ".device" in out
+    assert "wheels80" in out and "GPTOSS_CUDA_ARCHS=80" in out  # the sm_80-only wheel of the sm80 step
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("ok:", "missing:"))]
     assert len(lines) >= 8, out
     if r.returncode == 2:
@@ -304,9 +330,14 @@ def test_helpers_summary_and_save(tmp_path, reference_run):
                                     "1 failed, 12 passed, 3 skipped in 41.20s\n")
     (out / "sanitizer.log").write_text("===== memcheck step: start\n========= ERROR SUMMARY: 0 errors\n"
                                        "===== racecheck step: start\n========= RACECHECK SUMMARY: 0 hazards displayed\n")
+    (out / "pytest_sm80.log").write_text(
+        "  paths on device cuda:0: sm_80 paths (compute capability 9.0; this build's code for it: sm_80)\n"
+        "FAILED tests/test_router.py::test_a - AssertionError\n1 failed, 30 passed, 4 skipped in 90.00s\n")
     steps = tmp_path / "steps.tsv"
     steps.write_text("install\tkernels load\t12\twheel\npytest -m gpu\tfailures (rc 1)\t60\t\n")
     text = h.summary(out, steps)
+    assert "## The sm_80 build on this card" in text and "30 passed" in text
+    assert "this build's code for it: sm_80" in text and "FAILED tests/test_router.py::test_a" in text
     assert "12 passed" in text and "1 failed" in text and "FAILED tests/test_x.py::test_y" in text
     assert "memcheck: ERROR SUMMARY: 0 errors" in text and "racecheck: RACECHECK SUMMARY" in text
     assert "| install | kernels load | 12 | wheel |" in text
@@ -373,3 +404,13 @@ def test_cli_profile_flag_prints_the_byte_table():
     r = subprocess.run([sys.executable, "-m", "gptoss_kernels.cli", "bench", "moe", "--profile"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--profile goes with 'e2e'" in r.stderr
+
+
+def test_run_sh_has_the_time_boxed_sm80_step():
+    """The device check's sm80 step: the sm_80-only wheel, GPTOSS_ARCH_OVERRIDE=80, capped so that
+    the benchmarks after it keep their share (cap WANTED RESERVE), in the default steps."""
+    text = (DEVICE_DIR / "run.sh").read_text()
+    assert "pytest,memcheck,racecheck,sm80,bench" in text
+    step = text[text.index("# ---- 5. the sm_80 build"):text.index("# ---- 6. benchmarks")]
+    assert "c=$(cap 110 120)" in step and "c=$(cap 400 20)" in step and 'timeout "$c"' in step
+    assert "GPTOSS_ARCH_OVERRIDE=80" in step and "wheels80" in step and "pytest_sm80.log" in step

@@ -80,3 +80,39 @@ def test_public_header_compiles(lang, compiler, tmp_path):
     r = subprocess.run([compiler, std, "-Wall", "-Werror", "-fsyntax-only", f"-I{REPO}/csrc/include",
                         f"-I{cuda_inc}", str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def _resolve_archs(tmp_path, archs: str, smi_output: str | None, smi_rc: int = 0):
+    """cmake/cuda_archs.cmake in script mode, with a stand-in nvidia-smi printing `smi_output`."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\nprintf '{smi_output or ''}'\nexit {smi_rc}\n")
+    smi.chmod(0o755)
+    return subprocess.run([CMAKE, f"-DARCHS={archs}", f"-DNVIDIA_SMI={smi}", "-P", str(REPO / "cmake" / "cuda_archs.cmake")],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(CMAKE is None, reason="cmake not installed")
+@pytest.mark.parametrize("archs,smi,rc,want", [
+    ("auto", "8.6\\n8.9\\n", 0, "86;89;90a"),        # an RTX 3090 and an L4: their archs, plus Hopper's
+    ("auto", "9.0\\n9.0\\n", 0, "90a"),
+    ("auto", "", 9, "90a"),                         # no GPU (nvidia-smi fails): 90a as before
+    ("auto", "12.0\\n", 0, "89;90a"),               # newer than 9.0: sm_89 code whose PTX the driver compiles
+    ("auto", "7.5\\n8.0\\n", 0, "80;90a"),          # below 8.0: warned about, left out
+    ("", "8.6\\n", 0, "86;90a"),
+    ("80;89;90a", "8.6\\n", 0, "80;89;90a"),        # an explicit list is taken as it is
+    ("80-real;90a", None, 0, "80-real;90a"),
+])
+def test_cuda_archs_auto_and_lists(tmp_path, archs, smi, rc, want):
+    r = _resolve_archs(tmp_path, archs, smi, rc)
+    assert r.returncode == 0, r.stderr
+    assert f"GPTOSS_CUDA_ARCHS={want}\n" in r.stderr, r.stderr
+    if smi and "7.5" in smi:
+        assert "below the kernels' minimum" in " ".join(r.stderr.split())  # (CMake wraps its messages)
+
+
+@pytest.mark.skipif(CMAKE is None, reason="cmake not installed")
+@pytest.mark.parametrize("archs,why", [("90", "arch-specific target 90a"), ("80;90", "arch-specific target 90a"),
+                                       ("75;90a", "sm_80 or newer"), ("sm_89", "not an architecture like")])
+def test_cuda_archs_refused_with_the_reason(tmp_path, archs, why):
+    r = _resolve_archs(tmp_path, archs, None)
+    assert r.returncode != 0 and why in " ".join(r.stderr.split()), r.stderr

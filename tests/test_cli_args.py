@@ -194,6 +194,24 @@ def test_cuda_device_of_a_reference_only_build(base, fake_gpus, capsys):
                     "available on this machine: cpu (cuda:0 is there, but without this package's kernels)")
 
 
+def test_an_sm80_build_runs_on_every_8x_card_and_on_hopper_through_ptx(fake_gpus, capsys):
+    fake_gpus([(8, 6), (8, 9), (9, 0), (7, 5)], archs=("80",))
+    for dev in ("cuda:0", "cuda:1", "cuda:2"):
+        cli_args.check_device(dev)
+    with pytest.raises(cli_args.DeviceError, match="compute capability 7.5"):
+        cli_args.check_device("cuda:3")
+
+
+def test_code_for_follows_the_drivers_rule():
+    from gptoss_kernels._lib import code_for
+    assert code_for(86, ["80", "90a"]) == 80 and code_for(89, ["80", "89", "90a"]) == 89
+    assert code_for(86, ["89", "90a"]) == 0            # sm_89 code does not run on 8.6, nor compute_89 PTX
+    assert code_for(90, ["80", "90a"]) == 90 and code_for(90, ["80"]) == 80  # PTX compiled by the driver
+    assert code_for(90, ["80-real"]) == 0 and code_for(90, ["80-virtual"]) == 80
+    assert code_for(100, ["90a"]) == 0 and code_for(100, ["89", "90a"]) == 89
+    assert code_for(87, ["86-real"]) == 86
+
+
 def test_usable_devices_are_accepted(fake_gpus, capsys):
     fake_gpus([(9, 0), (8, 0)])
     for dev in ("cpu", "cpu:0", "cuda", "cuda:0"):

@@ -290,7 +290,9 @@ def run_kernel(p, variant=P.AUTO, out=None, workspace=None):
 
 
 def variants():
-    return [pytest.param(v, id=name) for name, v in P.VARIANTS.items()]
+    """Every GEMM variant; the wgmma ones (sm_90a only) marked hopper."""
+    return [pytest.param(v, id=name, marks=[pytest.mark.hopper] if name.startswith("wgmma") else [])
+            for name, v in P.VARIANTS.items()]
 
 
 def _mtiles(ids: torch.Tensor, E: int) -> int:

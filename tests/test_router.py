@@ -22,7 +22,7 @@ from gptoss_kernels import _lib, reference
 from gptoss_kernels.ops import RouteMetadata, route, router_topk
 
 from . import sass
-from .kernel_device import DEV, ON_GPU, ON_HOSTSIM, shrink, sync
+from .kernel_device import DEV, HOPPER_PATHS, ON_GPU, ON_HOSTSIM, shrink, sync
 
 INF, NAN = float("inf"), float("nan")
 
@@ -318,10 +318,19 @@ def _check_against_reference(x, w, b, k, path):
 # (three tiles, the last partial) at H = 520 (9 chunks of 64: uneven split and cluster slices);
 # T = 3073 (> 3008 tokens: AUTO takes the fused path) at H = 64, without the 49-cluster launch.
 _PATHS4 = ("auto", "fused", "split", "cluster")
-_TIE_FREE = ([(T, E, 2880, p) for E in (32, 128) for T in (1, 7, 64, 1000, 16384) for p in _PATHS4] if ON_GPU else
-             [(T, E, H, p) for T, E, H in [(1, 32, 2880), (1, 128, 2880), (7, 32, 2880), (7, 128, 2880),
-                                           (64, 128, 520), (130, 32, 520), (130, 128, 520)] for p in _PATHS4]
-             + [(3073, 32, 64, p) for p in ("auto", "fused", "split")])
+
+
+def _hopper_if_cluster(case):
+    """A parametrize case asking for the cluster path by name: Hopper only (marked hopper)."""
+    return pytest.param(*case, marks=pytest.mark.hopper) if "cluster" in case else case
+
+
+_TIE_FREE = [_hopper_if_cluster(c) for c in (
+    [(T, E, 2880, p) for E in (32, 128) for T in (1, 7, 64, 1000, 16384) for p in _PATHS4] if ON_GPU else
+    [(T, E, H, p) for T, E, H in [(1, 32, 2880), (1, 128, 2880), (7, 32, 2880), (7, 128, 2880),
+                                  (64, 128, 520), (130, 32, 520), (130, 128, 520)] for p in _PATHS4]
+    + [(3073, 32, 64, p) for p in ("auto", "fused", "split")])]
+_PATHS3 = ["fused", "split", pytest.param("cluster", marks=pytest.mark.hopper)]
 
 
 @pytest.mark.gpu
@@ -337,6 +346,7 @@ def _launches(name: str) -> int:
 
 
 @pytest.mark.gpu
+@pytest.mark.hopper
 @pytest.mark.skipif(not ON_HOSTSIM, reason="refusing cluster launches is the host build's switch "
                                              "(a GPU refuses them only when partitioned: MIG, MPS limits)")
 @pytest.mark.parametrize("T,E,k", [(1, 128, 4), (7, 32, 8), (64, 128, 4)])
@@ -366,7 +376,7 @@ _H_REAL = shrink(2880, 520)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "split", "cluster"])
+@pytest.mark.parametrize("path", _PATHS3)
 @pytest.mark.parametrize("E,H,k", [(128, 200, 4), (40, 64, 4), (256, 512, 8), (256, _H_REAL, 4), (128, _H_REAL, 1),
                                    (128, _H_REAL, 8), (8, 136, 8), (64, 1024, 5), (33, 72, 3)])
 @pytest.mark.parametrize("T", [3, 130])
@@ -378,7 +388,7 @@ def test_gpu_router_shapes(E, H, k, T, path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "split", "cluster"])
+@pytest.mark.parametrize("path", _PATHS3)
 def test_gpu_router_exact_ties_and_nan(path):
     """Rows of x that are zero give logits == bias exactly (every product is 0), so bias ties are
     exact ties: ids must go to the lower index. A NaN in x makes every logit of that token NaN:
@@ -430,7 +440,7 @@ def test_gpu_router_empty_and_deterministic():
     # host build: T = 133 (three tiles) and H = 264 instead of 777 x 2880, emulation cost (the host
     # build runs the threads in a different order at each launch)
     x, w, b = _inputs(T=shrink(777, 133), H=shrink(2880, 264), E=128, device=DEV)
-    for path in ("fused", "split", "cluster"):
+    for path in ("fused", "split") + (("cluster",) if HOPPER_PATHS else ()):
         a = router_topk(x, w, b, k=4, path=path)
         c = router_topk(x, w, b, k=4, path=path)
         assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]), "not deterministic"
@@ -597,6 +607,7 @@ def test_gpu_add_rms_norm_router_topk_shapes(T, H, E, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.hopper
 @pytest.mark.skipif(not ON_HOSTSIM, reason="refusing cluster launches is the host build's switch "
                                              "(a GPU refuses them only when partitioned: MIG, MPS limits)")
 def test_hostsim_add_rms_norm_router_topk_without_clusters():
@@ -639,7 +650,7 @@ def _add_norm_router_vs_two_ops(T, E, H, k, wdtype):
     w = (torch.randn(E, H, device=DEV, generator=g) / math.sqrt(H)).bfloat16()
     b = (torch.randn(E, device=DEV, generator=g) * 0.1).bfloat16()
     a_ref, h_ref = rms_norm(d, nw, eps=1e-5, residual=r)
-    rid, rw = router_topk(a_ref, w, b, k, path="cluster")
+    rid, rw = router_topk(a_ref, w, b, k, path="cluster" if HOPPER_PATHS else "auto")  # the op's own router path
     x = r.clone()
     a = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
     out = _poisoned(T, k)

@@ -150,6 +150,16 @@ def summary(out: pathlib.Path, steps_file: pathlib.Path | None) -> str:
             lines += ["```", *bad, "```", ""]
         if skips:
             lines += ["skipped (first 10):", "```", *skips, "```", ""]
+    text = _read(out / "pytest_sm80.log")
+    if text:
+        c = pytest_counts(text)
+        paths = [ln.strip() for ln in text.splitlines() if "paths on device" in ln][:2]
+        lines += ["## The sm_80 build on this card (`pytest -m gpu`, GPTOSS_ARCH_OVERRIDE=80: the sm_80..89 paths)", "",
+                  *(f"- {p}" for p in paths),
+                  ", ".join(f"{v} {k}" for k, v in c.items()) or "no pytest summary line (timed out or crashed?)", ""]
+        bad = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))][:25]
+        if bad:
+            lines += ["```", *bad, "```", ""]
     text = _read(out / "sanitizer.log")
     if text:
         res = sanitizer_results(text)

@@ -2,6 +2,9 @@
 # Prepare the one-call device check. Runs HERE (no GPU needed, network for PyPI), fills the
 # git-ignored folder .device/ that the device tool carries (carry: [".device"]):
 #   .device/wheels/gptoss_kernels-*-cp312-*.whl   the package built for sm_90a with python 3.12
+#   .device/wheels80/gptoss_kernels-*-cp312-*.whl the package built for sm_80 only (GPTOSS_CUDA_ARCHS=80:
+#                  sm_80 machine code and compute_80 PTX, which the H100/H200's driver compiles), for
+#                  run.sh's sm80 step: the sm_80..89 paths verified on the lent Hopper
 #   .device/wheels/openai_harmony-*.whl + pydantic, pydantic_core, annotated_types,
 #                  typing_inspection, typing_extensions (harmony's needs; the device has no network)
 #   .device/vocab/o200k_base.tiktoken              the tokenizer file (TIKTOKEN_ENCODINGS_BASE)
@@ -68,6 +71,7 @@ fi
 
 echo
 echo "plan: wheel  $DEV/wheels/gptoss_kernels-<version>-cp312-cp312-linux_x86_64.whl (GPTOSS_CUDA_ARCHS=90a, $JOBS job(s), build dir $BUILD_DIR)"
+echo "      wheel  $DEV/wheels80/gptoss_kernels-<version>-cp312-cp312-linux_x86_64.whl (GPTOSS_CUDA_ARCHS=80, no host build; build dir ${BUILD_DIR}-sm80)"
 echo "      wheels $DEV/wheels/openai_harmony-$HARMONY_VERSION-*.whl and its needs (pydantic, pydantic_core, ...)"
 echo "      vocab  $DEV/vocab/$(basename "$VOCAB")"
 echo "      $DEV/manifest.json"
@@ -91,8 +95,8 @@ if [[ ! -x "$BUILD_VENV/bin/python" ]]; then
 fi
 "$BUILD_VENV/bin/python" -m pip install -q --disable-pip-version-check "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
 
-rm -rf "$DEV/wheels" "$DEV/vocab" "$DEV/manifest.json"
-mkdir -p "$DEV/wheels" "$DEV/vocab"
+rm -rf "$DEV/wheels" "$DEV/wheels80" "$DEV/vocab" "$DEV/manifest.json"
+mkdir -p "$DEV/wheels" "$DEV/wheels80" "$DEV/vocab"
 
 echo "== wheel for sm_90a (nvcc -j$JOBS; takes a few minutes)"
 t0=$(date +%s)
@@ -114,6 +118,20 @@ if "REFERENCE_ONLY = True" in info or "90a" not in info:
 print("   wheel ok:", sys.argv[1].rsplit("/", 1)[-1], "|", info.replace("\n", " "))
 EOF
 
+echo "== wheel for sm_80 only (the sm80 step: the pre-Hopper paths on the lent Hopper; nvcc -j$JOBS)"
+t0=$(date +%s)
+PATH="$BUILD_VENV/bin:$(dirname "$NVCC"):$PATH" GPTOSS_CUDA_ARCHS=80 GPTOSS_HOSTSIM=OFF CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
+  "$BUILD_VENV/bin/python" -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation \
+  --config-settings=build-dir="${BUILD_DIR}-sm80" -w "$DEV/wheels80" "$REPO"
+echo "   built in $(( $(date +%s) - t0 )) s"
+"$BUILD_VENV/bin/python" - "$(ls "$DEV"/wheels80/gptoss_kernels-*.whl)" <<'EOF'
+import sys, zipfile
+info = zipfile.ZipFile(sys.argv[1]).read("gptoss_kernels/_build_info.py").decode()
+if 'CUDA_ARCHS = "80".split' not in info:
+    sys.exit(f"prepare.sh: the sm_80 wheel is not an sm_80-only kernel build:\n{info}")
+print("   wheel ok:", sys.argv[1].rsplit("/", 1)[-1], "|", info.replace("\n", " "))
+EOF
+
 echo "== openai-harmony $HARMONY_VERSION and its needs, for cp312 manylinux x86_64"
 "$PY312" -m pip download -q --disable-pip-version-check --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
@@ -128,7 +146,7 @@ echo "== manifest"
 size_mib=$(( $(du -sb "$DEV" | cut -f1) / 1048576 ))
 tree_mib=$(( $(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) / 1048576 ))
 echo "== .device: ${size_mib} MiB; working tree (tracked + untracked, not ignored): ${tree_mib} MiB"
-ls -la "$DEV/wheels"
+ls -la "$DEV/wheels" "$DEV/wheels80"
 if (( size_mib + tree_mib > MAX_MIB )); then
   echo "prepare.sh: WARNING: ${size_mib} + ${tree_mib} MiB is near the device tool's 64 MiB limit" >&2
 fi

@@ -7,12 +7,15 @@
 # Steps: install the prepared wheel into a target dir on PYTHONPATH (build from source there if
 # the wheel does not load or the C++/CUDA sources changed since prepare, and say so) -> info ->
 # every GPU test (pytest -m gpu -rs) -> compute-sanitizer memcheck and racecheck on
-# bench/device/sanitize_cases.py -> `gptoss-kernels bench all --json` -> the pytest-benchmark
-# suite (bench/suite, --gk-quick, --benchmark-json; compared with the last saved run on this card,
+# bench/device/sanitize_cases.py -> sm80: the sm_80-only wheel (compute_80 PTX, compiled by the
+# driver for this Hopper), info, then the GPU tests with GPTOSS_ARCH_OVERRIDE=80 (the sm_80..89
+# paths: split router, combine kernel, no PDL, no wgmma), time-boxed to leave the benchmarks
+# their share -> `gptoss-kernels bench all --json` -> the pytest-benchmark suite (bench/suite,
+# --gk-quick, --benchmark-json; compared with the last saved run on this card,
 # --benchmark-compare-fail median:10%) -> summary.md.
-# Files in OUT (8): summary.md run.log info.json pytest.log sanitizer.log bench.log bench.json
-# suite.json (the suite's output is in bench.log, after the CLI's).
-# Knobs: GPTOSS_CHECK_STEPS (default "pytest,memcheck,racecheck,bench,suite"), GPTOSS_BENCH_ARGS
+# Files in OUT (9): summary.md run.log info.json pytest.log sanitizer.log pytest_sm80.log bench.log
+# bench.json suite.json (the suite's output is in bench.log, after the CLI's).
+# Knobs: GPTOSS_CHECK_STEPS (default "pytest,memcheck,racecheck,sm80,bench,suite"), GPTOSS_BENCH_ARGS
 # (default "all"; e.g. "e2e"), GPTOSS_SUITE_ARGS (default "--gk-quick"; e.g. "--gk-quick -k moe"),
 # GPTOSS_SUITE_COMPARE_FAIL (default "median:10%"), GPTOSS_CHECK_BUDGET_S (default 470).
 set -uo pipefail
@@ -23,7 +26,7 @@ OUT="$(cd "$OUT" && pwd)"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEV="$REPO/.device"
 BUDGET="${GPTOSS_CHECK_BUDGET_S:-470}"
-STEPS_WANTED=",${GPTOSS_CHECK_STEPS:-pytest,memcheck,racecheck,bench,suite},"   # e.g. GPTOSS_CHECK_STEPS=bench
+STEPS_WANTED=",${GPTOSS_CHECK_STEPS:-pytest,memcheck,racecheck,sm80,bench,suite},"   # e.g. GPTOSS_CHECK_STEPS=bench
 BENCH_ARGS="${GPTOSS_BENCH_ARGS:-all}"                                   # e.g. GPTOSS_BENCH_ARGS="e2e --quick"
 SUITE_ARGS="${GPTOSS_SUITE_ARGS:---gk-quick}"                           # pytest arguments of the suite step
 SUITE_FAIL="${GPTOSS_SUITE_COMPARE_FAIL:-median:10%}"                   # a regression against the last run on this card
@@ -84,7 +87,7 @@ else
   else
     err=""
     # Python sources as they are now (the wheel holds them as they were at prepare time)
-    (cd python && find gptoss_kernels -name '*.py' -exec cp --parents {} "$SITE/" \;)
+    (cd python && find gptoss_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} "$SITE/" \;)
   fi
   now="$($PY bench/device/helpers.py source-hash "$REPO")"
   then_="$($PY bench/device/helpers.py manifest-get "$DEV" source_hash)"
@@ -166,7 +169,53 @@ for tool in memcheck racecheck; do
   step "$tool" "$v" $(( $(date +%s) - t ))
 done
 
-# ---- 5. benchmarks ----
+# ---- 5. the sm_80 build on this Hopper: the sm_80..89 paths ----
+t=$(date +%s)
+if [[ "$STEPS_WANTED" == *,bench,* ]]; then
+  c=$(cap 110 120)   # at most 110 s, leaving the benchmarks at least 120 s
+else
+  c=$(cap 400 20)    # alone (GPTOSS_CHECK_STEPS=sm80): what the budget has
+fi
+WHEEL80="$(ls "$DEV"/wheels80/gptoss_kernels-*.whl 2>/dev/null | head -1)"
+if [[ "$STEPS_WANTED" != *,sm80,* ]]; then
+  step "sm80 build, pytest -m gpu" "not asked for (GPTOSS_CHECK_STEPS)" 0
+elif [[ -z "$WHEEL80" ]]; then
+  step "sm80 build, pytest -m gpu" "SKIPPED: no sm_80 wheel in .device/wheels80 (run bench/device/prepare.sh)" 0
+elif [[ "$($PY bench/device/helpers.py source-hash "$REPO")" != "$($PY bench/device/helpers.py manifest-get "$DEV" source_hash)" ]]; then
+  step "sm80 build, pytest -m gpu" "SKIPPED: the sm_80 wheel is stale (csrc/, CMakeLists.txt or pyproject.toml changed since prepare)" 0
+elif (( c == 0 )); then
+  step "sm80 build, pytest -m gpu" "SKIPPED: no time left" 0
+else
+  SITE80="$WORK/site80"
+  if $PY -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$SITE80" "$WHEEL80" \
+       > "$OUT/pytest_sm80.log" 2>&1; then
+    (cd python && find gptoss_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} "$SITE80/" \;)
+    install_deps "$SITE80" >> "$OUT/pytest_sm80.log" 2>&1
+    export CUDA_CACHE_MAXSIZE=4294967296   # the driver compiles the compute_80 PTX once, then from its cache
+    {
+      echo "== info: the sm_80 build on this device, no override (the paths follow the code it runs: sm_80's)"
+      PYTHONPATH="$SITE80" timeout 90 $PY -m gptoss_kernels.cli info
+      echo "== pytest -m gpu, GPTOSS_ARCH_OVERRIDE=80 (the sm_80..89 paths forced as well), ${c}s at most"
+    } >> "$OUT/pytest_sm80.log" 2>&1
+    note="$(grep -o "sm_80 paths ([^)]*)" "$OUT/pytest_sm80.log" | head -1)"
+    extra=()
+    $PY -c 'import pytest_timeout' 2>/dev/null && extra=(--timeout=60)
+    files80=()
+    for f in test_arch_paths test_mxfp4 test_dense test_rope test_router test_attention_decode test_attention_prefill \
+             test_moe test_moe_prefill test_decode_step test_model test_custom_ops; do
+      [[ -f "tests/$f.py" ]] && files80+=("tests/$f.py")
+    done
+    PYTHONPATH="$SITE80" GPTOSS_ARCH_OVERRIDE=80 timeout "$c" $PY -m pytest -m gpu -rs -v -p no:cacheprovider \
+      "${extra[@]}" "${files80[@]}" >> "$OUT/pytest_sm80.log" 2>&1; r=$?
+    tail -3 "$OUT/pytest_sm80.log"
+    case $r in 0) v=pass ;; 5) v="no GPU tests collected" ;; 124|137) v="TIMED OUT after ${c}s (the log has the tests that ran)" ;; *) v="failures (rc $r)" ;; esac
+    step "sm80 build, pytest -m gpu" "$v" $(( $(date +%s) - t )) "${note:-info did not show sm_80 paths}"
+  else
+    step "sm80 build, pytest -m gpu" "fail: the sm_80 wheel does not install" $(( $(date +%s) - t ))
+  fi
+fi
+
+# ---- 6. benchmarks ----
 t=$(date +%s)
 # the suite step after this one gets 2/5 of what is left (at most 110 s), the CLI the rest
 share=0
@@ -185,7 +234,7 @@ else
   step "bench $BENCH_ARGS" "SKIPPED: no time left" 0
 fi
 
-# ---- 6. the pytest-benchmark suite: the CLI's cases again, device time per call in pytest-benchmark's
+# ---- 7. the pytest-benchmark suite: the CLI's cases again, device time per call in pytest-benchmark's
 # JSON (suite.json; saved beside bench.json by `helpers.py save`), compared with the last saved run on
 # this card. Time-boxed twice: --gk-max-seconds skips the cases that would start late (the JSON is
 # still written), `timeout` stops the rest. A regression or a failure here does not stop the summary.
@@ -218,7 +267,7 @@ else
   step "suite" "SKIPPED: no time left" 0
 fi
 
-# ---- 7. summary ----
+# ---- 8. summary ----
 $PY bench/device/helpers.py summary "$OUT" --steps "$STEPS" > "$OUT/summary.md" 2>&1
 echo
 cat "$OUT/summary.md"

@@ -16,6 +16,9 @@ GPTOSS_PY_BIND(_hostsim_runner) {
         "refuse thread-block-cluster launches (as a partitioned GPU may)");
   m.def("set_refuse_pdl", [](int error) { hs::set_refuse_pdl(error); }, py::arg("error"),
         "launches with the PDL attribute fail with this CUDA error code (0: never)");
+  m.def("set_device", [](int cc, int code_cc) { hs::set_device(cc, code_cc); }, py::arg("cc"), py::arg("code_cc"),
+        "emulate a device of compute capability cc (e.g. 86) running code compiled for code_cc (0: none)");
+  m.def("device", []() { return hs::device(); }, "(cc, code_cc) of the emulated device");
   m.def("forget_previous_kernel", []() { hs::forget_previous_kernel(); });
   m.def("stats", []() {
     const hs::Stats s = hs::stats();

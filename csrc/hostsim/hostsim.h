@@ -237,6 +237,7 @@ struct LaunchSpec {
 using KernelThunk = void (*)(void*);
 cudaError_t launch(const LaunchSpec& spec, const void* kernel, KernelThunk thunk, void* call, size_t call_bytes);
 cudaError_t func_set_attribute(const void* kernel, int attr, int value);
+cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* kernel);
 cudaError_t occupancy(int* blocks, const void* kernel, int threads, size_t smem);
 
 template <typename... P>
@@ -365,6 +366,10 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(P..
 template <typename... P>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
   return gptoss_hostsim::func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+template <typename... P>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*kernel)(P...)) {
+  return gptoss_hostsim::func_get_attributes(attr, reinterpret_cast<const void*>(kernel));
 }
 template <typename... P>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*kernel)(P...), int threads, size_t smem) {

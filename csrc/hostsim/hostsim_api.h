@@ -18,6 +18,13 @@ GPTOSS_HS_API std::vector<std::string> end_call();
 GPTOSS_HS_API void set_order(int mode, uint64_t seed);
 // Refuse every thread-block-cluster launch (as a partitioned GPU may), to test fallbacks.
 GPTOSS_HS_API void set_refuse_clusters(bool refuse);
+// The emulated device: compute capability cc (10 * major + minor: its attributes and launch limits)
+// running code compiled for code_cc (cudaFuncGetAttributes; 0: the build holds none for it, every
+// launch fails with cudaErrorNoKernelImageForDevice). Default (90, 90): an H100 with sm_90a code.
+// The kernels themselves are always the sm_90a source: below 9.0, a cluster launch, a launch with
+// the PDL attribute, wgmma or more shared memory than the architecture has is an "arch" finding.
+GPTOSS_HS_API void set_device(int cc, int code_cc);
+GPTOSS_HS_API std::pair<int, int> device();
 // Launches with the PDL attribute fail with this CUDA error (0: never), to test the PDL policy.
 GPTOSS_HS_API void set_refuse_pdl(int error);
 // The next PDL launch has no previous kernel (its pre-wait reads are not checked against one).

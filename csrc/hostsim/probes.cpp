@@ -143,6 +143,8 @@ GPTOSS_HS_API int probe_checker(int which, float* buf, int n) {
     cfg.numAttrs = 1;
     return cudaLaunchKernelEx(&cfg, probe_checker_kernel, which, buf, n);
   }
+  if (which == 10)  // the clean kernel launched as clusters of 2 (the arch checker: no clusters below sm_90)
+    return gptoss::pdl::launch_clusters(probe_checker_kernel, dim3(2), dim3(64), 64, nullptr, 2, false, 0, buf, n);
   return gptoss::pdl::launch_plain(probe_checker_kernel, dim3(1), dim3(64), 64, nullptr, which, buf, n);
 }
 GPTOSS_HS_API int probe_mma(const uint32_t* a, const uint32_t* b, const float* c, float* d) {

@@ -46,6 +46,13 @@
 
 #include "hostsim.h"
 #include "hostsim_api.h"
+#include "gptoss/arch.h"
+
+namespace gptoss {
+namespace arch {
+void reset_cache();  // csrc/kernels/arch.cu: the emulated device changed
+}  // namespace arch
+}  // namespace gptoss
 
 extern "C" void gptoss_hs_switch(void** save_sp, void* load_sp);
 uint3 threadIdx, blockIdx;
@@ -172,6 +179,7 @@ struct Sim {
   uint64_t seed = 0x9E3779B97F4A7C15ull;
   bool refuse_clusters = false;
   int refuse_pdl = 0;  // a launch with the PDL attribute fails with this error (0: never)
+  int device_cc = 90, code_cc = 90;  // the emulated device and the code it runs (set_device)
   // call state
   std::vector<Region> regions;  // sorted
   std::vector<Traffic> last_traffic;  // the regions' traffic at the last end_call, in begin_call order
@@ -1369,6 +1377,22 @@ void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
   t->ptr = d;
   arrive_collective(kCollMma, 0xFFFFFFFFu);
 }
+// The architecture the paths are chosen for (gptoss_arch_info.cc): the emulated device's, the
+// code's, the override's, whichever is lowest.
+int effective_cc() {
+  const Sim& S = sim();
+  int cc = S.device_cc;
+  if (S.code_cc > 0 && S.code_cc < cc) cc = S.code_cc;
+  const int forced = gptoss_arch_override();
+  if (forced > 0 && forced < cc) cc = forced;
+  return cc;
+}
+// Dynamic shared memory a block of architecture cc may opt in to.
+size_t smem_limit(int cc) {
+  if (cc == 80 || cc == 87) return 163 * 1024;
+  if (cc >= 80 && cc < 90) return 99 * 1024;
+  return kMaxDynSmem;
+}
 void wgmma_fence() {
   InRuntime rt_; arrive_collective(kCollWgFence, 0); }
 void wgmma_commit() {
@@ -1382,6 +1406,9 @@ void wgmma_mma(float* d, int n, uint64_t desc_a, const uint32_t* a_regs, uint64_
                int tnsp_b) {
   InRuntime rt_;
   Thread* t = g_cur;
+  if (effective_cc() != 90)
+    report("arch", __builtin_return_address(0), "wgmma on the sm_%d paths (wgmma needs sm_90a code on a 9.0 device)",
+           effective_cc());
   t->in[0] = static_cast<uint32_t>(n);
   t->in[1] = static_cast<uint32_t>(scale_d);
   t->in[2] = a_regs != nullptr;
@@ -1404,9 +1431,19 @@ cudaError_t func_set_attribute(const void* kernel, int attr, int value) {
   Sim& S = sim();
   std::lock_guard<std::mutex> lock(S.mu);
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || static_cast<size_t>(value) > kMaxDynSmem) return t_last_error = cudaErrorInvalidValue;
+    if (value < 0 || static_cast<size_t>(value) > smem_limit(S.device_cc)) return t_last_error = cudaErrorInvalidValue;
     S.max_dyn_smem[kernel] = value;
   }
+  return cudaSuccess;
+}
+cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* kernel) {
+  (void)kernel;
+  const Sim& S = sim();
+  if (S.code_cc == 0) return t_last_error = cudaErrorNoKernelImageForDevice;
+  std::memset(attr, 0, sizeof *attr);
+  attr->maxThreadsPerBlock = 1024;
+  attr->ptxVersion = S.code_cc;
+  attr->binaryVersion = S.code_cc;
   return cudaSuccess;
 }
 cudaError_t occupancy(int* blocks, const void* kernel, int threads, size_t smem) {
@@ -1430,12 +1467,25 @@ cudaError_t launch(const LaunchSpec& spec, const void* kernel, KernelThunk thunk
   const size_t allowed = std::max<size_t>(kDefaultDynSmem, it == S.max_dyn_smem.end() ? 0 : static_cast<size_t>(it->second));
   if (spec.smem > allowed) return t_last_error = cudaErrorInvalidValue;
   if (spec.cluster < 1 || spec.cluster > 8 || spec.grid.x % spec.cluster) return t_last_error = cudaErrorInvalidValue;
-  if (spec.cluster > 1 && S.refuse_clusters) return t_last_error = cudaErrorClusterOutOfResources;
-  if (spec.pdl && S.refuse_pdl) return t_last_error = static_cast<cudaError_t>(S.refuse_pdl);
+  if (S.code_cc == 0) return t_last_error = cudaErrorNoKernelImageForDevice;
   const Sym* ks = symbol_at(kernel);
   char addr[40];
   snprintf(addr, sizeof addr, "kernel@%p", kernel);
   S.kernel_name = ks ? demangle(ks->name.c_str()) : addr;
+  const int cc = effective_cc();
+  if (cc < 90 && spec.cluster > 1) {
+    report("arch", nullptr, "a thread-block-cluster launch on the sm_%d paths (clusters need compute capability 9.0)", cc);
+    return t_last_error = cudaErrorInvalidValue;
+  }
+  if (spec.smem > smem_limit(cc)) {
+    report("arch", nullptr, "%zu bytes of dynamic shared memory on the sm_%d paths (at most %zu per block)", spec.smem, cc,
+           smem_limit(cc));
+    return t_last_error = cudaErrorInvalidValue;
+  }
+  if (cc < 90 && spec.pdl)
+    report("arch", nullptr, "a launch with the PDL attribute on the sm_%d paths (their code has no griddepcontrol.wait)", cc);
+  if (spec.cluster > 1 && S.refuse_clusters) return t_last_error = cudaErrorClusterOutOfResources;
+  if (spec.pdl && S.refuse_pdl) return t_last_error = static_cast<cudaError_t>(S.refuse_pdl);
   S.spec = spec;
   blockDim = spec.block;
   gridDim = spec.grid;
@@ -1482,6 +1532,8 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
     case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorNoKernelImageForDevice: return "cudaErrorNoKernelImageForDevice";
+    case cudaErrorInvalidDeviceFunction: return "cudaErrorInvalidDeviceFunction";
     default: return "cudaErrorUnknown";
   }
 }
@@ -1491,6 +1543,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorClusterOutOfResources: return "too many resources requested for launch of the cluster (hostsim: refused on request)";
+    case cudaErrorNoKernelImageForDevice: return "no kernel image is available for execution on the device";
     default: return "unknown error";
   }
 }
@@ -1498,11 +1551,12 @@ cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : (t_last_error = cudaErrorInvalidDevice); }
 cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  switch (a) {  // an H100 SXM's values
+  const int cc = gptoss_hostsim::sim().device_cc;
+  switch (a) {  // an H100 SXM's values (the emulated device's compute capability and shared memory)
     case cudaDevAttrMultiProcessorCount: *v = 132; break;
-    case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
-    case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 227 * 1024; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = cc / 10; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = cc % 10; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = static_cast<int>(gptoss_hostsim::smem_limit(cc)); break;
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = 48 * 1024; break;
     case cudaDevAttrMaxThreadsPerBlock: *v = 1024; break;
     case cudaDevAttrL2CacheSize: *v = 50 * 1024 * 1024; break;
@@ -1554,6 +1608,20 @@ void set_order(int mode, uint64_t seed) {
   std::lock_guard<std::mutex> lock(S.mu);
   S.order_mode = mode;
   S.seed = seed;
+}
+void set_device(int cc, int code_cc) {
+  {
+    Sim& S = sim();
+    std::lock_guard<std::mutex> lock(S.mu);
+    S.device_cc = cc;
+    S.code_cc = code_cc;
+  }
+  gptoss::arch::reset_cache();
+}
+std::pair<int, int> device() {
+  Sim& S = sim();
+  std::lock_guard<std::mutex> lock(S.mu);
+  return {S.device_cc, S.code_cc};
 }
 void set_refuse_clusters(bool refuse) { sim().refuse_clusters = refuse; }
 void set_refuse_pdl(int error) { sim().refuse_pdl = error; }

@@ -33,6 +33,7 @@
 
 #include <cstdint>
 
+#include "arch.cuh"
 #include "pdl.cuh"
 #include "ptx.cuh"
 #include "common.cuh"
@@ -198,6 +199,9 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
   if (nsplit == 1) {
     store_normalized(p, b, qh, d0, acc, acc_st);
   } else if (p.cluster) {
+#if GPTOSS_NO_SM90_CODE_PASS
+    GPTOSS_UNAVAILABLE_KERNEL_BODY();  // no clusters in sm_80..89 code: the launcher never sets p.cluster there
+#else
     // the cluster's partials merged by rank 0 in split order: the combine kernel's arithmetic
     // (softmax_merge per split, then the sink) for this thread's head h and dims d0..d0+3
     namespace cg = cooperative_groups;
@@ -227,6 +231,7 @@ __device__ __forceinline__ void merge_warps_and_store(const MergeSmem& ms, const
       store_normalized(p, b, qh, d0, o, st);
     }
     cluster.sync();  // the other blocks' shared memory stays alive until rank 0 has read it
+#endif
   } else {
     const int64_t part_idx = (b * p.nkv + kvh) * p.splits + split;
     *reinterpret_cast<float4*>(p.ws_o + part_idx * kPartialFloats + h * kHeadDim + d0) = acc;
@@ -711,8 +716,12 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16_variant(
   variant &= ~GPTOSS_ATTENTION_DECODE_NO_CLUSTER;
   if (variant == 0) variant = kDefaultVariant;
   auto* kernel = variant == 2 ? attention_decode_mma_kernel : attention_decode_kernel;
-  // 2..8 splits (a portable cluster size): the splits merge inside their cluster
-  p.cluster = (!no_cluster && p.splits > 1 && p.splits <= kMaxClusterSplits) ? 1 : 0;
+  gptoss_arch_info arch;
+  const gptoss_status arch_st = gptoss::arch::current(&arch);
+  if (arch_st != GPTOSS_OK) return arch_st;
+  // 2..8 splits (a portable cluster size) on a device with clusters (sm_90): the splits merge
+  // inside their cluster; below sm_90 the combine kernel merges them
+  p.cluster = (arch.clusters && !no_cluster && p.splits > 1 && p.splits <= kMaxClusterSplits) ? 1 : 0;
   if (p.cluster) {
     const cudaError_t err = gptoss::pdl::launch_clusters(kernel, grid, dim3(kThreads), 0, stream,
                                                          static_cast<unsigned>(p.splits), true, p);

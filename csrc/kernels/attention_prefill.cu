@@ -39,7 +39,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
 
+#include "arch.cuh"
 #include "pdl.cuh"
 #include "ptx.cuh"
 #include "gemm_wgmma.cuh"
@@ -142,7 +144,7 @@ __device__ __forceinline__ void wgmma_rs_tb(float (&d)[8][4], const uint32_t (&a
 // kUseWgmma: the same algorithm with the two products on wgmma (warpgroup w/4 owns rows
 // 64*(w/4) .. +63, i.e. each warp still owns its 16 rows in the same accumulator layout).
 template <bool kUseWgmma>
-__global__ void __launch_bounds__(kThreads, 2) attention_prefill_kernel(const Params p) {
+__device__ __forceinline__ void attention_prefill_body(const Params& p) {
   GPTOSS_DYNAMIC_SMEM(uint8_t, smem_raw, 128);
   // 1024-byte alignment for the 128B-swizzle atoms (wgmma descriptors; the launch adds 1 KB slack)
   const uint32_t s_raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -385,6 +387,17 @@ __global__ void __launch_bounds__(kThreads, 2) attention_prefill_kernel(const Pa
   }
 }
 
+// <false>: every architecture; <true>: sm_90a code only (a stub that traps elsewhere; the launcher
+// picks it only where gptoss_arch_info.wgmma says it runs).
+template <bool kUseWgmma>
+__global__ void __launch_bounds__(kThreads, 2) attention_prefill_kernel(const Params p) {
+  if constexpr (kUseWgmma && GPTOSS_NO_WGMMA_CODE_PASS) {
+    GPTOSS_UNAVAILABLE_KERNEL_BODY();
+  } else {
+    attention_prefill_body<kUseWgmma>(p);
+  }
+}
+
 }  // namespace
 
 GPTOSS_API gptoss_status gptoss_attention_prefill_bf16_impl(
@@ -430,8 +443,17 @@ GPTOSS_API gptoss_status gptoss_attention_prefill_bf16_impl(
   prm.window = sliding_window;
   prm.scale_log2 = sm_scale * kLog2e;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(num_kv_heads));
+  gptoss_arch_info arch;
+  const gptoss_status arch_st = gptoss::arch::current(&arch);
+  if (arch_st != GPTOSS_OK) return arch_st;
+  if (impl == GPTOSS_ATTENTION_PREFILL_WGMMA && !arch.wgmma)
+    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED,
+                             std::string("attention_prefill: the wgmma kernel needs sm_90a code on a compute capability "
+                                         "9.0 device; the paths here are ") +
+                                 gptoss::arch::cc_name(arch.cc) + "'s (use impl 0 or 1: the mma.sync kernel)");
   const bool wgmma = impl == GPTOSS_ATTENTION_PREFILL_WGMMA ||
-                     (impl == GPTOSS_ATTENTION_PREFILL_AUTO && kAutoWgmma && sliding_window == 0 && total_q >= 2048);
+                     (impl == GPTOSS_ATTENTION_PREFILL_AUTO && kAutoWgmma && arch.wgmma && sliding_window == 0 &&
+                      total_q >= 2048);
   const auto kernel = wgmma ? attention_prefill_kernel<true> : attention_prefill_kernel<false>;
   // > 48 KB of dynamic shared memory needs the opt-in, once per (kernel, device)
   int dev = 0;

@@ -17,8 +17,10 @@
 
 #include <algorithm>
 #include <mutex>
+#include <string>
 #include <vector>
 
+#include "arch.cuh"
 #include "pdl.cuh"
 #include "ptx.cuh"
 #include "activation.cuh"
@@ -375,7 +377,8 @@ __global__ __launch_bounds__(mma::THREADS, 1) void grouped_gemm_mma_kernel(const
 // dequantize k-tile kt. (Bytes per k from L2 per 128 x BN MACs: 256 + BN/2: a wider BN lowers
 // the L2 traffic of A; BN = 192 divides 2I = 5760 and H = 2880 exactly.)
 namespace wg {
-constexpr int BM = 128, BK = 64, STAGES = 4, DIST = 2, THREADS = 256;
+constexpr int BM = 128, BK = 64, STAGES = 4, THREADS = 256;
+[[maybe_unused]] constexpr int DIST = 2;  // (unused where the wgmma kernel is a stub: sm_80..89 code)
 constexpr int A_STAGE = BM * BK * 2;
 template <int BN>
 struct Cfg {
@@ -388,6 +391,9 @@ struct Cfg {
   static constexpr int smem_bytes(int G, int E) { return 1024 + FIXED_SMEM + BN * G + 4 * (E + 1) + 16; }
 };
 }  // namespace wg
+static_assert(wg::Cfg<128>::BLOCKS_PER_THREAD == 1 && wg::Cfg<192>::BLOCKS_PER_THREAD == 2 &&
+                  wg::Cfg<256>::BLOCKS_PER_THREAD == 2 && wg::Cfg<256>::BLOCKS == 512,
+              "one or two packed-B blocks per thread and k-tile");
 
 // Everything one work item (expert, m-tile, n-tile) needs for its loads and its epilogue.
 template <int BN>
@@ -472,6 +478,9 @@ __device__ __forceinline__ void wg_prologue(const WgTile<BN>& t, const GemmParam
 
 template <int EPI, int BN>
 __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(const GemmParams p) {
+#if GPTOSS_NO_WGMMA_CODE_PASS
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // sm_80..89 code: never launched there (run_step checks the arch)
+#else
   using namespace wg;
   using C = Cfg<BN>;
   namespace W = gptoss::wgmma;
@@ -589,6 +598,7 @@ __global__ __launch_bounds__(wg::THREADS, 1) void grouped_gemm_wgmma_kernel(cons
     }
     work = next;
   }
+#endif  // GPTOSS_NO_WGMMA_CODE_PASS
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -736,7 +746,9 @@ gptoss_status launch_gemm(const GemmParams& gp, int epi, int64_t rows, int varia
 gptoss_status run_step(const Problem& pr, int step, int variant, cudaStream_t stream) {
   const int64_t rows = pr.T * pr.k;
   const int E = static_cast<int>(pr.E);
-  if (variant == GPTOSS_MOE_PREFILL_AUTO) variant = GPTOSS_MOE_PREFILL_MMA_SYNC;  // until wgmma is verified on a GPU
+  // AUTO: mma.sync on every architecture (wgmma only when asked for, on sm_90a: check_problem)
+  // until the wgmma variant has been verified on a GPU
+  if (variant == GPTOSS_MOE_PREFILL_AUTO) variant = GPTOSS_MOE_PREFILL_MMA_SYNC;
   GemmParams gp{};
   gp.counts = pr.part<int32_t>(GPTOSS_MOE_WS_COUNTS);
   gp.offsets = pr.part<int32_t>(GPTOSS_MOE_WS_OFFSETS);
@@ -811,6 +823,24 @@ gptoss_status check_problem(Problem& pr, size_t workspace_bytes, int variant) {
                      gptoss::aligned(pr.w2_scales, 16) && gptoss::aligned(pr.w1_bias, 4) &&
                      gptoss::aligned(pr.w2_bias, 4) && gptoss::aligned(pr.ws, 256),
                  "moe_prefill: x, out, blocks, scales must be 16-byte aligned, biases 4-byte, workspace 256-byte");
+  // the device's paths: wgmma only with sm_90a code on a 9.0 device; the GEMMs' shared memory
+  gptoss_arch_info arch;
+  const gptoss_status arch_st = gptoss::arch::current(&arch);
+  if (arch_st != GPTOSS_OK) return arch_st;
+  if (variant >= GPTOSS_MOE_PREFILL_WGMMA && !arch.wgmma)
+    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED,
+                             std::string("moe_prefill: the wgmma variants need sm_90a code on a compute capability 9.0 "
+                                         "device; the paths here are ") +
+                                 gptoss::arch::cc_name(arch.cc) + "'s (use AUTO or MMA_SYNC: the mma.sync GEMMs)");
+  const int v = variant == GPTOSS_MOE_PREFILL_AUTO ? GPTOSS_MOE_PREFILL_MMA_SYNC : variant;
+  const int E = static_cast<int>(pr.E);
+  const int smem = std::max(gemm_launch<kSwiglu>(v, static_cast<int>(pr.H / 32), E).smem,
+                            gemm_launch<kWeightedScatter>(v, static_cast<int>(pr.I / 32), E).smem);
+  if (smem > arch.max_smem_per_block)
+    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED,
+                             "moe_prefill: H = " + std::to_string(pr.H) + ", I = " + std::to_string(pr.I) +
+                                 " need " + std::to_string(smem) + " bytes of shared memory per block; the device allows " +
+                                 std::to_string(arch.max_smem_per_block) + " (" + gptoss::arch::cc_name(arch.cc) + ")");
   return GPTOSS_OK;
 }
 

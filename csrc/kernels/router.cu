@@ -6,12 +6,15 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <string>
 
 #include "norm.cuh"
+#include "arch.cuh"
 #include "pdl.cuh"
 #include "rms_block.cuh"
 #include "ptx.cuh"
 #include "common.cuh"
+#include "gptoss/dense.h"
 #include "gptoss/router.h"
 #include "topk.cuh"
 
@@ -223,6 +226,7 @@ static_assert(kAddNormMaxTokens <= kTT, "the add + norm rows lie in one 64-token
 // chunks reduced by a warp butterfly, lane 0's value, then the groups in order), so norm_out and
 // residual_out get the bits of gptoss_rms_norm_bf16. All rows at once: item (row, chunk) over
 // rows x (groups * 32); a warp's 32 items are one group of one row. inv[r] for tile row r.
+#if !GPTOSS_NO_SM90_CODE_PASS
 __device__ __forceinline__ void add_norm_rows_inv(const AddNormArgs& an, int H, int t0, int rows,
                                                   float (*group_sums)[gptoss::dense::kRmsMaxThreads / 32],
                                                   float* inv) {
@@ -254,6 +258,7 @@ __device__ __forceinline__ void add_norm_rows_inv(const AddNormArgs& an, int H, 
   }
   // (the caller's cluster.sync publishes inv to the block)
 }
+#endif  // the cluster kernel alone uses it
 
 // x: the router input (with kAddNorm: an.norm_out, which this kernel writes first: not __restrict__).
 template <int KMAX, bool kAddNorm, typename WT>
@@ -261,6 +266,9 @@ template <int KMAX, bool kAddNorm, typename WT>
 __global__ void __launch_bounds__(kThreads, 2) router_cluster_kernel(
     const bf16* x, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T, int H, int E,
     int k, int32_t* __restrict__ ids, float* __restrict__ weights, const AddNormArgs an) {
+#if GPTOSS_NO_SM90_CODE_PASS
+  GPTOSS_UNAVAILABLE_KERNEL_BODY();  // no clusters in sm_80..89 code: never launched there (resolve_path)
+#else
   namespace cg = cooperative_groups;
   GPTOSS_DYNAMIC_SMEM(unsigned char, smem, 16);
   constexpr int EB = kClusterEB, NT = Tile<EB>::NT, LDL = Tile<EB>::ldl, EPL = EB / 32;
@@ -337,6 +345,7 @@ __global__ void __launch_bounds__(kThreads, 2) router_cluster_kernel(
         E, k, t0 + r, ids, weights);
   }
   cluster.sync();  // this block's logits stay alive until every rank has read them
+#endif  // GPTOSS_NO_SM90_CODE_PASS
 }
 
 // SPLIT path, part 1: grid (ceil(E/32), ceil(T/64), splits); block z sums H chunks
@@ -427,11 +436,21 @@ int split_count(int64_t T, int64_t H, int64_t E) {
   return static_cast<int>(s);
 }
 
-int resolve_path(int64_t T, int64_t E, int path) {
-  if (path != GPTOSS_ROUTER_PATH_AUTO) return path;
-  if (T <= kTT && E <= kClusterEB) return GPTOSS_ROUTER_PATH_CLUSTER;  // the decode step: one launch
-  return (T + kTT - 1) / kTT >= kFusedMinTiles ? GPTOSS_ROUTER_PATH_FUSED : GPTOSS_ROUTER_PATH_SPLIT;
+int fused_smem_bytes(int64_t E) {
+  return E <= 32 ? Tile<32>::smem_bytes : E <= 64 ? Tile<64>::smem_bytes : E <= 128 ? Tile<128>::smem_bytes
+                                                                                   : Tile<256>::smem_bytes;
 }
+
+// The path AUTO takes on a device with (clusters) thread-block clusters and (max_smem) bytes of
+// shared memory per block: CLUSTER for the decode step where clusters exist, else FUSED for many
+// tokens when its tile fits, else SPLIT.
+int resolve_path(int64_t T, int64_t E, int path, bool clusters, int max_smem) {
+  if (path != GPTOSS_ROUTER_PATH_AUTO) return path;
+  if (clusters && T <= kTT && E <= kClusterEB) return GPTOSS_ROUTER_PATH_CLUSTER;  // the decode step: one launch
+  return (T + kTT - 1) / kTT >= kFusedMinTiles && fused_smem_bytes(E) <= max_smem ? GPTOSS_ROUTER_PATH_FUSED
+                                                                                 : GPTOSS_ROUTER_PATH_SPLIT;
+}
+constexpr int kSmallestSmem = 99 * 1024;  // sm_86/89: the least shared memory per block of any supported device
 
 // Raises the kernel's dynamic shared memory limit once per device (not again during a graph
 // capture that follows a first, eager call).
@@ -609,7 +628,8 @@ __global__ void __launch_bounds__(kRouteThreads) route_scatter_kernel(
 GPTOSS_API size_t gptoss_router_topk_workspace_size(int64_t T, int64_t H, int64_t E, int k, int path) {
   (void)k;
   if (T <= 0 || H <= 0 || E <= 0) return 0;
-  if (resolve_path(T, E, path) != GPTOSS_ROUTER_PATH_SPLIT) return 0;
+  // AUTO: enough for the path any device takes (SPLIT where clusters or shared memory are missing)
+  if (resolve_path(T, E, path, false, kSmallestSmem) != GPTOSS_ROUTER_PATH_SPLIT) return 0;
   return static_cast<size_t>(split_count(T, H, E)) * static_cast<size_t>(T) * static_cast<size_t>(E) *
          sizeof(float);
 }
@@ -639,7 +659,20 @@ GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weig
   const bf16* wb = static_cast<const bf16*>(weight);
   const bf16* bb = static_cast<const bf16*>(bias);
   const int Ti = static_cast<int>(T), Hi = static_cast<int>(H), Ei = static_cast<int>(E);
-  const int resolved = resolve_path(T, E, path);
+  gptoss_arch_info arch;
+  const gptoss_status arch_st = gptoss::arch::current(&arch);
+  if (arch_st != GPTOSS_OK) return arch_st;
+  if (path == GPTOSS_ROUTER_PATH_CLUSTER && !arch.clusters)
+    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED,
+                             std::string("router_topk: the CLUSTER path needs thread-block clusters (compute capability "
+                                         ">= 9.0); the paths here are ") +
+                                 gptoss::arch::cc_name(arch.cc) + "'s (use AUTO, SPLIT or FUSED)");
+  if (path == GPTOSS_ROUTER_PATH_FUSED && fused_smem_bytes(E) > arch.max_smem_per_block)
+    return gptoss::set_error(GPTOSS_ERROR_UNSUPPORTED,
+                             "router_topk: the FUSED path's tile for E = " + std::to_string(E) + " needs " +
+                                 std::to_string(fused_smem_bytes(E)) + " bytes of shared memory per block; the device "
+                                 "allows " + std::to_string(arch.max_smem_per_block) + " (use AUTO or SPLIT)");
+  const int resolved = resolve_path(T, E, path, arch.clusters != 0, arch.max_smem_per_block);
   if (resolved == GPTOSS_ROUTER_PATH_CLUSTER) {
     const gptoss_status st =
         k <= 4 ? launch_cluster<4, false, bf16>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, AddNormArgs{}, stream)
@@ -701,6 +734,17 @@ GPTOSS_API gptoss_status gptoss_add_rms_norm_router_topk_bf16(
   const auto* wb = static_cast<const bf16*>(weight);
   const auto* bb = static_cast<const bf16*>(bias);
   const int Ti = static_cast<int>(T), Hi = static_cast<int>(H), Ei = static_cast<int>(E);
+  gptoss_arch_info arch;
+  const gptoss_status arch_st = gptoss::arch::current(&arch);
+  if (arch_st != GPTOSS_OK) return arch_st;
+  if (!arch.clusters) {
+    // below sm_90: the RMSNorm kernel, then the FUSED router (no workspace); the same values
+    const gptoss_status st = gptoss_rms_norm_bf16(delta, residual, norm_weight, norm_weight_fp32, norm_out, residual_out,
+                                                  T, H, eps, stream);
+    if (st != GPTOSS_OK) return st;
+    return k <= 4 ? launch_fused_e<4>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream)
+                  : launch_fused_e<8>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, stream);
+  }
   if (norm_weight_fp32)
     return k <= 4 ? launch_cluster<4, true, float>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, an, stream)
                   : launch_cluster<8, true, float>(xb, wb, bb, topk_ids, topk_weights, Ti, Hi, Ei, k, an, stream);

@@ -1,4 +1,5 @@
-"""gptoss-kernels: CUDA kernels and a thin model class for OpenAI's gpt-oss on one Hopper GPU.
+"""gptoss-kernels: CUDA kernels and a thin model class for OpenAI's gpt-oss on one GPU (Hopper,
+Ada or Ampere: sm_90a, sm_80..89; gptoss/arch.h).
 
 Ops run this package's kernels on CUDA tensors when the build has them (``cuda_available()``),
 and the PyTorch reference (``gptoss_kernels.reference``) otherwise. CPU tensors run the reference,

@@ -57,11 +57,13 @@ def kernels_error(dev=None) -> str | None:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     major, minor = torch.cuda.get_device_capability()
-    archs = build_archs()
-    if not any(a.startswith(f"{major}{minor}") for a in archs):
-        return (f"the kernels were built for {archs} but the GPU has compute capability {major}.{minor} "
-                f"(rebuild with GPTOSS_CUDA_ARCHS={major}{minor}{'a' if major == 9 else ''})")
-    return None
+    if major < 8:
+        return f"the GPU has compute capability {major}.{minor}; the kernels need 8.0 or newer"
+    try:
+        info = _C.arch_info(torch.cuda.current_device())
+    except (RuntimeError, ValueError) as e:  # no driver for the library's runtime, a bad override
+        return str(e)
+    return info["error"]  # None when some code of this build runs on the device
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,6 +320,109 @@ def family_built(family: str | None, dev=None) -> bool:
     return family in getattr(mod, "families", ()) or hasattr(mod, KERNEL_ENTRY_POINTS.get(family, "-"))
 
 
+def arch_info(dev=None) -> dict | None:
+    """The paths the kernels take for tensors of device `dev` (gptoss/arch.h): ``device_cc``,
+    ``code_cc`` (the architecture of this build's code there), ``forced_cc`` (the override),
+    ``cc`` (what the paths are chosen for: the lowest of the three), the features they use
+    (``clusters``, ``pdl``, ``wgmma``), ``max_smem_per_block``, ``error`` (why no code of this
+    build runs there, else None) and ``where`` ("cuda:N" or "host build"). `dev` None: the current
+    CUDA device when torch sees one and the kernels are built, else the host build. None when
+    neither has kernels."""
+    import torch
+
+    if dev is None:
+        dev = torch.device("cuda", torch.cuda.current_device()) if (_C is not None and torch.cuda.is_available()) \
+            else torch.device("cpu")
+    dev = _device(dev)
+    if dev.type == "cuda":
+        if _C is None:
+            return None
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        info = dict(_C.arch_info(index))
+        info["where"] = f"cuda:{index}"
+        return info
+    mod = _hostsim()
+    if mod is None:
+        return None
+    info = dict(mod.arch_info(0))
+    info["where"] = "host build"
+    return info
+
+
+_clusters_cache: dict = {}
+
+
+def clusters_available(dev) -> bool:
+    """Whether the kernels for tensors of device `dev` take the thread-block-cluster paths (sm_90;
+    cached per device until ``set_arch_override`` or ``forget_arch_info``)."""
+    dev = _device(dev)
+    key = (dev.type, dev.index)
+    v = _clusters_cache.get(key)
+    if v is None:
+        info = arch_info(dev)
+        v = _clusters_cache[key] = bool(info and info["clusters"])
+    return v
+
+
+def forget_arch_info() -> None:
+    """Drop cached architecture facts (after the host build's emulated device changed)."""
+    _clusters_cache.clear()
+
+
+def arch_override() -> int:
+    """The compute capability the paths are forced to (0: none), in the CUDA library (else the host build)."""
+    for mod in (_C, _hostsim()):
+        if mod is not None and hasattr(mod, "arch_override"):
+            return int(mod.arch_override())
+    return 0
+
+
+def set_arch_override(cc: int) -> int:
+    """Choose every op's path as if the device had compute capability `cc` (80, 86, 87, 89 or 90;
+    0: the device's own), in the CUDA library and in the host build; returns the previous value.
+    It only lowers the choice (an H100 forced to 80 runs the sm_80 paths; an L4 forced to 90 stays
+    on its own). For tests and for comparing paths on one card; GPTOSS_ARCH_OVERRIDE=80 in the
+    environment does the same at load."""
+    before = arch_override()
+    for mod in (_C, _hostsim()):
+        if mod is not None and hasattr(mod, "set_arch_override"):
+            mod.set_arch_override(int(cc))
+    forget_arch_info()
+    return before
+
+
+@contextlib.contextmanager
+def arch_override_as(cc: int):
+    """``with arch_override_as(80): ...`` forces the sm_80 paths for the block, then restores."""
+    before = set_arch_override(cc)
+    try:
+        yield
+    finally:
+        set_arch_override(before)
+
+
+def code_for(cc: int, archs: list[str] | None = None) -> int:
+    """The architecture of this build's code that a device of compute capability `cc` (10 * major
+    + minor) runs, by the driver's rule, from the build's GPTOSS_CUDA_ARCHS (default: this build's):
+    machine code sm_XY runs on X.Y..X.9 (sm_90a on 9.0 only) and is preferred; else the newest
+    PTX compute_XY <= cc, which the driver compiles (compute_90a: 9.0 only). 0: none. (The library
+    itself asks the driver: ``arch_info``; this is for messages without a device.)"""
+    import re
+
+    sass = ptx = 0
+    for a in build_archs() if archs is None else archs:
+        m = re.fullmatch(r"(\d+)(a?)(-real|-virtual)?", a.strip())
+        if not m:
+            continue
+        num, specific, kind = int(m.group(1)), m.group(2) == "a", m.group(3)
+        fits = cc == num if specific else None
+        if kind != "-virtual" and (fits if specific else (cc // 10 == num // 10 and cc >= num)):
+            sass = max(sass, num)
+        if kind != "-real" and (fits if specific else cc >= num):
+            ptx = max(ptx, num)
+    return sass or ptx
+
+
 def build_archs() -> list[str]:
     return list(_build_info.CUDA_ARCHS) if _build_info is not None and not _build_info.REFERENCE_ONLY else []
 
@@ -348,6 +453,7 @@ def build_info() -> dict:
         "abi_version": _C.abi_version if _C is not None else None,
         "pdl": pdl_enabled(),
         "pdl_off_reason": pdl_off_reason(),
+        "arch_override": arch_override(),
         "hostsim_built": hostsim_built(),
         "backend": backend(),
     }

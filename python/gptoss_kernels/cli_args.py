@@ -74,7 +74,7 @@ def _no_kernels_reason(index: int) -> str | None:
         return _lib.kernels_error() or "this install has no CUDA kernels"
     major, minor = torch.cuda.get_device_capability(index)
     archs = _lib.build_archs()
-    if not any(a.startswith(f"{major}{minor}") for a in archs):
+    if major < 8 or not _lib.code_for(10 * major + minor, archs):
         return (f"compute capability {major}.{minor}, and the kernels were built for "
                 f"{', '.join(archs) or 'no architecture'}")
     return None

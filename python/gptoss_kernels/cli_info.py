@@ -1,4 +1,4 @@
-"""`gptoss-kernels info`: the device, the build, and which ops run kernels."""
+"""`gptoss-kernels info`: the device, the build, which ops run kernels and which path each takes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from . import _lib
+from . import _lib, _paths
 
 # public op -> kernel family in _C that implements its CUDA path
 OP_FAMILIES = {
@@ -37,6 +37,24 @@ def collect() -> dict:
     info["ops"] = {op: ("kernel" if _lib.family_built(fam) and info["cuda_available"] else
                         "reference" + ("" if _lib.family_built(fam) else " (no kernel in this build)"))
                    for op, fam in OP_FAMILIES.items()}
+    # which path each op takes: on every CUDA device the kernels can see, else on the host build
+    info["paths"] = []
+    for d in info["devices"]:
+        try:
+            a = _lib.arch_info(torch.device("cuda", d["index"]))
+        except (RuntimeError, ValueError) as e:
+            d["arch_error"] = str(e)
+            continue
+        if a is not None:
+            d["arch"] = a
+            info["paths"].append({"where": a["where"], "arch": a, "ops": _paths.op_paths(a)})
+    if not info["devices"] and _lib.hostsim_built():
+        try:
+            a = _lib.arch_info(torch.device("cpu"))
+        except (RuntimeError, ValueError) as e:
+            info["paths_error"] = str(e)
+        else:
+            info["paths"].append({"where": a["where"], "arch": a, "ops": _paths.op_paths(a)})
     return info
 
 
@@ -65,15 +83,32 @@ def run(args) -> int:
           + (f"built; CPU tensors run it: {'yes' if b.get('backend') == 'hostsim' else 'no (GPTOSS_BACKEND=hostsim)'}"
              if hs else "not built"))
     if b.get("pdl") is not None:
+        unused = [p["where"] for p in info["paths"] if not p["arch"].get("pdl")]
         print(f"  programmatic dependent launch (decode-path kernels): "
-              f"{'on' if b['pdl'] else 'off: ' + (b.get('pdl_off_reason') or 'unknown')}")
+              + (("on" + (f", not used on the sm_80..89 paths ({', '.join(unused)})" if unused else ""))
+                 if b["pdl"] else "off: " + (b.get("pdl_off_reason") or "unknown")))
+    if b.get("arch_override"):
+        print(f"  paths forced to compute capability {b['arch_override'] // 10}.{b['arch_override'] % 10} "
+              "(GPTOSS_ARCH_OVERRIDE / set_arch_override)")
     print("  ops:")
     for op, how in info["ops"].items():
         print(f"    {op:36s} {how}")
+    for p in info["paths"]:
+        a = p["arch"]
+        label = ("the host build of the kernels (CPU, emulating a CUDA device)" if p["where"] == "host build"
+                 else f"device {p['where']}")
+        print(f"  paths on {label}: {_paths.describe(a)}")
+        if a.get("error"):
+            print(f"    {a['error']}")
+            continue
+        for op, path in p["ops"].items():
+            print(f"    {op:44s} {path}")
+    if info.get("paths_error"):
+        print(f"  paths: {info['paths_error']}")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="device, build and which ops have kernels")
+    p = sub.add_parser("info", help="device, build, which ops have kernels and which path each takes")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)

@@ -40,10 +40,11 @@ GPTOSS_API gptoss_status gptoss_attention_decode_bf16(const void* q, const void*
                                                       int head_dim, int sliding_window, float sm_scale,
                                                       cudaStream_t stream);
 
-/* How the splits are merged: with 2..8 splits, the splits of one (sequence, KV head) run as a
- * thread-block cluster and merge through distributed shared memory (one kernel; the workspace is
- * then unused, but still required: a refused cluster launch falls back to the second kernel);
- * with more, a second kernel merges them from the workspace. Same bits either way.
+/* How the splits are merged: with 2..8 splits on sm_90 (gptoss/arch.h), the splits of one
+ * (sequence, KV head) run as a thread-block cluster and merge through distributed shared memory
+ * (one kernel; the workspace is then unused, but still required: a refused cluster launch falls
+ * back to the second kernel); with more, and below sm_90 always, a second kernel merges them from
+ * the workspace. Same bits either way.
  * The same with an explicit kernel choice: variant 0 = the library's default, 1 = fp32 SIMT
  * (q.k, softmax and p.v all in fp32 FMAs), 2 = tensor cores (mma.sync bf16 x bf16 -> fp32; P is
  * rounded to bf16 before P.V); OR GPTOSS_ATTENTION_DECODE_NO_CLUSTER into it to merge with the

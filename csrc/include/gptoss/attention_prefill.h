@@ -22,8 +22,10 @@
  *   out           bf16 [total_q, num_q_heads, head_dim]; rows of the chunk are written, rows past
  *                 cu[batch] are left alone.
  * Supported: head_dim == 64 and num_q_heads == 8 * num_kv_heads (gpt-oss: 64 / 8); other shapes
- * return GPTOSS_ERROR_UNSUPPORTED. Every pointer 16-byte aligned. Built for sm_90a (mma.sync
- * and wgmma kernels); no workspace; deterministic; CUDA-graph capturable (no host sync). */
+ * return GPTOSS_ERROR_UNSUPPORTED. Every pointer 16-byte aligned. The mma.sync kernel runs on
+ * sm_80 and later; the wgmma kernel on sm_90a code on a 9.0 device only (gptoss/arch.h: asked
+ * for elsewhere, GPTOSS_ERROR_UNSUPPORTED). No workspace; deterministic; CUDA-graph capturable
+ * (no host sync). */
 GPTOSS_API gptoss_status gptoss_attention_prefill_bf16(
     const void* q, const void* k, const void* v, const void* sinks, const int32_t* cu_seqlens_q,
     int32_t batch, int64_t total_q, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
@@ -32,7 +34,7 @@ GPTOSS_API gptoss_status gptoss_attention_prefill_bf16(
 
 /* Kernel choice for gptoss_attention_prefill_bf16_impl (the plain function uses AUTO). */
 enum {
-  GPTOSS_ATTENTION_PREFILL_AUTO = 0,  /* the build's choice for the shape */
+  GPTOSS_ATTENTION_PREFILL_AUTO = 0,  /* the library's choice for the shape and device */
   GPTOSS_ATTENTION_PREFILL_MMA = 1,   /* mma.sync m16n8k16 (HMMA) */
   GPTOSS_ATTENTION_PREFILL_WGMMA = 2  /* wgmma m64n64k16 (HGMMA, sm_90a) */
 };

@@ -40,14 +40,15 @@ GPTOSS_API const char* gptoss_last_error_message(void);
 GPTOSS_API int gptoss_abi_version(void);
 /* Package version string, e.g. "0.1.0". */
 GPTOSS_API const char* gptoss_version(void);
-/* Semicolon-separated CUDA architectures the kernels were compiled for, e.g. "90a". */
+/* Semicolon-separated CUDA architectures the kernels were compiled for, e.g. "80;89;90a". */
 GPTOSS_API const char* gptoss_cuda_archs(void);
 /* CUDA toolkit version the library was built with, as 1000*major + 10*minor (e.g. 13000). */
 GPTOSS_API int gptoss_cuda_build_version(void);
 
 /* Programmatic dependent launch (sm_90): the decode-path kernels launch so that each may start
  * while the one before it on the stream finishes (they wait on the device before touching its
- * output; results are identical either way). On by default; GPTOSS_PDL=0 in the environment
+ * output; results are identical either way; below sm_90 they launch the ordinary way, see
+ * gptoss/arch.h). On by default; GPTOSS_PDL=0 in the environment
  * turns it off at load. gptoss_set_pdl(0/1) switches it for later launches (a CUDA graph keeps
  * the launches it captured). gptoss_pdl_enabled() says which is in force. */
 GPTOSS_API void gptoss_set_pdl(int enabled);

@@ -4,6 +4,7 @@
 #ifndef GPTOSS_GPTOSS_H_
 #define GPTOSS_GPTOSS_H_
 #include "gptoss/common.h"
+#include "gptoss/arch.h"
 #include "gptoss/mxfp4.h"
 #include "gptoss/router.h"
 #include "gptoss/attention_prefill.h"

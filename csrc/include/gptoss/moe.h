@@ -13,7 +13,8 @@
  * experts from topk_ids itself and takes (expert, row tile) items in a grid-stride loop, so
  * unselected experts cost nothing and the work spreads over all SMs whatever the routing.
  * Every kernel is launched with programmatic dependent launch (sm_90: it may start while the
- * previous kernel drains and waits for its results; see gptoss_set_pdl in gptoss/common.h).
+ * previous kernel drains and waits for its results; see gptoss_set_pdl in gptoss/common.h; below
+ * sm_90, ordinary launches: gptoss/arch.h).
  * Deterministic: no float atomics; two runs give identical bits.
  * Tokens are processed in chunks of GPTOSS_MOE_DECODE_MAX_ROUTED_ROWS / k tokens (the launcher
  * loops; experts chosen in several chunks are read once per chunk). The op routes large T*k to the

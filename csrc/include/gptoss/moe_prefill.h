@@ -38,9 +38,12 @@ enum {
   GPTOSS_MOE_WS_NUM_PARTS = 7
 };
 
-/* Kernel variant for the two GEMMs (all compute the same function). */
+/* Kernel variant for the two GEMMs (all compute the same function). The wgmma variants run on
+ * sm_90a code on a 9.0 device only (gptoss/arch.h); asked for elsewhere GPTOSS_ERROR_UNSUPPORTED.
+ * Below sm_90 the GEMMs' shared memory (about 90 KB at H = I = 2880; 99 KB allowed on sm_86/89)
+ * bounds H and I: larger ones return GPTOSS_ERROR_UNSUPPORTED with the sizes. */
 enum {
-  GPTOSS_MOE_PREFILL_AUTO = 0,        /* the build's default (currently MMA_SYNC)          */
+  GPTOSS_MOE_PREFILL_AUTO = 0,        /* the default on every device (currently MMA_SYNC)   */
   GPTOSS_MOE_PREFILL_MMA_SYNC = 1,    /* mma.sync m16n8k16, tile 128 x 128                  */
   GPTOSS_MOE_PREFILL_WGMMA = 2,       /* wgmma (sm_90a), tile 128 x 192                     */
   GPTOSS_MOE_PREFILL_WGMMA_N128 = 3,  /* wgmma, tile 128 x 128                              */

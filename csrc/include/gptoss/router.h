@@ -13,7 +13,9 @@
  *          token) sums the slices + bias and selects. Best for small T: the E x H weight is
  *          read once, by ~hundreds of blocks (T = 1: about a weight read at memory bandwidth
  *          plus two launch latencies; at most 16 slices of H). Deterministic: no atomics.
- *   CLUSTER: one kernel for E <= 128 (AUTO's choice for T <= 64, the decode step): a cluster of 8
+ *   CLUSTER: one kernel for E <= 128 (AUTO's choice for T <= 64, the decode step, on sm_90;
+ *          below sm_90 (no thread-block clusters, gptoss/arch.h) AUTO takes SPLIT there, and
+ *          CLUSTER returns GPTOSS_ERROR_UNSUPPORTED): a cluster of 8
  *          blocks per 64-token tile, each block all experts over 1/8 of H; the 8 partial logit
  *          tiles are summed in a fixed order through distributed shared memory, then selected.
  *          No workspace; the weight read once by 8 blocks per tile.
@@ -25,7 +27,8 @@
 #define GPTOSS_ROUTER_PATH_CLUSTER 3
 
 /* Bytes of workspace gptoss_router_topk_bf16 needs for these sizes and path (0 for FUSED).
- * Depends only on its arguments (not on the device). */
+ * Depends only on its arguments (not on the device): for AUTO, enough for the path any device
+ * takes (SPLIT's where AUTO may take it: for T <= 64 on sm_90 the CLUSTER path leaves it unused). */
 GPTOSS_API size_t gptoss_router_topk_workspace_size(int64_t T, int64_t H, int64_t E, int k, int path);
 
 /* Router logits (fp32 accumulation), top-k and softmax over the k selected logits.
@@ -44,7 +47,9 @@ GPTOSS_API gptoss_status gptoss_router_topk_bf16(const void* x, const void* weig
                                                  void* workspace, size_t workspace_bytes,
                                                  cudaStream_t stream);
 
-/* The decode step's residual add + RMSNorm fused with the router (one kernel, the CLUSTER path):
+/* The decode step's residual add + RMSNorm fused with the router (one kernel, the CLUSTER path;
+ * below sm_90: gptoss_rms_norm_bf16, then the FUSED router: the same norm bits, the same top-k
+ * up to the logits' summation order):
  *   residual_out = bf16(delta + residual)            (may alias residual: in-place residual stream)
  *   norm_out     = bf16(RMSNorm(residual_out) * norm_weight)   (eps; norm_weight bf16, or float32
  *                  when norm_weight_fp32) -- the bits of gptoss_rms_norm_bf16

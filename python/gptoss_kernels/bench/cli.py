@@ -89,7 +89,9 @@ def register(sub) -> None:
                     "CUDA graphs for microsecond kernels) beside its baselines and the card's measured limits. "
                     "Without a GPU: the reference path at reduced shapes, labelled as such.")
     p.add_argument("op", choices=OPS, help="what to benchmark")
-    p.add_argument("--config", choices=("120b", "20b"), default="120b", help="model shapes (default 120b)")
+    p.add_argument("--config", choices=("auto", "120b", "20b"), default="auto",
+                   help="model shapes (default auto: 120b, or 20b on a card with less than 75 GiB, which 120b's "
+                        "weights alone nearly fill)")
     p.add_argument("--tokens", type=_ints, action="append", metavar="T[,T...]",
                    help="token counts for moe, router and attention prefill (and e2e prefill)")
     p.add_argument("--context", type=_ints, action="append", metavar="L[,L...]",
@@ -110,6 +112,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+# 120b's weights are 61 GiB (MXFP4 experts): below this much device memory, auto takes 20b
+AUTO_120B_MIN_GIB = 75
+
+
+def resolve_config(config: str, gpu: bool) -> str:
+    """--config auto: 120b on a card that holds it (and without a GPU), else 20b."""
+    if config != "auto":
+        return config
+    if gpu and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        return "120b" if total >= AUTO_120B_MIN_GIB * 2**30 else "20b"
+    return "120b"
+
+
 def run(args) -> int:
     if args.device == "cuda":   # the kernels need not run there: rows without one say "no-kernel"
         try:
@@ -121,7 +137,8 @@ def run(args) -> int:
         if args.op != "e2e":
             print("gptoss-kernels bench: --profile goes with 'e2e'", file=sys.stderr)
             return 2
-        argv = ["--config", args.config] + (["--json", args.json] if args.json else [])
+        config = resolve_config(args.config, args.device != "cpu" and torch.cuda.is_available())
+        argv = ["--config", config] + (["--json", args.json] if args.json else [])
         argv += ["--batch", str(_flatten(args.batch)[0])] if args.batch else []
         argv += ["--context", str(_flatten(args.context)[0])] if args.context else []
         argv += ["--device", "cpu"] if args.device == "cpu" else []
@@ -131,12 +148,13 @@ def run(args) -> int:
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     mode = "gpu" if gpu else "reference"
+    config = resolve_config(args.config, gpu)
     tokens, contexts, batches = _flatten(args.tokens), _flatten(args.context), _flatten(args.batch)
 
     def progress(msg: str) -> None:
         print(f"[bench {time.monotonic() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    doc = new_document(mode, args.config, device, {k: v for k, v in vars(args).items() if k != "func"})
+    doc = new_document(mode, config, device, {k: v for k, v in vars(args).items() if k != "func"})
     if not gpu:
         progress("reference mode (no GPU): timing the PyTorch reference at reduced shapes; not a kernel measurement")
 
@@ -150,7 +168,9 @@ def run(args) -> int:
     progress(f"limits: copy {_num(limits.copy_gbps)} GB/s, {limits.matmul_dtype} matmul {_num(limits.matmul_tflops)} TFLOP/s")
     save()
 
-    ctx = O.Context(device=device, shape=ModelShape.preset(args.config), limits=limits, quick=args.quick,
+    if config != args.config:
+        progress(f"--config auto: {config} shapes on {doc['env'].get('card')}")
+    ctx = O.Context(device=device, shape=ModelShape.preset(config), limits=limits, quick=args.quick,
                     deadline=None if args.max_seconds is None else t_start + args.max_seconds,
                     progress=progress, flex=not args.no_flex)
     if not gpu:
@@ -177,7 +197,7 @@ def run(args) -> int:
 
     if "e2e" in want:
         progress("e2e: the model end to end")
-        rows, notes = e2e_mod.run_e2e(ctx, args.config, *e2e_grids(gpu, args.quick, tokens, contexts, batches))
+        rows, notes = e2e_mod.run_e2e(ctx, config, *e2e_grids(gpu, args.quick, tokens, contexts, batches))
         doc["e2e"], doc["notes"] = rows, doc["notes"] + notes
     doc["complete"] = True
     doc["elapsed_s"] = time.monotonic() - t_start

@@ -455,9 +455,11 @@ def profile_decode_step(config_name: str = "120b", batch: int = 1, context: int 
             return e0.elapsed_time(e1) * 1e3 / n, model.engine.graph is not None
 
         step_us, graph = time_step()
-        pdl_on = _lib.pdl_enabled()       # False here: the runtime refused the attribute (all ordinary launches)
+        info = _lib.arch_info(dev)
+        # False: the runtime refused the attribute, or the sm_80..89 paths (no PDL there): ordinary launches
+        pdl_on = bool(_lib.pdl_enabled() and info and info["pdl"])
         pdl_off_us = unfused_us = None
-        before = _lib.set_pdl(False)      # the same step with ordinary launches: what PDL buys
+        before = _lib.set_pdl(False) if pdl_on else False  # the same step with ordinary launches: what PDL buys
         if before:
             try:
                 pdl_off_us, _ = time_step()
@@ -470,7 +472,7 @@ def profile_decode_step(config_name: str = "120b", batch: int = 1, context: int 
             model.fused_decode = True
     summary.update(profile_summary(rows, config_name, batch, model.config.num_hidden_layers, copy_gbps, step_us,
                                    bool(graph)), device_name=torch.cuda.get_device_name(dev), step2_pdl_off_us=pdl_off_us,
-                   step2_unfused_us=unfused_us, pdl=pdl_on)
+                   step2_unfused_us=unfused_us, pdl=pdl_on, paths_cc=info["cc"] if info else None)
     del model, st, calls
     torch.cuda.empty_cache()
     return {"mode": "gpu", "rows": rows, "summary": summary}
@@ -523,7 +525,9 @@ def format_profile(prof: dict) -> str:
                      f"warm L2); scaled to all layers: {s['est_graph_step_us']:.0f} us = "
                      f"{s['est_graph_tok_s']:.0f} tok/s ({100 * s['bound_us'] / s['est_graph_step_us']:.0f}% of the bound)")
         if s.get("pdl") is False:
-            lines.append("PDL is OFF in this run (the runtime refused the launch attribute): ordinary launches only")
+            lines.append(f"PDL is not used on the sm_{s['paths_cc']} paths: ordinary launches only"
+                         if (s.get("paths_cc") or 90) < 90 else
+                         "PDL is OFF in this run (the runtime refused the launch attribute): ordinary launches only")
         if s.get("step2_pdl_off_us"):
             lines.append(f"2-layer step with PDL off (ordinary launches): {s['step2_pdl_off_us']:.0f} us "
                          f"(PDL on: {s['step2_us']:.0f} us, {s['step2_pdl_off_us'] / s['step2_us']:.2f}x)")

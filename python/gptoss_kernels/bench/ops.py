@@ -219,7 +219,7 @@ def router_cases(ctx: Context, tokens) -> list[Case]:
             make=make, run=run, verify=verify, baselines=[("reference", ref)] + (
                 # the two-kernel path the one-kernel cluster path replaces at decode sizes
                 [("split path", lambda a: lambda: gops.router_topk(a["x"], a["weight"], a["bias"], k, path="split"))]
-                if ctx.gpu and T <= 64 and E <= 128 else [])))
+                if ctx.gpu and T <= 64 and E <= 128 and _lib.clusters_available(ctx.device) else [])))
     return cases
 
 

@@ -11,7 +11,7 @@ import subprocess
 
 import torch
 
-from .. import _lib
+from .. import _lib, _paths
 
 SCHEMA = "gptoss-kernels-bench/1"
 REFERENCE_MODE_LABEL = "reference mode (no GPU): not a kernel measurement"
@@ -76,12 +76,21 @@ def environment(device: torch.device) -> dict:
         "sms": None,
         "memory_gib": None,
         "l2_mib": None,
+        "paths": None,
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(card=p.name, driver=driver_version(), compute_capability=f"{p.major}.{p.minor}",
                    sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
                    l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1) or None)
+        # which path each op takes on this card (gptoss/arch.h): sm_90a's, or sm_80..89's
+        try:
+            a = _lib.arch_info(device) if _lib.kernels_built() else None
+        except (RuntimeError, ValueError) as e:
+            env["paths"] = {"error": str(e)}
+        else:
+            if a is not None:
+                env["paths"] = {"cc": a["cc"], "arch": a, "label": _paths.describe(a), "ops": _paths.op_paths(a)}
     else:
         env["card"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
     return env
@@ -263,6 +272,9 @@ def format_document(doc: dict, markdown: bool = False) -> str:
                  f"commit {(env.get('git_commit') or '?')[:12]}{' (dirty)' if env.get('git_dirty') else ''}, {env.get('date')}, "
                  f"config {doc.get('config')}"
                  + (" (reference mode: the 'model dims' column says which rows run reduced shapes)" if reference else ""))
+    paths = env.get("paths") or {}
+    if paths.get("label") or paths.get("error"):
+        lines.append(f"kernels: {paths.get('label') or paths.get('error')}")
     if doc.get("results"):
         lines += ["", format_ops_table(doc["results"], doc.get("limits"), markdown,
                                        config=doc.get("config") if reference else None)]

@@ -91,7 +91,8 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: in
          in one call (on CUDA: the router kernel(s) then route's three small kernels, no host sync).
     metadata_out: optional RouteMetadata of output tensors for return_metadata.
     path: "auto" | "fused" | "split" | "cluster" — which CUDA kernel path (see gptoss/router.h;
-         "cluster" takes E <= 128); results agree up to accumulation order; for tests and benchmarks.
+         "cluster" takes E <= 128 and sm_90: a ValueError below); results agree up to accumulation
+         order; for tests and benchmarks.
     """
     dev = _check_router_args(x, weight, bias, k)
     if path not in _PATHS:
@@ -139,8 +140,9 @@ def add_rms_norm_router_topk(delta: torch.Tensor, residual: torch.Tensor, norm_w
     """The decode step's residual add + RMSNorm before the MoE, with the router on its result:
     h = delta + residual (bf16), a = RMSNorm(h) * norm_weight, (ids, w) = router_topk(a, weight,
     bias, k). Returns (a, h, ids, w): the values of rms_norm(delta, norm_weight, residual=residual)
-    then router_topk. On CUDA for T <= 16 and E <= 128 one kernel (the router's cluster kernel
-    computes the norm first); otherwise the two ops.
+    then router_topk. On CUDA for T <= 16 and E <= 128 on sm_90 one kernel (the router's cluster
+    kernel computes the norm first); otherwise (and below sm_90, which has no thread-block
+    clusters) the two ops.
 
     delta, residual bf16 [T, H]; norm_weight bf16 or float32 [H]; weight bf16 [E, H]; bias bf16 [E];
     norm_out, residual_out optional bf16 [T, H] (residual_out may alias residual); out optional
@@ -159,6 +161,7 @@ def add_rms_norm_router_topk(delta: torch.Tensor, residual: torch.Tensor, norm_w
     ids, wts = _out_pair(out, T, k, dev)
     C = _lib.kernels(dev) if _lib.runs_kernels(dev) else None
     fused = (C is not None and hasattr(C, "add_rms_norm_router_topk_bf16") and (dev.type, dev.index) not in _CLUSTER_REFUSED
+             and _lib.clusters_available(dev)
              and T <= C.add_rms_norm_router_topk_max_tokens and E <= 128 and k <= _MAX_K and H % 8 == 0
              and H // 8 <= 1024
              and all(t.data_ptr() % 16 == 0 for t in (delta, residual, residual_out, norm_weight, norm_out, weight)))
