@@ -89,7 +89,8 @@ def _mxfp4_decode_into(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Te
     step = rows if blocks.device.type != "cpu" else max(1, _MXFP4_CHUNK_ELEMENTS // (G * 32))
     for r in range(0, rows, step):
         o = out[r:r + step]
-        torch.index_select(pairs, 0, b[r:r + step].reshape(-1).to(torch.int32), out=o.view(-1, 2))
+        # each byte's two values as one 8-byte word (a plain copy of the bits)
+        torch.index_select(pairs, 0, b[r:r + step].reshape(-1).to(torch.int32), out=o.view(torch.int64).view(-1))
         o.view(-1, G, 32).mul_(powers[scales[r:r + step].to(torch.int32)].unsqueeze(-1))
     return out
 
@@ -100,12 +101,13 @@ _MXFP4_CHUNK_ELEMENTS = 1 << 18
 
 @functools.lru_cache(maxsize=None)
 def _mxfp4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pairs float32 [256, 2]: 2 LUT[byte & 15], 2 LUT[byte >> 4]; powers float32 [256]: 2^(s-128))."""
+    """(pairs int64 [256]: the float32 pair (2 LUT[byte & 15], 2 LUT[byte >> 4]) of each byte,
+    element order kept, as one 8-byte word; powers float32 [256]: 2^(s-128))."""
     lut2 = torch.tensor([2.0 * v for v in FP4_E2M1_VALUES], dtype=torch.float32)
     byte = torch.arange(256)
-    pairs = torch.stack((lut2[byte & 15], lut2[byte >> 4]), dim=1)
+    pairs = torch.stack((lut2[byte & 15], lut2[byte >> 4]), dim=1).contiguous().view(torch.int64).reshape(256)
     powers = torch.tensor([math.ldexp(1.0, s - 128) for s in range(256)], dtype=torch.float32)
-    return pairs.to(device).contiguous(), powers.to(device)
+    return pairs.to(device), powers.to(device)
 
 
 def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
