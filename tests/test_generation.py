@@ -216,3 +216,20 @@ def test_token_ring_cpu():
     assert [r.pop(), r.pop()] == [[2, 2], [5, 5]]
     with pytest.raises(AssertionError, match="underrun"):
         r.pop()
+
+
+def test_generation_past_the_models_context_is_refused(m32):
+    """Positions past max_position_embeddings: a ValueError naming max_new_tokens and what fits,
+    before anything is allocated (not a warning and a generation past the RoPE's range)."""
+    import dataclasses
+
+    m = GptOss(dataclasses.replace(m32.config, max_position_embeddings=40), m32.weights, m32.layers,
+               dtype=torch.float32)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert len(m.generate(prompt, 30)) == 30                 # 10 + 30 = 40 positions: the whole context
+    m.release_cache()
+    with pytest.raises(ValueError, match=r"max_new_tokens 31: .*10 tokens.* 40 positions .*at most 30 new tokens"):
+        m.generate(prompt, 31)
+    assert m.engine.state is None
+    with pytest.raises(ValueError, match="at most 0 new tokens"):
+        m.generate([[1] * 41, [2]], 1)

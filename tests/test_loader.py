@@ -179,3 +179,10 @@ def test_index_names_missing_shard(model, tmp_path):
     os.remove(d / "model-00001-of-00001.safetensors")
     with pytest.raises(CheckpointError, match=r"shard model-00001-of-00001\.safetensors.*does not exist"):
         _load(d)
+
+
+def test_a_file_given_as_checkpoint(orig_dir):
+    with pytest.raises(CheckpointError, match=r"config.json' is a file: give the folder that holds config.json"):
+        _load(os.path.join(orig_dir, "config.json"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        _load(os.path.join(orig_dir, "nowhere"))

@@ -239,7 +239,10 @@ class DecodeEngine:
         B, lens = len(prompts), [len(p) for p in prompts]
         max_len = max(lens) + max_new_tokens
         if max_len > c.max_position_embeddings:
-            warnings.warn(f"generating up to position {max_len} > max_position_embeddings {c.max_position_embeddings}")
+            room = c.max_position_embeddings - max(lens)
+            raise ValueError(f"max_new_tokens {max_new_tokens}: the longest prompt ({max(lens)} tokens) plus "
+                             f"{max_new_tokens} new tokens exceed the model's {c.max_position_embeddings} positions "
+                             f"(max_position_embeddings); at most {max(room, 0)} new tokens fit")
         stops = set(stop_token_ids or ())
         mode = sampling.sample_mode(temperature, top_p)
         if seed is None:

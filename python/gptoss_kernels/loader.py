@@ -115,6 +115,9 @@ def hf_names(cfg: GptOssConfig, *, mxfp4: bool = True) -> dict[str, _Target]:
 def detect_layout(path) -> tuple[str, str, GptOssConfig]:
     """-> (folder holding the tensors, layout name, config)."""
     path = os.fspath(path)
+    if os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} is a file: give the folder that holds config.json and the "
+                              f"*.safetensors files ({os.path.dirname(os.path.abspath(path))!r}?)")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder {path!r} does not exist")
     cfg_file = os.path.join(path, "config.json")
