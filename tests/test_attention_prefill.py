@@ -1,4 +1,4 @@
-"""gptoss_kernels.attention_prefill (issue 9): argument checks, the reference (CPU) path against
+"""gptoss_kernels.attention_prefill: argument checks, the reference (CPU) path against
 reference.attention with explicit concatenated keys, the kernel's index/mask/online-softmax math
 (csrc/flash_prefill.cuh through _C.host) against brute force, the kernel's SASS (mma.sync: HMMA +
 LDSM, no local memory), and GPU tests of both kernels against the reference (on the GPU, else on

@@ -232,7 +232,7 @@ def test_bytes_per_token_120b():
     assert step["unembedding"] == 201088 * 2880 * 2
     assert step["kv_cache"] == (18 * 1024 + 18 * 128) * 2 * 8 * 64 * 2
     total = decode_bytes_per_token(s, 1, 1024)
-    assert 4.95e9 < total < 5.15e9                                           # ≈ 5.0 GB (issue 11)
+    assert 4.95e9 < total < 5.15e9                                           # ≈ 5.0 GB
     # bound on a 3.0 TB/s card: ≈ 600 tok/s
     assert 560 < bound_tok_s(s, 1, 1024, 3000.0) < 640
     # per token falls with batch (weights shared), the KV cache grows with context
@@ -249,7 +249,8 @@ def test_model_bytes_match_the_checkpoints():
 
 
 def test_bytes_per_token_from_the_real_config():
-    config = pytest.importorskip("gptoss_kernels.config", reason="model config (issue 4) not written yet")
+    from gptoss_kernels import config
+
     cfg = config.GptOssConfig.gpt_oss_120b()
     assert ModelShape.of(cfg).num_experts == 128 and ModelShape.of(cfg).num_layers == 36
     assert 4.95e9 < decode_bytes_per_token(cfg, 1, 1024) < 5.15e9
@@ -373,8 +374,7 @@ def test_bench_on_gpu_quick(tmp_path):
 
 def test_e2e_measurement_code_with_a_tiny_model_on_cpu():
     """The e2e loop (prompts, stream timing, rows, bounds) against the real model class, tiny."""
-    config = pytest.importorskip("gptoss_kernels.config", reason="model config (issue 4) not written yet")
-    pytest.importorskip("gptoss_kernels.model", reason="model class (issue 4) not written yet")
+    from gptoss_kernels import config
     from gptoss_kernels.bench import e2e, ops as O
     from gptoss_kernels.bench.timing import Limits
 
