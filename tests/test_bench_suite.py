@@ -39,7 +39,8 @@ def _cli_cases_on_a_gpu(monkeypatch, tmp_path, quick: bool) -> list[str]:
                         Limits(3000.0, 1, 700.0, (1, 1, 1), "bfloat16", str(device)))
     monkeypatch.setattr(O.Context, "out_of_time", lambda self: True)
     path = tmp_path / f"cli{int(quick)}.json"
-    rc = main(["bench", "all", "--json", str(path)] + (["--quick"] if quick else []))
+    # --config 120b: what the suite's --gk-config auto resolves to without a GPU (as the CLI's auto)
+    rc = main(["bench", "all", "--config", "120b", "--json", str(path)] + (["--quick"] if quick else []))
     monkeypatch.undo()
     doc = json.loads(path.read_text())
     assert rc == 0 and doc["mode"] == "gpu" and doc["complete"]

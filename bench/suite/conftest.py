@@ -30,7 +30,9 @@ else:
 
 def pytest_addoption(parser):
     g = parser.getgroup("gptoss-kernels suite", "the kernel benchmarks (bench/suite/)")
-    g.addoption("--gk-config", choices=("120b", "20b"), default="120b", help="model shapes (default 120b)")
+    g.addoption("--gk-config", choices=("auto", "120b", "20b"), default="auto",
+                help="model shapes (default auto: as `gptoss-kernels bench --config auto`, 120b on a card that "
+                     "holds it, else 20b)")
     g.addoption("--gk-quick", action="store_true",
                 help="the cases of `gptoss-kernels bench all --quick` (fewer shapes) and fewer rounds")
     g.addoption("--gk-rounds", type=int, default=None, metavar="N",
@@ -48,7 +50,11 @@ def pytest_configure(config):
 
 
 def _grid(config) -> tuple[str, bool]:
-    return config.getoption("--gk-config"), config.getoption("--gk-quick")
+    import torch
+
+    from gptoss_kernels.bench.cli import resolve_config
+
+    return resolve_config(config.getoption("--gk-config"), torch.cuda.is_available()), config.getoption("--gk-quick")
 
 
 def pytest_generate_tests(metafunc):
