@@ -140,7 +140,11 @@ def test_chat_ctrl_c_stops_the_reply_not_the_chat(ckpts):
     small, _ = ckpts
     p = subprocess.Popen(_cli("chat", "--checkpoint", small, "--max-new-tokens", "100000", "--device", "cpu",
                               "--no-progress"),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                         # a test run started in the background (`cmd &`) ignores SIGINT, and a child keeps an
+                         # ignored SIGINT (Python then installs no KeyboardInterrupt): give it the default back,
+                         # as a terminal's foreground process has
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] = []
     threading.Thread(target=lambda: seen.extend(iter(lambda: p.stdout.read(1), "")), daemon=True).start()
 
